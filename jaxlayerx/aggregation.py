@@ -1,0 +1,195 @@
+"""Server-side averaging of partial, named payloads: each layer over the clients that sent it.
+
+Two forms with the same arithmetic:
+
+* :class:`FedAvgDynamicLayer` takes the packed payloads of the clients (host numpy arrays);
+* :func:`masked_fedavg` takes all clients' flat views stacked on a leading axis and a
+  per-layer boolean mask per client (fixed shapes: runs inside ``jax.jit``/``jax.vmap``).
+
+A layer's average is ``sum_i w_i x_i / sum_i w_i`` over the clients ``i`` that sent it,
+``w_i`` the client's number of examples (1 when not weighted). Floating layers are averaged
+in float32 (float64 for float64 layers) and returned in their own dtype; integer and
+boolean layers are averaged in float64 and rounded to the nearest integer (ties to even).
+"""
+
+from __future__ import annotations
+
+import collections
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlayerx.packing import NDArrays, unpack_layers
+
+#: How many leading elements order two contributions before their whole bytes are compared.
+_PREFIX_ELEMENTS = 16
+
+
+class FedAvgDynamicLayer:
+    """Averages each layer over the clients that sent it (fl4health's FedAvg variant).
+
+    Args:
+      weighted_aggregation: weight each client by its number of examples (else uniformly).
+    """
+
+    def __init__(self, weighted_aggregation: bool = True) -> None:
+        self.weighted_aggregation = bool(weighted_aggregation)
+
+    def aggregate(self, results: Sequence[tuple[NDArrays, int]]) -> dict[str, np.ndarray]:
+        """Averages the layers of packed client payloads.
+
+        Args:
+          results: one ``(payload, num_examples)`` per client; each payload is packed with
+            layer names (:func:`jaxlayerx.pack_layers`).
+
+        Returns:
+          ``name -> averaged array`` for every layer some client sent, sorted by name. The
+          result is bit-identical for any order of ``results``.
+
+        Raises:
+          ValueError: a malformed payload or example count (naming the client); one layer
+            name with different shapes from two clients (naming both); a layer whose
+            clients' weights sum to zero.
+          TypeError: one layer name with different dtypes from two clients.
+        """
+        contributions = _collect(results, self.weighted_aggregation)
+        return {
+            name: _weighted_mean([array for _, array in ordered], [weight for weight, _ in ordered])
+            for name, ordered in ((name, _canonical_order(contributions[name])) for name in sorted(contributions))
+        }
+
+
+def masked_fedavg(
+    client_layers: Mapping[str, jax.Array],
+    masks: Mapping[str, jax.Array],
+    num_examples: jax.Array,
+    *,
+    weighted: bool = True,
+    fallback: Mapping[str, jax.Array] | None = None,
+) -> tuple[collections.OrderedDict[str, jax.Array], collections.OrderedDict[str, jax.Array]]:
+    """Per-layer FedAvg over stacked clients and masks; pure and jit/vmap-able.
+
+    Args:
+      client_layers: ``name -> (C, *shape)`` arrays, client ``c``'s layer at index ``c``.
+      masks: ``name -> (C,)`` booleans, whether client ``c`` sent the layer.
+      num_examples: ``(C,)`` example counts (ignored when not ``weighted``).
+      weighted: weight each client by its example count (else uniformly).
+      fallback: ``name -> array`` used for layers that no client sent (or whose weights
+        sum to zero); zeros when omitted.
+
+    Returns:
+      ``(averages, sent)``: ordered dicts of averaged layers (in their own dtypes) and of
+      booleans telling whether any client sent each layer with a positive weight.
+    """
+    counts = jnp.asarray(num_examples, jnp.float32)
+    averages: collections.OrderedDict[str, jax.Array] = collections.OrderedDict()
+    sent: collections.OrderedDict[str, jax.Array] = collections.OrderedDict()
+    for name, stacked in client_layers.items():
+        stacked = jnp.asarray(stacked)
+        mask = jnp.asarray(masks[name], bool)
+        weights = jnp.where(mask, counts if weighted else 1.0, 0.0)
+        total = jnp.sum(weights)
+        accumulate = jnp.float64 if stacked.dtype == jnp.float64 else jnp.float32
+        summed = jnp.tensordot(weights.astype(accumulate), stacked.astype(accumulate), axes=1)
+        mean = _to_dtype(summed / jnp.where(total > 0, total, 1.0).astype(accumulate), stacked.dtype, jnp)
+        default = jnp.zeros_like(mean) if fallback is None else jnp.asarray(fallback[name], mean.dtype)
+        averages[name] = jnp.where(total > 0, mean, default)
+        sent[name] = total > 0
+    return averages, sent
+
+
+def _collect(results: Sequence[tuple[NDArrays, int]], weighted: bool) -> dict[str, list[tuple[float, np.ndarray]]]:
+    """Unpacks and checks every payload; returns ``name -> [(weight, array), ...]``."""
+    if not isinstance(results, (list, tuple)):
+        raise TypeError(f"results must be a list of (payload, num_examples), got {type(results).__name__}")
+    contributions: dict[str, list[tuple[float, np.ndarray]]] = {}
+    first_sender: dict[str, tuple[int, np.ndarray]] = {}
+    for client, result in enumerate(results):
+        if not isinstance(result, (list, tuple)) or len(result) != 2:
+            raise ValueError(f"client {client}: expected a (payload, num_examples) pair")
+        payload, num_examples = result
+        _check_num_examples(client, num_examples)
+        try:
+            weights, names = unpack_layers(payload)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"client {client}: {error}") from error
+        for name, array in zip(names, weights):
+            _check_consistent(name, client, array, first_sender.setdefault(name, (client, array)))
+            contributions.setdefault(name, []).append((float(num_examples) if weighted else 1.0, array))
+    for name, items in contributions.items():
+        _check_numeric(name, items[0][1].dtype)
+        if sum(weight for weight, _ in items) <= 0:
+            raise ValueError(f"layer {name!r}: the clients that sent it have zero examples in total")
+    return contributions
+
+
+def _check_num_examples(client: int, num_examples: Any) -> None:
+    if not isinstance(num_examples, numbers.Integral) or isinstance(num_examples, bool):
+        raise TypeError(f"client {client}: num_examples must be an integer, got {num_examples!r}")
+    if num_examples < 0:
+        raise ValueError(f"client {client}: num_examples must be >= 0, got {num_examples}")
+
+
+def _check_consistent(name: str, client: int, array: np.ndarray, first: tuple[int, np.ndarray]) -> None:
+    first_client, first_array = first
+    if array.shape != first_array.shape:
+        raise ValueError(
+            f"layer {name!r} arrives with different shapes: client {first_client} sent "
+            f"{first_array.shape}, client {client} sent {array.shape}"
+        )
+    if array.dtype != first_array.dtype:
+        raise TypeError(
+            f"layer {name!r} arrives with different dtypes: client {first_client} sent "
+            f"{first_array.dtype}, client {client} sent {array.dtype}"
+        )
+
+
+def _check_numeric(name: str, dtype: np.dtype) -> None:
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_):
+        raise TypeError(f"layer {name!r} has dtype {dtype}, which cannot be averaged")
+
+
+def _canonical_order(items: list[tuple[float, np.ndarray]]) -> list[tuple[float, np.ndarray]]:
+    """Sorts contributions by content, so the summation order ignores arrival order.
+
+    Ordered by weight, then by the bytes of the first elements; contributions still tied
+    are ordered by their full bytes unless they are identical (then any order sums alike).
+    """
+
+    def key(item: tuple[float, np.ndarray]) -> tuple[float, bytes]:
+        weight, array = item
+        return weight, np.ascontiguousarray(array.flat[:_PREFIX_ELEMENTS]).tobytes()
+
+    ordered = sorted(items, key=key)
+    result: list[tuple[float, np.ndarray]] = []
+    start = 0
+    while start < len(ordered):
+        end = start + 1
+        while end < len(ordered) and key(ordered[end]) == key(ordered[start]):
+            end += 1
+        group = ordered[start:end]
+        if len(group) > 1 and not all(np.array_equal(group[0][1], other) for _, other in group[1:]):
+            group = sorted(group, key=lambda item: item[1].tobytes())
+        result.extend(group)
+        start = end
+    return result
+
+
+def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """``sum(w_i * x_i) / sum(w_i)`` over the stacked arrays, in the layer's dtype."""
+    dtype = arrays[0].dtype
+    accumulate = np.float32 if jnp.issubdtype(dtype, jnp.floating) and dtype != np.float64 else np.float64
+    stacked = np.stack(arrays).astype(accumulate, copy=False)
+    summed = np.tensordot(np.asarray(weights, accumulate), stacked, axes=1)
+    return _to_dtype(summed / accumulate(sum(weights)), dtype, np)
+
+
+def _to_dtype(mean: Any, dtype: Any, xp: Any) -> Any:
+    """Casts an average back to the layer's dtype, rounding for integer and bool layers."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        mean = xp.rint(mean)
+    return xp.asarray(mean).astype(dtype)

@@ -1,0 +1,205 @@
+"""Parameter exchangers: what a client sends, and how it applies what it receives.
+
+The method names are those of fl4health's ``parameter_exchange`` package. Every exchanger
+takes any model kind that :func:`jaxlayerx.flatten` takes. ``push_parameters`` returns
+Flower-style ``NDArrays`` (a list of numpy arrays); ``pull_parameters`` returns the updated
+model: a new pytree (the one given is never mutated), or the same ``nnx.Module`` updated in
+place. A payload is fully validated (names, counts, shapes, dtypes) before anything changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import flax.linen as linen
+import numpy as np
+from flax import nnx
+
+from jaxlayerx.errors import unknown_layer
+from jaxlayerx.modules import linen_module_types, nnx_module_types, pytree_node_types
+from jaxlayerx.packing import NDArrays, pack_layers, to_numpy, unpack_layers
+from jaxlayerx.selection import LayerSelectionFunction
+from jaxlayerx.tree import flatten, merge_layers
+
+Model = TypeVar("Model")
+Config = Mapping[str, Any]
+
+
+class FullParameterExchanger:
+    """Exchanges every layer, in flatten order, without names."""
+
+    def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
+        """All layers of ``model`` as numpy arrays, in flatten order."""
+        return to_numpy(flatten(model).values())
+
+    def pull_parameters(self, parameters: Sequence[np.ndarray], model: Model, config: Config | None = None) -> Model:
+        """Puts ``parameters`` (one array per layer, in flatten order) into ``model``."""
+        return _pull_positional(parameters, list(flatten(model)), model)
+
+
+class FixedLayerExchanger:
+    """Exchanges a fixed list of layers, in the list's order, without names.
+
+    Args:
+      layers_to_transfer: flattened layer names, for example ``["params/Dense_0/kernel"]``.
+    """
+
+    def __init__(self, layers_to_transfer: Sequence[str]) -> None:
+        self.layers_to_transfer = _checked_layer_list(layers_to_transfer)
+
+    def apply_layer_filter(self, model: Any) -> NDArrays:
+        """The layers to transfer of ``model``, as numpy arrays.
+
+        Raises:
+          KeyError: a layer to transfer is not in ``model`` (lists the closest names).
+        """
+        return _filter_layers(model, self.layers_to_transfer)
+
+    def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
+        return self.apply_layer_filter(model)
+
+    def pull_parameters(self, parameters: Sequence[np.ndarray], model: Model, config: Config | None = None) -> Model:
+        return _pull_positional(parameters, self.layers_to_transfer, model)
+
+
+class LayerExchangerWithExclusions:
+    """Exchanges every layer except those of modules of excluded types (FedBN and kin).
+
+    A layer belongs to a module when the module's path is a prefix of the layer's path
+    (Linen names start with the collection, ``params/`` or ``batch_stats/``, which is
+    skipped). A module is excluded when its exact type is in ``module_exclusions``, as in
+    fl4health (a subclass of an excluded type is not excluded). A type that never occurs
+    in the model is allowed and changes nothing.
+
+    Args:
+      model: an ``nnx.Module`` (types from its object graph); a Linen ``nn.Module`` with
+        ``example_args``/``example_kwargs`` to trace it abstractly (``jax.eval_shape``;
+        push and pull then take its variables dict); or any other pytree, whose internal
+        node types are its module types (for example equinox modules).
+      module_exclusions: module types whose layers stay local, e.g. ``{nnx.BatchNorm}``.
+      *example_args, **example_kwargs: example inputs for a Linen module's ``init``.
+    """
+
+    def __init__(self, model: Any, module_exclusions: Iterable[type], *example_args: Any, **example_kwargs: Any) -> None:
+        self.module_exclusions = set(module_exclusions)
+        for excluded in self.module_exclusions:
+            if not isinstance(excluded, type):
+                raise TypeError(f"module_exclusions must hold module types, got {excluded!r}")
+        self._collection_prefixed = isinstance(model, linen.Module)
+        if isinstance(model, linen.Module):
+            types, abstract_variables = linen_module_types(model, *example_args, **example_kwargs)
+            layer_source = abstract_variables
+        else:
+            if example_args or example_kwargs:
+                raise TypeError("example inputs are only used with a Linen module")
+            self._check_exclusion_kinds(model)
+            types = nnx_module_types(model) if isinstance(model, nnx.Module) else pytree_node_types(model)
+            layer_source = model
+        self.modules_to_filter: set[str] = {
+            "/".join(str(part) for part in path)
+            for path, module_type in types.items()
+            if path and module_type in self.module_exclusions
+        }
+        self.layers_to_transfer: list[str] = self.get_layers_to_transfer(layer_source)
+
+    def should_module_be_excluded(self, module: Any) -> bool:
+        """Whether ``module`` (an instance, or a type) is of an excluded type."""
+        module_type = module if isinstance(module, type) else type(module)
+        return module_type in self.module_exclusions
+
+    def should_layer_be_excluded(self, layer_name: str) -> bool:
+        """Whether ``layer_name`` belongs to an excluded module."""
+        parts = layer_name.split("/")
+        if self._collection_prefixed:
+            parts = parts[1:]
+        return any("/".join(parts[:end]) in self.modules_to_filter for end in range(1, len(parts)))
+
+    def get_layers_to_transfer(self, model: Any) -> list[str]:
+        """Names of the layers of ``model`` that are not excluded, in flatten order."""
+        return [name for name in flatten(model) if not self.should_layer_be_excluded(name)]
+
+    def apply_layer_filter(self, model: Any) -> NDArrays:
+        """The non-excluded layers of ``model``, as numpy arrays in flatten order."""
+        return _filter_layers(model, self.get_layers_to_transfer(model))
+
+    def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
+        return self.apply_layer_filter(model)
+
+    def pull_parameters(self, parameters: Sequence[np.ndarray], model: Model, config: Config | None = None) -> Model:
+        return _pull_positional(parameters, self.get_layers_to_transfer(model), model)
+
+    def _check_exclusion_kinds(self, model: Any) -> None:
+        linen_types = [t for t in self.module_exclusions if issubclass(t, linen.Module)]
+        if linen_types:
+            raise TypeError(
+                f"excluding Linen module types {linen_types} needs the Linen module and example "
+                "inputs: LayerExchangerWithExclusions(module, exclusions, *example_args); "
+                f"got a {type(model).__name__}"
+            )
+        nnx_types = [t for t in self.module_exclusions if issubclass(t, nnx.Module)]
+        if nnx_types and not isinstance(model, nnx.Module):
+            raise TypeError(
+                f"excluding NNX module types {nnx_types} needs the nnx.Module itself "
+                f"(its object graph holds the types); got a {type(model).__name__}"
+            )
+
+
+class DynamicLayerExchanger:
+    """Sends, each round, the layers chosen by a selection function, with their names.
+
+    Args:
+      layer_selection_function: ``(model, initial_model) -> (arrays, names)``, for example
+        ``LayerSelectionFunctionConstructor(...).select_by_percentage()``.
+    """
+
+    def __init__(self, layer_selection_function: LayerSelectionFunction) -> None:
+        if not callable(layer_selection_function):
+            raise TypeError("layer_selection_function must be callable")
+        self.layer_selection_function = layer_selection_function
+
+    def select_parameters(self, model: Any, initial_model: Any = None) -> tuple[NDArrays, list[str]]:
+        """The selected layers of ``model`` and their names."""
+        return self.layer_selection_function(model, initial_model)
+
+    def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
+        """The selected layers packed with their names (see :func:`pack_layers`)."""
+        return self.pack_parameters(*self.select_parameters(model, initial_model))
+
+    def pull_parameters(self, parameters: Sequence[np.ndarray], model: Model, config: Config | None = None) -> Model:
+        """Puts exactly the named layers of a packed payload into ``model``, in any order."""
+        weights, names = self.unpack_parameters(parameters)
+        return merge_layers(model, dict(zip(names, weights)))
+
+    def pack_parameters(self, weights: Sequence[Any], names: Sequence[str]) -> NDArrays:
+        return pack_layers(weights, names)
+
+    def unpack_parameters(self, packed: Sequence[np.ndarray]) -> tuple[NDArrays, list[str]]:
+        return unpack_layers(packed)
+
+
+def _checked_layer_list(names: Sequence[str]) -> list[str]:
+    if isinstance(names, str):
+        raise TypeError("layers_to_transfer must be a list of layer names, not one string")
+    names = list(names)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"layer names must be strings, got {name!r}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"layers_to_transfer repeats {repeated}")
+    return names
+
+
+def _filter_layers(model: Any, names: Sequence[str]) -> NDArrays:
+    flat = flatten(model)
+    for name in names:
+        if name not in flat:
+            raise unknown_layer(name, flat)
+    return to_numpy(flat[name] for name in names)
+
+
+def _pull_positional(parameters: Sequence[np.ndarray], names: Sequence[str], model: Model) -> Model:
+    if len(parameters) != len(names):
+        raise ValueError(f"expected {len(names)} arrays (one per layer to transfer), got {len(parameters)}")
+    return merge_layers(model, dict(zip(names, parameters)))

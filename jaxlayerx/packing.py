@@ -1,0 +1,81 @@
+"""The wire format: named layers as Flower-style ``NDArrays``.
+
+A payload is the selected arrays followed by one last array holding their names::
+
+    weights + [np.array(names)]    # names: 1-D Unicode array, dtype.kind == "U"
+
+the layout of fl4health's ``ParameterPackerWithLayerNames``, so payloads travel both ways
+between jaxlayerx and fl4health peers. The names array is never an ``object`` array, so
+it survives ``numpy.save(..., allow_pickle=False)`` (Flower's serialization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+NDArrays = list[np.ndarray]
+
+
+def pack_layers(weights: Sequence[Any], names: Sequence[str]) -> NDArrays:
+    """Packs ``weights`` and their layer ``names`` into one payload.
+
+    Arrays leave as numpy in their own dtype (bfloat16 included).
+
+    Raises:
+      ValueError: counts differ, or a name repeats.
+      TypeError: a name is not a string.
+    """
+    names = list(names)
+    _check_names(names, len(weights))
+    return to_numpy(weights) + [np.array(names, dtype=np.str_)]
+
+
+def unpack_layers(payload: Sequence[np.ndarray]) -> tuple[NDArrays, list[str]]:
+    """Splits a payload into its arrays and their layer names, checking its layout.
+
+    An empty names array of any dtype is accepted as "no layers" (fl4health packs an
+    empty selection as ``np.array([])``, a float array).
+
+    Raises:
+      ValueError: the payload is empty; the last array is not a 1-D Unicode string
+        array; the number of names differs from the number of arrays; a name repeats.
+    """
+    if not isinstance(payload, (list, tuple)):
+        raise TypeError(f"a payload is a list of numpy arrays, got {type(payload).__name__}")
+    if len(payload) == 0:
+        raise ValueError("empty payload: expected the layers followed by one names array")
+    names_array = np.asarray(payload[-1])
+    if names_array.ndim != 1 or (names_array.dtype.kind != "U" and names_array.size > 0):
+        raise ValueError(
+            "the last array of a payload must be the 1-D Unicode array of layer names; "
+            f"got an array of dtype {names_array.dtype} and shape {names_array.shape}"
+        )
+    names = [str(name) for name in names_array.tolist()]
+    weights = [np.asarray(weight) for weight in payload[:-1]]
+    _check_names(names, len(weights))
+    return weights, names
+
+
+def to_numpy(arrays: Sequence[Any]) -> NDArrays:
+    """``arrays`` as numpy arrays in their own dtypes, fetched from their devices in one transfer."""
+    return [np.asarray(array) for array in jax.device_get(list(arrays))]
+
+
+def payload_nbytes(payload: Sequence[np.ndarray]) -> int:
+    """Bytes of array data in a payload (names array included), as sent on the wire."""
+    return int(sum(np.asarray(array).nbytes for array in payload))
+
+
+def _check_names(names: list[str], count: int) -> None:
+    if len(names) != count:
+        raise ValueError(f"{count} arrays but {len(names)} layer names")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"layer names must be strings, got {type(name).__name__} {name!r}")
+    if len(set(names)) != len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"duplicate layer names in payload: {repeated}")

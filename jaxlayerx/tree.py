@@ -1,0 +1,254 @@
+"""Flat ``name -> array`` views of models, and the way back.
+
+A *model* is any of: a Flax Linen variables dict (``{"params": ..., "batch_stats": ...}``),
+an ``nnx.Module``, an ``nnx.State``, or any other pytree of arrays (nested dicts, lists,
+dataclasses). A *layer* is one array leaf of it, named by its path parts joined with
+``sep``: ``params/Dense_0/kernel``, ``batch_stats/BatchNorm_0/mean``, ``conv1/kernel``,
+``layers/0/bias``.
+
+Flat views are ``collections.OrderedDict`` instances in JAX tree-traversal order. The order
+is part of the contract (it breaks ties in layer selection and orders a full exchange), and
+an ``OrderedDict`` keeps it through ``jax.jit`` and ``jax.vmap``, which sort the keys of a
+plain ``dict``.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlayerx.errors import unknown_layer
+
+Model = TypeVar("Model")
+
+#: NNX variables that a flat view holds by default: everything ``nnx.state`` holds but
+#: RNG state (keys and counters are not weights and must not be averaged).
+DEFAULT_NNX_FILTER: nnx.filterlib.Filter = nnx.Not(nnx.RngState)
+
+
+def flatten(
+    model: Any, sep: str = "/", *, nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER
+) -> collections.OrderedDict[str, jax.Array]:
+    """Returns the layers of ``model`` as an ordered ``name -> array`` dict.
+
+    Args:
+      model: Linen variables, an ``nnx.Module``, an ``nnx.State`` or any pytree of arrays.
+      sep: joins the parts of a leaf's path into its name.
+      nnx_filter: which NNX variables to include (an NNX filter: a type such as
+        ``nnx.Param``, ``nnx.Not(...)``, ``nnx.Any(...)``...). Default: all but RNG state.
+        Leaves that are not NNX variables are always included.
+
+    Returns:
+      An ``OrderedDict`` in JAX tree-traversal order. Values are the leaves themselves
+      (NNX variables are unwrapped to their arrays); nothing is copied.
+
+    Raises:
+      ValueError: a path part contains ``sep``, or two leaves get the same name.
+      TypeError: a leaf is not an array.
+    """
+    _, _, entries = _walk(_as_tree(model), sep, nnx_filter)
+    return collections.OrderedDict((name, value) for name, value, _ in entries)
+
+
+def unflatten(
+    flat: Mapping[str, Any],
+    like: Model,
+    sep: str = "/",
+    *,
+    nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
+) -> Model:
+    """Rebuilds a model of the same kind and structure as ``like`` from ``flat``.
+
+    ``flat`` must hold exactly the layers of ``flatten(like, sep)``, each with the same
+    shape; values are cast to ``like``'s dtypes when that is lossless (see
+    :func:`conform_layer`). ``like`` is not modified: an ``nnx.Module`` comes back as a
+    new module. ``unflatten(flatten(m), like=m)`` equals ``m``, dtypes included.
+
+    Raises:
+      KeyError: a layer of ``like`` is missing from ``flat``, or ``flat`` has a layer
+        that ``like`` does not (the message lists the closest valid names).
+      ValueError, TypeError: as :func:`conform_layer`.
+    """
+    current = flatten(like, sep, nnx_filter=nnx_filter)
+    missing = [name for name in current if name not in flat]
+    if missing:
+        raise KeyError(f"{len(missing)} layer(s) of the model missing from the flat dict: {missing[:5]}")
+    return _replace(like, flat, sep, nnx_filter, in_place=False)
+
+
+def merge_layers(
+    model: Model,
+    layers: Mapping[str, Any],
+    sep: str = "/",
+    *,
+    nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
+) -> Model:
+    """Returns ``model`` with the named ``layers`` replaced and every other layer kept.
+
+    Every name, shape and dtype is checked before anything changes, so a bad update
+    changes nothing. A pytree is never mutated (a new one is returned); an
+    ``nnx.Module`` is updated in place, as NNX users expect, and returned.
+
+    Raises:
+      KeyError: a name is not a layer of ``model`` (lists the closest valid names).
+      ValueError, TypeError: as :func:`conform_layer`.
+    """
+    return _replace(model, layers, sep, nnx_filter, in_place=True)
+
+
+def conform_layer(name: str, value: Any, like: Any) -> Any:
+    """Checks ``value`` against the model's layer ``like`` and converts it to its dtype.
+
+    Rules: the shape must be equal. The dtype must be equal, or castable without loss
+    (``numpy.can_cast(..., "safe")``: float16 -> float32 is, float32 -> bfloat16 and
+    int32 -> float32 are not). A raw void array of the same item size (``|V2``: what
+    Flower's serialization makes of bfloat16) is reinterpreted as the model's dtype.
+
+    Returns:
+      A new array (never an alias of ``value``), numpy if ``like`` is numpy, else a
+      ``jax.Array`` on ``like``'s devices when ``like`` is committed to them.
+
+    Raises:
+      ValueError: shapes differ. TypeError: the dtype cannot be cast without loss.
+    """
+    shape, dtype = tuple(np.shape(like)), np.dtype(like.dtype)
+    got_shape = tuple(np.shape(value))
+    if got_shape != shape:
+        raise ValueError(f"layer {name!r}: expected shape {shape}, got {got_shape}")
+    got_dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+    if got_dtype == dtype:
+        pass
+    elif got_dtype.kind == "V" and got_dtype.fields is None and got_dtype.itemsize == dtype.itemsize:
+        value = np.asarray(value).view(dtype)
+    elif not np.can_cast(got_dtype, dtype, casting="safe"):
+        raise TypeError(
+            f"layer {name!r}: expected dtype {dtype} (or one that casts to it without loss), "
+            f"got {got_dtype}"
+        )
+    return _place_like(value, like)
+
+
+def _place_like(value: Any, like: Any) -> Any:
+    if isinstance(like, (np.ndarray, np.generic)):
+        return np.array(value, dtype=like.dtype, copy=True)
+    placed = jnp.array(value, dtype=like.dtype, copy=True)
+    if isinstance(like, jax.Array) and not isinstance(like, jax.core.Tracer) and like.committed:
+        placed = jax.device_put(placed, like.sharding)
+    return placed
+
+
+def _replace(model: Model, layers: Mapping[str, Any], sep: str, nnx_filter, *, in_place: bool) -> Model:
+    tree = _as_tree(model)
+    leaves, treedef, entries = _walk(tree, sep, nnx_filter)
+    index = {name: position for name, _, position in entries}
+    for name in layers:
+        if name not in index:
+            raise unknown_layer(name, index)
+    # Validate and convert everything first: nothing changes unless all of it is valid.
+    converted = {
+        index[name]: conform_layer(name, value, _value_of(leaves[index[name]]))
+        for name, value in layers.items()
+    }
+    new_leaves = [
+        _with_value(leaf, converted[position]) if position in converted else _fresh(leaf)
+        for position, leaf in enumerate(leaves)
+    ]
+    new_tree = treedef.unflatten(new_leaves)
+    if not isinstance(model, nnx.Module):
+        return new_tree
+    if in_place:
+        nnx.update(model, new_tree)
+        return model
+    graphdef, _ = nnx.split(model)
+    return nnx.merge(graphdef, new_tree)
+
+
+def _as_tree(model: Any) -> Any:
+    """The pytree to walk: the full state of an NNX module, else the model itself."""
+    if isinstance(model, nnx.Module):
+        return nnx.state(model)
+    return model
+
+
+def _walk(tree: Any, sep: str, nnx_filter) -> tuple[list[Any], Any, list[tuple[str, Any, int]]]:
+    """Flattens ``tree`` (NNX variables as leaves) and names the leaves in the view.
+
+    Returns the leaves, the treedef, and ``(name, array, leaf position)`` for each leaf
+    in the view (NNX variables rejected by ``nnx_filter`` are left out).
+    """
+    if not isinstance(sep, str) or not sep:
+        raise ValueError(f"sep must be a non-empty string, got {sep!r}")
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)
+    keep = nnx.filterlib.to_predicate(nnx_filter)
+    entries: list[tuple[str, Any, int]] = []
+    seen: dict[str, tuple[Any, ...]] = {}
+    for position, (path, leaf) in enumerate(path_leaves):
+        parts = tuple(key_part(key) for key in path)
+        if is_nnx_variable(leaf) and not keep(parts, leaf):
+            continue
+        name = _join(parts, sep)
+        if name in seen:
+            raise ValueError(
+                f"two leaves get the same layer name {name!r}: paths {seen[name]} and {parts}"
+            )
+        seen[name] = parts
+        value = _value_of(leaf)
+        if not is_array_leaf(value):
+            raise TypeError(
+                f"layer {name!r} is a {type(value).__name__}, not an array; "
+                "models must hold arrays (wrap scalars with jnp.asarray)"
+            )
+        entries.append((name, value, position))
+    return [leaf for _, leaf in path_leaves], treedef, entries
+
+
+def _join(parts: tuple[Any, ...], sep: str) -> str:
+    for part in parts:
+        if sep in str(part):
+            raise ValueError(
+                f"path part {str(part)!r} of leaf {parts} contains the separator {sep!r}; "
+                "pass another sep="
+            )
+    return sep.join(str(part) for part in parts)
+
+
+def key_part(key: Any) -> Any:
+    if isinstance(key, jax.tree_util.DictKey):
+        return key.key
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return key.idx
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return key.key
+    return str(key)
+
+
+def is_nnx_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def is_array_leaf(x: Any) -> bool:
+    """Arrays, numpy scalars, and ``jax.ShapeDtypeStruct`` (abstract models from ``eval_shape``)."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def _value_of(leaf: Any) -> Any:
+    if not is_nnx_variable(leaf):
+        return leaf
+    return leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+
+
+def _with_value(leaf: Any, value: Any) -> Any:
+    return leaf.replace(value) if is_nnx_variable(leaf) else value
+
+
+def _fresh(leaf: Any) -> Any:
+    """A new NNX variable holding the same value (never share live variables); arrays as is."""
+    return leaf.replace(_value_of(leaf)) if is_nnx_variable(leaf) else leaf
