@@ -15,6 +15,7 @@ plain ``dict``.
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -231,7 +232,13 @@ def key_part(key: Any) -> Any:
 
 
 def is_nnx_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
+    return _is_variable_type(type(x))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_variable_type(cls: type) -> bool:
+    # issubclass on the type, cached: isinstance goes through nnx's slow metaclass check.
+    return issubclass(cls, nnx.Variable)
 
 
 def is_array_leaf(x: Any) -> bool:

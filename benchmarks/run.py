@@ -1,0 +1,138 @@
+"""Benchmarks of the hot paths, as ratios measured in one run.
+
+    python benchmarks/run.py [--quick] [--json out.json]
+
+Each case is the median of several runs after warm-up, reported as a ratio to
+* the read floor: the best time to read the same bytes once (a numpy dot product over
+  arrays of the same total size), and
+* a straightforward baseline: fl4health's algorithm written plainly (one norm and one host
+  sync per layer; a ``functools.reduce(np.add, ...)`` average over copies).
+Absolute times on a shared machine are noise; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxlayerx as jlx
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in seconds; jax outputs are waited for."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def read_floor(nbytes: int, repeats: int) -> float:
+    """Best time to read ``nbytes`` of float32 once (two halves dotted together)."""
+    half = max(nbytes // 8, 1)
+    a, b = np.ones(half, np.float32), np.ones(half, np.float32)
+    return min(median_time(lambda: np.dot(a, b), repeats) for _ in range(3))
+
+
+def small_layers_tree(count: int, side: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"layer_{i:03d}": {"kernel": rng.standard_normal((side, side), np.float32)} for i in range(count)}
+
+
+def drifted(tree, scale: float, seed: int):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape, np.float32), tree)
+
+
+def per_layer_percentage(model, initial, exchange_percentage: float):
+    """fl4health's percentage selection written plainly: one norm and host sync per layer."""
+    current, start = jlx.flatten(model), jlx.flatten(initial)
+    norms = {name: float(jnp.linalg.norm(current[name] - start[name]) / current[name].size) for name in current}
+    count = math.ceil(len(norms) * exchange_percentage)
+    names = sorted(norms, key=norms.__getitem__, reverse=True)[:count]
+    return [np.asarray(current[name]) for name in names], names
+
+
+def reduce_fedavg(results):
+    """fl4health's FedAvgDynamicLayer written plainly: a reduce over weighted copies."""
+    by_name: dict[str, list[tuple[np.ndarray, int]]] = {}
+    for payload, num_examples in results:
+        weights, names = jlx.unpack_layers(payload)
+        for name, array in zip(names, weights):
+            by_name.setdefault(name, []).append((array * num_examples, num_examples))
+    return {
+        name: functools.reduce(np.add, [a for a, _ in items]) / sum(n for _, n in items)
+        for name, items in by_name.items()
+    }
+
+
+def run(quick: bool) -> list[dict[str, object]]:
+    repeats = 3 if quick else 9
+    count, side, clients = (40, 16, 4) if quick else (400, 64, 10)
+    initial = jax.tree.map(jnp.asarray, small_layers_tree(count, side, seed=0))
+    model = jax.tree.map(jnp.asarray, drifted(small_layers_tree(count, side, seed=0), 0.01, seed=1))
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(model))
+    rows = []
+
+    exchanger = jlx.DynamicLayerExchanger(jlx.LayerSelectionFunctionConstructor(1e-4, 0.5).select_by_percentage())
+    selection = median_time(lambda: exchanger.push_parameters(model, initial_model=initial), repeats)
+    baseline = median_time(lambda: per_layer_percentage(model, initial, 0.5), repeats)
+    floor = read_floor(2 * nbytes, repeats)  # current and initial are both read
+    rows.append(_row(f"percentage selection, {count} layers {side}x{side}", selection, floor, baseline))
+
+    rng = np.random.default_rng(2)
+    results = []
+    for client in range(clients):
+        tree = jlx.flatten(drifted(small_layers_tree(count, side, seed=0), 0.01, seed=10 + client))
+        names = sorted(rng.choice(list(tree), size=count // 2, replace=False).tolist())
+        results.append((jlx.pack_layers([np.asarray(tree[n]) for n in names], names), int(rng.integers(10, 100))))
+    sent_bytes = sum(jlx.payload_nbytes(payload) for payload, _ in results)
+    server = jlx.FedAvgDynamicLayer()
+    aggregation = median_time(lambda: server.aggregate(results), repeats)
+    baseline = median_time(lambda: reduce_fedavg(results), repeats)
+    rows.append(
+        _row(f"FedAvgDynamicLayer, {clients} clients x half of {count} layers", aggregation, read_floor(sent_bytes, repeats), baseline)
+    )
+    return rows
+
+
+def _row(case: str, seconds: float, floor: float, baseline: float) -> dict[str, object]:
+    return {
+        "case": case,
+        "ms": round(seconds * 1e3, 3),
+        "x_floor": round(seconds / floor, 2),
+        "speedup_vs_baseline": round(baseline / seconds, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    parser.add_argument("--json", help="also write the rows as JSON to this path")
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    print(f"device: {device.platform} ({device.device_kind}); {platform.processor() or platform.machine()}")
+    rows = run(args.quick)
+    print(f"{'case':<52} {'ms':>9} {'x floor':>8} {'x faster than baseline':>23}")
+    for row in rows:
+        print(f"{row['case']:<52} {row['ms']:>9.3f} {row['x_floor']:>8.2f} {row['speedup_vs_baseline']:>23.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": str(device), "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

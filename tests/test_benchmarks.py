@@ -1,0 +1,22 @@
+"""Smoke test: the benchmark entry point runs end to end on tiny sizes."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_quick_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["case"].split(",")[0] for row in rows] == ["percentage selection", "FedAvgDynamicLayer"]
+    for row in rows:
+        assert row["ms"] > 0 and row["x_floor"] > 0 and row["speedup_vs_baseline"] > 0
+    assert "device: cpu" in completed.stdout or "device: gpu" in completed.stdout
