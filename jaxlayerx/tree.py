@@ -122,7 +122,9 @@ def conform_layer(name: str, value: Any, like: Any) -> Any:
     got_shape = tuple(np.shape(value))
     if got_shape != shape:
         raise ValueError(f"layer {name!r}: expected shape {shape}, got {got_shape}")
-    got_dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+    if not hasattr(value, "dtype"):
+        value = np.asarray(value)
+    got_dtype = np.dtype(value.dtype)
     if got_dtype == dtype:
         pass
     elif got_dtype.kind == "V" and got_dtype.fields is None and got_dtype.itemsize == dtype.itemsize:
