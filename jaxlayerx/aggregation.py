@@ -10,6 +10,9 @@ A layer's average is ``sum_i w_i x_i / sum_i w_i`` over the clients ``i`` that s
 ``w_i`` the client's number of examples (1 when not weighted). Floating layers are averaged
 in float32 (float64 for float64 layers) and returned in their own dtype; integer and
 boolean layers are averaged in float64 and rounded to the nearest integer (ties to even).
+Inside JAX, float64 exists only with x64 enabled (``jax.config.update("jax_enable_x64",
+True)``); without it :func:`masked_fedavg` accumulates float64, integer and boolean layers
+in float32, exact while the weighted sums stay below ``2**24``.
 """
 
 from __future__ import annotations
@@ -93,13 +96,22 @@ def masked_fedavg(
         mask = jnp.asarray(masks[name], bool)
         weights = jnp.where(mask, counts if weighted else 1.0, 0.0)
         total = jnp.sum(weights)
-        accumulate = jnp.float64 if stacked.dtype == jnp.float64 else jnp.float32
+        accumulate = _masked_accumulator(stacked.dtype)
         summed = jnp.tensordot(weights.astype(accumulate), stacked.astype(accumulate), axes=1)
         mean = _to_dtype(summed / jnp.where(total > 0, total, 1.0).astype(accumulate), stacked.dtype, jnp)
         default = jnp.zeros_like(mean) if fallback is None else jnp.asarray(fallback[name], mean.dtype)
         averages[name] = jnp.where(total > 0, mean, default)
         sent[name] = total > 0
     return averages, sent
+
+
+def _masked_accumulator(dtype: Any) -> Any:
+    """float32 for floating layers up to 32 bits; for float64, integer and bool layers,
+    float64 when JAX runs with x64 enabled, else float32 (exact while the weighted sums
+    stay below 2**24)."""
+    if jnp.issubdtype(dtype, jnp.floating) and dtype != jnp.float64:
+        return jnp.float32
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
 def _collect(results: Sequence[tuple[NDArrays, int]], weighted: bool) -> dict[str, list[tuple[float, np.ndarray]]]:
