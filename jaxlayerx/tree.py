@@ -138,7 +138,9 @@ def conform_layer(name: str, value: Any, like: Any) -> Any:
 
 
 def _place_like(value: Any, like: Any) -> Any:
-    if isinstance(like, (np.ndarray, np.generic)):
+    if isinstance(like, np.generic):
+        return np.array(value, dtype=like.dtype)[()]  # a numpy scalar stays a numpy scalar
+    if isinstance(like, np.ndarray):
         return np.array(value, dtype=like.dtype, copy=True)
     placed = jnp.array(value, dtype=like.dtype, copy=True)
     if isinstance(like, jax.Array) and not isinstance(like, jax.core.Tracer) and like.committed:
