@@ -8,8 +8,8 @@ and half-precision leaves are cast), divided by the layer's number of elements w
   the comparison is exact, as between real numbers (as fl4health does in float64);
 * percentage: the ``ceil(N * exchange_percentage)`` layers of largest drift (smallest when
   not ``select_drift_more``), ``N`` the number of layers, computed as
-  ``math.ceil(N * exchange_percentage)`` in Python floats like fl4health (so 10 layers at
-  0.3 select 4: ``10 * 0.3 == 3.0000000000000004``); ties go to the layer that comes
+  ``math.ceil(N * exchange_percentage)`` in Python floats like fl4health (so 25 layers at
+  0.28 select 8: ``25 * 0.28 == 7.000000000000001``); ties go to the layer that comes
   first in flatten order.
 
 The pure functions here (:func:`drift_norms`, :func:`threshold_mask`,
