@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlayerx.errors import unknown_layer
 from jaxlayerx.packing import NDArrays, unpack_layers
 
 #: How many leading elements order two contributions before their whole bytes are compared.
@@ -87,8 +88,14 @@ def masked_fedavg(
     Returns:
       ``(averages, sent)``: ordered dicts of averaged layers (in their own dtypes) and of
       booleans telling whether any client sent each layer with a positive weight.
+
+    Raises:
+      ValueError: a layer, mask, count or fallback without the shared leading client
+        axis (checked on static shapes, so also under ``jit``).
+      KeyError: a layer without a mask (or without a fallback, when one is given).
     """
     counts = jnp.asarray(num_examples, jnp.float32)
+    _check_stacked(client_layers, masks, counts, fallback)
     averages: collections.OrderedDict[str, jax.Array] = collections.OrderedDict()
     sent: collections.OrderedDict[str, jax.Array] = collections.OrderedDict()
     for name, stacked in client_layers.items():
@@ -103,6 +110,30 @@ def masked_fedavg(
         averages[name] = jnp.where(total > 0, mean, default)
         sent[name] = total > 0
     return averages, sent
+
+
+def _check_stacked(
+    client_layers: Mapping[str, Any], masks: Mapping[str, Any], counts: jax.Array, fallback: Mapping[str, Any] | None
+) -> None:
+    """Static shape checks of the masked form: one leading client axis everywhere."""
+    if counts.ndim != 1:
+        raise ValueError(f"num_examples must have shape (num_clients,), got {counts.shape}")
+    num_clients = counts.shape[0]
+    for name, stacked in client_layers.items():
+        shape = jnp.shape(stacked)
+        if not shape or shape[0] != num_clients:
+            raise ValueError(f"layer {name!r}: expected a leading client axis of {num_clients}, got shape {shape}")
+        if name not in masks:
+            raise unknown_layer(name, masks, what="the masks")
+        if jnp.shape(masks[name]) != (num_clients,):
+            raise ValueError(f"mask of layer {name!r}: expected shape ({num_clients},), got {jnp.shape(masks[name])}")
+        if fallback is not None:
+            if name not in fallback:
+                raise unknown_layer(name, fallback, what="the fallback")
+            if jnp.shape(fallback[name]) != shape[1:]:
+                raise ValueError(
+                    f"fallback of layer {name!r}: expected shape {shape[1:]}, got {jnp.shape(fallback[name])}"
+                )
 
 
 def _masked_accumulator(dtype: Any) -> Any:

@@ -808,3 +808,23 @@ def test_masked_fedavg_integer_without_x64_is_exact_below_2_pow_24():
     packed = FedAvgDynamicLayer().aggregate(packed_for([{"i": vals[0]}, {"i": vals[1]}], masks, counts))
     np.testing.assert_array_equal(packed["i"], [1002, -4])
     np.testing.assert_array_equal(np.asarray(avg["i"]), packed["i"])
+
+
+def test_masked_fedavg_rejects_misaligned_shapes_instead_of_broadcasting():
+    layers = {"w": jnp.ones((3, 2)), "b": jnp.ones((3,))}
+    masks = {"w": jnp.array([True, False, True]), "b": jnp.array([True, True, True])}
+    counts = jnp.array([1, 2, 3])
+    with pytest.raises(ValueError, match=r"layer 'w': expected a leading client axis of 2"):
+        masked_fedavg(layers, masks, jnp.array([1, 2]))  # 2 counts, 3 clients
+    with pytest.raises(ValueError, match=r"mask of layer 'w': expected shape \(3,\), got \(1,\)"):
+        masked_fedavg(layers, {**masks, "w": jnp.array([True])}, counts)  # would broadcast
+    with pytest.raises(KeyError, match=r"layer 'b' is not in the masks"):
+        masked_fedavg(layers, {"w": masks["w"]}, counts)
+    with pytest.raises(ValueError, match=r"fallback of layer 'w': expected shape \(2,\), got \(3, 2\)"):
+        masked_fedavg(layers, masks, counts, fallback={"w": jnp.zeros((3, 2)), "b": jnp.zeros(())})
+    with pytest.raises(ValueError, match=r"num_examples must have shape \(num_clients,\)"):
+        masked_fedavg(layers, masks, jnp.ones((3, 1)))
+    # The same checks hold under jit (they run on static shapes while tracing; jit hands
+    # the function a plain dict with sorted keys, so 'b' is checked first there).
+    with pytest.raises(ValueError, match=r"layer 'b': expected a leading client axis of 2"):
+        jax.jit(masked_fedavg)(layers, masks, jnp.array([1, 2]))
