@@ -138,10 +138,10 @@ def select_layers_by_threshold(
     Returns the selected arrays (numpy, in their own dtype) and names, in flatten order.
     """
     _check_threshold(norm_threshold)
-    current, initial = _flat_pair(model, initial_model)
     threshold = jnp.asarray(_float32_floor(norm_threshold), jnp.float32)
-    mask = _threshold_mask_vector(current, initial, threshold, normalize=normalize, select_drift_more=select_drift_more)
-    return _gather(current, mask)
+    return _select(
+        _threshold_mask_vector, model, initial_model, threshold, normalize=normalize, select_drift_more=select_drift_more
+    )
 
 
 def select_layers_by_percentage(
@@ -152,15 +152,14 @@ def select_layers_by_percentage(
     Returns the selected arrays (numpy, in their own dtype) and names, in flatten order.
     """
     _check_percentage(exchange_percentage)
-    current, initial = _flat_pair(model, initial_model)
-    mask = _percentage_mask_vector(
-        current,
-        initial,
+    return _select(
+        _percentage_mask_vector,
+        model,
+        initial_model,
         exchange_percentage=float(exchange_percentage),
         normalize=normalize,
         select_drift_more=select_drift_more,
     )
-    return _gather(current, mask)
 
 
 class LayerSelectionFunctionConstructor:
@@ -217,6 +216,12 @@ def _percentage_mask_vector(current, initial, *, exchange_percentage, normalize,
 
 def _stack(mask: Mapping[str, jax.Array]) -> jax.Array:
     return jnp.stack(list(mask.values())) if mask else jnp.zeros((0,), dtype=bool)
+
+
+def _select(mask_vector: Callable[..., jax.Array], model: Any, initial_model: Any, *args: Any, **static: Any):
+    """Flattens and checks both models, runs the jitted mask, gathers the chosen layers."""
+    current, initial = _flat_pair(model, initial_model)
+    return _gather(current, mask_vector(current, initial, *args, **static))
 
 
 def _flat_pair(model: Any, initial_model: Any):

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import jaxlayerx
 from jaxlayerx import selection as sel
+from reference import ref_name
 from jaxlayerx import (
     LayerSelectionFunctionConstructor,
     check_matching_layers,
@@ -77,20 +78,6 @@ def ref_select_percentage(names, drifts, p: float, more: bool) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
-def path_str(path) -> str:
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def _leaf_np(x) -> np.ndarray:
     if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         return np.array(jax.random.key_data(x))
@@ -100,7 +87,7 @@ def _leaf_np(x) -> np.ndarray:
 def snapshot(model) -> list[tuple[str, np.ndarray]]:
     """Copies of every leaf of a model (the full NNX state, RNG included)."""
     tree = nnx.state(model) if isinstance(model, nnx.Module) else model
-    return [(path_str(p), _leaf_np(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [(ref_name(p), _leaf_np(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def assert_same_snapshot(before, after):
@@ -187,13 +174,13 @@ def read_layer(model, name) -> np.ndarray:
     """A layer read straight off the model (attribute access for NNX, key paths else)."""
     if isinstance(model, nnx.Module):
         return np.asarray(_nnx_variable(model, name)[...])
-    found = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(model)[0]}
+    found = {ref_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(model)[0]}
     return np.asarray(found[name])
 
 
 def apply_deltas_pytree(tree, deltas):
     def add(path, x):
-        name = path_str(path)
+        name = ref_name(path)
         if name not in deltas:
             return x
         return jnp.asarray(np.asarray(x).astype(np.float64) + deltas[name]).astype(x.dtype)

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxlayerx as jlx
+from reference import ref_name
 from jaxlayerx import conform_layer, flatten, merge_layers, unflatten
 
 BF16 = jnp.bfloat16
@@ -137,21 +138,6 @@ def assert_identical(a, b):
     assert len(leaves_a) == len(leaves_b)
     for la, lb in zip(leaves_a, leaves_b):
         assert la == lb, (la[:4], lb[:4])
-
-
-def ref_name(path, sep="/"):
-    """Independent reference: a key path joined by ``sep``."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        else:  # pragma: no cover - not used by these trees
-            raise AssertionError(key)
-    return sep.join(parts)
 
 
 def ref_flat(tree, sep="/"):
