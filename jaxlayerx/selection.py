@@ -113,7 +113,7 @@ def percentage_mask(
     in the order of ``norms``. ``exchange_percentage`` must be a Python number (it fixes
     the number of layers, a static shape).
     """
-    _check_percentage(exchange_percentage)
+    validate_exchange_percentage(exchange_percentage)
     names = list(norms)
     if not names:
         return collections.OrderedDict()
@@ -137,7 +137,7 @@ def select_layers_by_threshold(
 
     Returns the selected arrays (numpy, in their own dtype) and names, in flatten order.
     """
-    _check_threshold(norm_threshold)
+    validate_norm_threshold(norm_threshold)
     threshold = jnp.asarray(_float32_floor(norm_threshold), jnp.float32)
     return _select(
         _threshold_mask_vector, model, initial_model, threshold, normalize=normalize, select_drift_more=select_drift_more
@@ -151,7 +151,7 @@ def select_layers_by_percentage(
 
     Returns the selected arrays (numpy, in their own dtype) and names, in flatten order.
     """
-    _check_percentage(exchange_percentage)
+    validate_exchange_percentage(exchange_percentage)
     return _select(
         _percentage_mask_vector,
         model,
@@ -182,8 +182,8 @@ class LayerSelectionFunctionConstructor:
         normalize: bool = True,
         select_drift_more: bool = True,
     ) -> None:
-        _check_threshold(norm_threshold)
-        _check_percentage(exchange_percentage)
+        validate_norm_threshold(norm_threshold)
+        validate_exchange_percentage(exchange_percentage)
         self.norm_threshold = norm_threshold
         self.exchange_percentage = exchange_percentage
         self.normalize = bool(normalize)
@@ -255,14 +255,14 @@ def _float32_floor(threshold: Any) -> Any:
     return floor
 
 
-def _check_threshold(norm_threshold: Any) -> None:
+def validate_norm_threshold(norm_threshold: Any) -> None:
     if not isinstance(norm_threshold, numbers.Real) or isinstance(norm_threshold, bool):
         raise TypeError(f"norm_threshold must be a real number, got {norm_threshold!r}")
     if not norm_threshold > 0:
         raise ValueError(f"norm_threshold must be > 0, got {norm_threshold}")
 
 
-def _check_percentage(exchange_percentage: Any) -> None:
+def validate_exchange_percentage(exchange_percentage: Any) -> None:
     if not isinstance(exchange_percentage, numbers.Real) or isinstance(exchange_percentage, bool):
         raise TypeError(f"exchange_percentage must be a real number, got {exchange_percentage!r}")
     if not 0 < exchange_percentage <= 1:

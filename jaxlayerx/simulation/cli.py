@@ -1,0 +1,152 @@
+"""The ``jaxlayerx`` command: ``simulate`` and ``compare`` federated runs on digits."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from jaxlayerx.simulation.exchange import DEFAULT_FIXED_LAYERS, EXCHANGER_KINDS, ExchangerSpec
+
+COMPARE_DEFAULT = "full,fixed,exclude-bn,dynamic-threshold,dynamic-percentage"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad options end in one line on stderr and exit status 2, no usage dump, no traceback."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxlayerx", description="Partial parameter exchange for federated learning with JAX/Flax.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    simulate = commands.add_parser(
+        "simulate",
+        help="a federated run on the bundled digits data",
+        description="Federated simulation: all clients train at once under jax.vmap in one jitted round; "
+        "the exchanger decides which layers cross the wire.",
+    )
+    _add_options(simulate, default_exchangers="full")
+    compare = commands.add_parser(
+        "compare",
+        help="several exchangers on the same split and seed, on one plot and one table",
+        description="Runs several exchangers on the same data split and seed and draws them together.",
+    )
+    _add_options(compare, default_exchangers=COMPARE_DEFAULT)
+    return parser
+
+
+def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> None:
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--exchangers", default=default_exchangers, metavar="LIST",
+        help=f"comma-separated exchangers among {', '.join(EXCHANGER_KINDS)} (default: {default_exchangers})",
+    )
+    run.add_argument("--clients", type=int, default=8, help="number of clients (default: 8)")
+    run.add_argument("--rounds", type=int, default=20, help="federated rounds (default: 20)")
+    run.add_argument("--local-steps", type=int, default=20, help="SGD steps per client per round (default: 20)")
+    run.add_argument("--batch-size", type=int, default=32, help="examples per local step (default: 32)")
+    run.add_argument("--learning-rate", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
+    run.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    run.add_argument("--beta", type=float, default=0.5, help="Dirichlet concentration of the label split; smaller is more non-IID (default: 0.5)")
+    run.add_argument("--test-fraction", type=float, default=0.2, help="share of each client's data held out for testing (default: 0.2)")
+    run.add_argument("--seed", type=int, default=0, help="seeds the split, the model and the batches (default: 0)")
+    run.add_argument("--unweighted", action="store_true", help="average clients uniformly instead of by example count")
+    exchange = parser.add_argument_group("exchangers")
+    exchange.add_argument(
+        "--layers", default=",".join(DEFAULT_FIXED_LAYERS), metavar="GLOBS",
+        help="fixed: comma-separated layer names or globs (default: every layer but the head)",
+    )
+    exchange.add_argument("--norm-threshold", type=float, default=1e-4, help="dynamic-threshold: drift threshold, > 0 (default: 1e-4)")
+    exchange.add_argument("--exchange-percentage", type=float, default=0.5, help="dynamic-percentage: share of layers sent, in (0, 1] (default: 0.5)")
+    exchange.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True, help="divide each drift by the layer's size (default: on)")
+    exchange.add_argument("--select-drift-less", action="store_true", help="send the layers that drifted least instead of most")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=pathlib.Path, default=None, help="run folder (default: runs/<command>-<timestamp>)")
+    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def specs_from_args(args: argparse.Namespace) -> list[ExchangerSpec]:
+    """One :class:`ExchangerSpec` per name in ``--exchangers`` (ValueError on a bad one)."""
+    names = [name.strip() for name in args.exchangers.split(",") if name.strip()]
+    if not names:
+        raise ValueError("--exchangers is empty")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--exchangers repeats a name: {args.exchangers}")
+    layers = tuple(glob.strip() for glob in args.layers.split(",") if glob.strip())
+    return [
+        ExchangerSpec(
+            kind=name,
+            layers=layers,
+            norm_threshold=args.norm_threshold,
+            exchange_percentage=args.exchange_percentage,
+            normalize=args.normalize,
+            select_drift_more=not args.select_drift_less,
+        )
+        for name in names
+    ]
+
+
+def run_command(args: argparse.Namespace) -> pathlib.Path:
+    """Runs the parsed command; returns the run folder."""
+    # Heavy imports here, so that --help and option errors are instant.
+    from jaxlayerx.simulation.data import load_digits_data, make_client_data
+    from jaxlayerx.simulation.engine import Simulation, SimulationConfig
+    from jaxlayerx.simulation.report import summary_table, write_run
+
+    specs = specs_from_args(args)
+    config = SimulationConfig(
+        rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, momentum=args.momentum, weighted=not args.unweighted, seed=args.seed,
+    )
+    if args.clients < 1:
+        raise ValueError(f"--clients must be a positive integer, got {args.clients}")
+    x, y = load_digits_data()
+    data = make_client_data(x, y, args.clients, beta=args.beta, seed=args.seed, test_fraction=args.test_fraction)
+    folder = args.out or pathlib.Path("runs") / f"{args.command}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    histories: dict[str, list[dict[str, Any]]] = {}
+    for spec in specs:
+        simulation = Simulation(spec, config, data)
+        histories[spec.kind] = simulation.run(_progress_bar(spec.kind, config.rounds, disabled=args.no_progress))
+    run_config = {
+        "command": args.command, "num_clients": args.clients, "beta": args.beta, "test_fraction": args.test_fraction,
+        "data": "sklearn digits", **dataclasses.asdict(config),
+        "exchangers": [dataclasses.asdict(spec) for spec in specs],
+    }
+    paths = write_run(folder, run_config, histories)
+    print(summary_table(histories))
+    print(f"run folder: {folder} (plot: {paths['plot'].name})")
+    return folder
+
+
+def _progress_bar(name: str, rounds: int, disabled: bool):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=rounds, desc=f"{name:>18}", unit="round", disable=disabled, leave=True)
+    uploaded = [0.0]
+
+    def update(round_index: int, record: dict[str, Any]) -> None:
+        uploaded[0] += record["upload_bytes"] / 1e6
+        bar.set_postfix(acc=f"{record['global_accuracy']:.3f}", local=f"{record['local_accuracy_mean']:.3f}", MB=f"{uploaded[0]:.2f}")
+        bar.update(1)
+        if round_index == rounds:
+            bar.close()
+
+    return update
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run_command(args)
+    except (ValueError, KeyError, ImportError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"jaxlayerx {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,286 @@
+"""A federated run in which every client trains at once, under ``jax.vmap``, in one jitted round.
+
+One round:
+
+1. each client starts from its own model with the layers the server sends merged in (all
+   layers in round 1; then the exchanged layers, so the others stay local as in FedBN and
+   FedPer; for dynamic exchangers, the layers the server aggregated last round);
+2. it trains ``local_steps`` SGD steps on batches drawn from its own data;
+3. it picks the layers to send: the exchanger's fixed set, or the core's drift masks
+   (:func:`jaxlayerx.drift_norms` with :func:`jaxlayerx.threshold_mask` or
+   :func:`jaxlayerx.percentage_mask`: the same rules as the packed path);
+4. the server averages each layer over its senders (:func:`jaxlayerx.masked_fedavg`);
+   layers nobody sent keep their previous global value.
+
+With several JAX devices, the client axis is sharded across them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlayerx.aggregation import masked_fedavg
+from jaxlayerx.selection import drift_norms, percentage_mask, threshold_mask
+from jaxlayerx.simulation.data import ClientData
+from jaxlayerx.simulation.exchange import ExchangerSpec
+from jaxlayerx.simulation.models import MLP
+from jaxlayerx.tree import flatten, unflatten
+
+Flat = collections.OrderedDict
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationConfig:
+    """How a federated run trains.
+
+    Attributes:
+      rounds: federated rounds.
+      local_steps: SGD steps per client per round (a batch each, drawn from its own data).
+      batch_size: examples per local step.
+      learning_rate, momentum: of ``optax.sgd``; a fresh optimizer state each round.
+      weighted: weight the server average by each client's number of training examples.
+      seed: seeds the model initialisation and the batches.
+    """
+
+    rounds: int = 20
+    local_steps: int = 20
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weighted: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "local_steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning-rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SimulationState:
+    """The server model, the clients' own models (stacked), and what the server sends next."""
+
+    global_layers: Flat
+    client_layers: Flat
+    pull_mask: Flat
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RoundOutput:
+    """Everything one round computed (device arrays)."""
+
+    state: SimulationState
+    start_layers: Flat
+    trained_layers: Flat
+    send_masks: Flat
+    metrics: dict[str, jax.Array]
+
+
+class Simulation:
+    """A federated run of one exchanger over stacked client data.
+
+    Args:
+      spec: the exchanger (see :class:`ExchangerSpec`).
+      config: training settings.
+      data: per-client data (see :func:`jaxlayerx.simulation.make_client_data`).
+      module: a Flax Linen module called as ``module(x, train=bool)``; default :class:`MLP`.
+    """
+
+    def __init__(self, spec: ExchangerSpec, config: SimulationConfig, data: ClientData, module: nn.Module | None = None):
+        self.spec, self.config, self.data = spec, config, data
+        self.module = module if module is not None else MLP(num_classes=int(np.max(data.y_train)) + 1)
+        example = jnp.asarray(data.x_train[0, :1])
+        init_key, self._batch_key = jax.random.split(jax.random.key(config.seed))
+        self.initial_variables = self.module.init(init_key, example, train=False)
+        self.template = jax.eval_shape(lambda: self.initial_variables)
+        self.layer_names = list(flatten(self.initial_variables))
+        self.exchanger = spec.make_exchanger(self.module, self.initial_variables, example)
+        static = spec.static_layers(self.exchanger, self.initial_variables)
+        self.static_mask = None if static is None else Flat((n, n in static) for n in self.layer_names)
+        self.layer_nbytes = np.array([int(np.prod(s.shape)) * s.dtype.itemsize for s in flatten(self.template).values()])
+        self._client_sharding, self._replicated = _shardings(data.num_clients)
+        self._arrays = self._device_data()
+        self._round = jax.jit(self._round_fn)
+
+    def init_state(self) -> SimulationState:
+        """Round 1's state: every client holds the initial model and pulls all layers."""
+        global_layers = flatten(self.initial_variables)
+        clients = self.data.num_clients
+        client_layers = Flat((n, jnp.broadcast_to(v, (clients, *v.shape))) for n, v in global_layers.items())
+        pull_mask = Flat((n, jnp.asarray(True)) for n in global_layers)
+        return SimulationState(global_layers, self._place_clients(client_layers), pull_mask)
+
+    def round(self, state: SimulationState, round_index: int) -> RoundOutput:
+        """Runs round ``round_index`` (from 1) from ``state``."""
+        keys = jax.random.split(jax.random.fold_in(self._batch_key, round_index), self.data.num_clients)
+        return self._round(state, self._place_clients(keys), *self._arrays)
+
+    def run(self, progress: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Runs every round; returns one metrics dict per round (see ``report.py``)."""
+        return [record for record, _ in self.iterate(progress)]
+
+    def iterate(self, progress: Callable[[int, dict[str, Any]], None] | None = None) -> Iterator[tuple[dict[str, Any], RoundOutput]]:
+        """Yields ``(metrics record, round output)`` round by round."""
+        state = self.init_state()
+        for round_index in range(1, self.config.rounds + 1):
+            start = time.perf_counter()
+            pulled = np.asarray([bool(v) for v in state.pull_mask.values()])
+            output = self.round(state, round_index)
+            record = self._record(round_index, output, pulled)
+            record["wall_seconds"] = time.perf_counter() - start
+            if progress is not None:
+                progress(round_index, record)
+            yield record, output
+            state = output.state
+
+    # -- the jitted round ------------------------------------------------------------------
+
+    def _round_fn(self, state: SimulationState, keys, x_train, y_train, n_train, x_test, y_test, n_test, x_global, y_global):
+        global_layers, pull_mask = state.global_layers, state.pull_mask
+
+        def client(local: Flat, key, x, y, n):
+            start = Flat((name, jnp.where(pull_mask[name], global_layers[name], local[name])) for name in local)
+            trained = self._train(start, key, x, y, n)
+            return start, trained, self._send_mask(trained, start)
+
+        starts, trained, masks = jax.vmap(client)(state.client_layers, keys, x_train, y_train, n_train)
+        trained = self._replicate(trained)
+        masks = self._replicate(masks)
+        counts = n_train.astype(jnp.float32)
+        averages, sent = masked_fedavg(trained, masks, counts, weighted=self.config.weighted, fallback=global_layers)
+        next_pull = sent if self.static_mask is None else Flat((n, jnp.asarray(v)) for n, v in self.static_mask.items())
+        personal = jax.vmap(lambda own: Flat((n, jnp.where(next_pull[n], averages[n], own[n])) for n in own))(trained)
+        global_loss, global_accuracy = self._evaluate(averages, x_global, y_global, jnp.asarray(len(y_global)))
+        _, local_accuracy = jax.vmap(self._evaluate)(personal, x_test, y_test, n_test)
+        metrics = {
+            "global_loss": global_loss,
+            "global_accuracy": global_accuracy,
+            "local_accuracy": local_accuracy,
+            "send_masks": jnp.stack([masks[n] for n in masks], axis=1),
+        }
+        new_state = SimulationState(averages, trained, next_pull)
+        return RoundOutput(new_state, starts, trained, masks, metrics)
+
+    def _train(self, start: Flat, key, x, y, n) -> Flat:
+        variables = unflatten(start, like=self.template)
+        params = variables["params"]
+        state = {k: v for k, v in variables.items() if k != "params"}
+        optimizer = optax.sgd(self.config.learning_rate, momentum=self.config.momentum or None)
+
+        def loss_fn(params, state, xb, yb):
+            if state:
+                logits, new_state = self.module.apply({"params": params, **state}, xb, train=True, mutable=list(state))
+            else:
+                logits, new_state = self.module.apply({"params": params}, xb, train=True), {}
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), new_state
+
+        def step(carry, step_key):
+            params, state, opt_state = carry
+            index = jax.random.randint(step_key, (self.config.batch_size,), 0, n)
+            (_, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x[index], y[index])
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), state, opt_state), None
+
+        carry = (params, state, optimizer.init(params))
+        (params, state, _), _ = jax.lax.scan(step, carry, jax.random.split(key, self.config.local_steps))
+        return flatten({"params": params, **state})
+
+    def _send_mask(self, trained: Flat, start: Flat) -> Flat:
+        if self.static_mask is not None:
+            return Flat((n, jnp.asarray(v)) for n, v in self.static_mask.items())
+        norms = drift_norms(trained, start, normalize=self.spec.normalize)
+        if self.spec.kind == "dynamic-threshold":
+            return threshold_mask(norms, self.spec.norm_threshold, select_drift_more=self.spec.select_drift_more)
+        return percentage_mask(norms, self.spec.exchange_percentage, select_drift_more=self.spec.select_drift_more)
+
+    def _evaluate(self, layers: Flat, x, y, n):
+        logits = self.module.apply(unflatten(layers, like=self.template), x, train=False)
+        valid = jnp.arange(y.shape[0]) < n
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        correct = jnp.argmax(logits, axis=-1) == y
+        count = jnp.maximum(n, 1).astype(jnp.float32)
+        return jnp.sum(jnp.where(valid, losses, 0.0)) / count, jnp.sum(valid & correct) / count
+
+    # -- host side -------------------------------------------------------------------------
+
+    def _record(self, round_index: int, output: RoundOutput, pulled: np.ndarray) -> dict[str, Any]:
+        metrics = jax.device_get(output.metrics)
+        send_masks = np.asarray(metrics["send_masks"], bool)  # (clients, layers)
+        upload = [self._payload_bytes(row) for row in send_masks]
+        download = self._payload_bytes(pulled, names=self.spec.dynamic and round_index > 1)
+        return {
+            "round": round_index,
+            "global_accuracy": float(metrics["global_accuracy"]),
+            "global_loss": float(metrics["global_loss"]),
+            "local_accuracy_mean": float(np.mean(metrics["local_accuracy"])),
+            "local_accuracy": [float(a) for a in metrics["local_accuracy"]],
+            "upload_bytes": int(sum(upload)),
+            "download_bytes": int(download * self.data.num_clients),
+            "layers_sent": [int(row.sum()) for row in send_masks],
+        }
+
+    def _payload_bytes(self, mask: np.ndarray, names: bool | None = None) -> int:
+        """Exact bytes of the payload holding the masked layers (names array included for
+        dynamic exchangers), as :func:`jaxlayerx.payload_nbytes` counts them."""
+        names = self.spec.dynamic if names is None else names
+        arrays = int(self.layer_nbytes[mask].sum())
+        if not names:
+            return arrays
+        selected = [name for name, keep in zip(self.layer_names, mask) if keep]
+        return arrays + np.array(selected, dtype=np.str_).nbytes
+
+    def _device_data(self) -> tuple[jax.Array, ...]:
+        data = self.data
+        clients = [data.x_train, data.y_train, data.n_train, data.x_test, data.y_test, data.n_test]
+        placed = [self._place_clients(jnp.asarray(a)) for a in clients]
+        return (*placed, jnp.asarray(data.x_global_test), jnp.asarray(data.y_global_test))
+
+    def _place_clients(self, tree):
+        if self._client_sharding is None:
+            return tree
+        return jax.device_put(tree, self._client_sharding)
+
+    def _replicate(self, tree):
+        if self._replicated is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, self._replicated)
+
+
+def _shardings(num_clients: int) -> tuple[NamedSharding | None, NamedSharding | None]:
+    """Client-axis and replicated shardings over as many devices as divide ``num_clients``."""
+    devices = jax.devices()
+    count = math.gcd(num_clients, len(devices))
+    if count <= 1:
+        return None, None
+    mesh = Mesh(np.array(devices[:count]), ("clients",))
+    return NamedSharding(mesh, PartitionSpec("clients")), NamedSharding(mesh, PartitionSpec())
+
+
+def simulate(
+    spec: ExchangerSpec,
+    config: SimulationConfig,
+    data: ClientData,
+    module: nn.Module | None = None,
+    progress: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Runs a federated simulation; returns one metrics dict per round."""
+    return Simulation(spec, config, data, module).run(progress)
