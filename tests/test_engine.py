@@ -1,0 +1,159 @@
+"""The vmapped simulation round against the packed path, and sharded against one device."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+import jaxlayerx as jlx
+from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig, load_digits_data, make_client_data
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = load_digits_data()
+    return make_client_data(x[:600], y[:600], num_clients=4, beta=0.5, seed=3)
+
+
+def client_model(layers, client, like):
+    """Client ``client``'s Linen variables out of stacked flat layers."""
+    return jlx.unflatten({name: np.asarray(value[client]) for name, value in layers.items()}, like=like)
+
+
+def packed_exchanger(spec):
+    rules = jlx.LayerSelectionFunctionConstructor(
+        spec.norm_threshold, spec.exchange_percentage, spec.normalize, spec.select_drift_more
+    )
+    select = rules.select_by_threshold() if spec.kind == "dynamic-threshold" else rules.select_by_percentage()
+    return jlx.DynamicLayerExchanger(select)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ExchangerSpec("dynamic-percentage", exchange_percentage=0.5),
+        ExchangerSpec("dynamic-percentage", exchange_percentage=0.3, normalize=False, select_drift_more=False),
+        ExchangerSpec("dynamic-threshold", norm_threshold=2e-3),
+    ],
+    ids=["percentage", "percentage-less-unnormalized", "threshold"],
+)
+def test_masked_round_equals_packed_replay(data, spec):
+    """Round 2 replayed client by client through push_parameters, FedAvgDynamicLayer and
+    pull_parameters gives the layers, the selection and the global model of the vmapped round."""
+    simulation = Simulation(spec, SimulationConfig(rounds=2, local_steps=3, batch_size=8, seed=5), data)
+    like = simulation.initial_variables
+    first = simulation.round(simulation.init_state(), 1)
+    second = simulation.round(first.state, 2)
+    exchanger = packed_exchanger(spec)
+
+    # The start of round 2: each client pulls the server's packed round-1 layers into its own model.
+    sent_round_1 = [name for name, flag in first.state.pull_mask.items() if bool(flag)]
+    server_payload = jlx.pack_layers([np.asarray(first.state.global_layers[n]) for n in sent_round_1], sent_round_1)
+    results = []
+    for client in range(data.num_clients):
+        pulled = exchanger.pull_parameters(server_payload, client_model(first.trained_layers, client, like))
+        for name, value in jlx.flatten(pulled).items():
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(second.start_layers[name][client]), err_msg=name)
+        # Its push selects exactly the layers the mask form selected.
+        trained = client_model(second.trained_layers, client, like)
+        start = client_model(second.start_layers, client, like)
+        payload = exchanger.push_parameters(trained, initial_model=start)
+        _, names = jlx.unpack_layers(payload)
+        expected = [name for name, mask in second.send_masks.items() if bool(mask[client])]
+        assert names == expected
+        results.append((payload, int(data.n_train[client])))
+
+    averaged = jlx.FedAvgDynamicLayer(weighted_aggregation=True).aggregate(results)
+    server = exchanger.pull_parameters(
+        jlx.pack_layers(list(averaged.values()), list(averaged)),
+        jlx.unflatten(first.state.global_layers, like=like),
+    )
+    for name, value in jlx.flatten(server).items():
+        np.testing.assert_allclose(np.asarray(second.state.global_layers[name]), value, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert sorted(averaged) == sorted(n for n, flag in second.state.pull_mask.items() if bool(flag))
+
+
+def test_static_exchanger_keeps_unexchanged_layers_local(data):
+    """FedBN: BatchNorm layers never leave a client, everything else is the server's average."""
+    simulation = Simulation(ExchangerSpec("exclude-bn"), SimulationConfig(rounds=2, local_steps=3, batch_size=8), data)
+    first = simulation.round(simulation.init_state(), 1)
+    second = simulation.round(first.state, 2)
+    for name in simulation.layer_names:
+        for client in range(data.num_clients):
+            start = np.asarray(second.start_layers[name][client])
+            if "BatchNorm" in name:
+                np.testing.assert_array_equal(start, np.asarray(first.trained_layers[name][client]))
+            else:
+                np.testing.assert_array_equal(start, np.asarray(first.state.global_layers[name]))
+    masks = np.stack([np.asarray(m) for m in second.send_masks.values()], axis=1)
+    assert (masks.sum(axis=1) == sum("BatchNorm" not in n for n in simulation.layer_names)).all()
+
+
+SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig, load_digits_data, make_client_data
+    x, y = load_digits_data()
+    data = make_client_data(x[:600], y[:600], num_clients=8, beta=0.5, seed=3)
+    spec = ExchangerSpec(sys.argv[1], exchange_percentage=0.5)
+    simulation = Simulation(spec, SimulationConfig(rounds=2, local_steps=3, batch_size=8, seed=1), data)
+    records, outputs = zip(*simulation.iterate())
+    last = outputs[-1]
+    name = simulation.layer_names[0]
+    print(json.dumps({
+        "devices": jax.device_count(),
+        "client_axis_devices": len(last.trained_layers[name].sharding.device_set),
+        "records": [{k: v for k, v in r.items() if k != "wall_seconds"} for r in records],
+        "global": {n: np.asarray(v).tolist() for n, v in last.state.global_layers.items()},
+    }))
+    """
+)
+
+
+def run_simulation_process(kind, devices):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    completed = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT, kind], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["full", "dynamic-percentage"])
+def test_sharded_clients_give_the_same_numbers(kind):
+    one = run_simulation_process(kind, devices=1)
+    four = run_simulation_process(kind, devices=4)
+    assert one["devices"] == 1 and one["client_axis_devices"] == 1
+    assert four["devices"] == 4 and four["client_axis_devices"] == 4  # clients really are sharded
+    # Integer results (bytes, layers sent) are identical; float results agree to float32
+    # rounding: a device's dot products and sums may split their work differently.
+    for sharded, single in zip(four["records"], one["records"], strict=True):
+        assert sharded.keys() == single.keys()
+        for key, value in single.items():
+            if isinstance(value, float) or (isinstance(value, list) and isinstance(value[0], float)):
+                np.testing.assert_allclose(sharded[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+            else:
+                assert sharded[key] == value, key
+    for name, value in one["global"].items():
+        np.testing.assert_allclose(np.asarray(four["global"][name]), np.asarray(value), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_uneven_client_count_uses_a_dividing_mesh():
+    from jaxlayerx.simulation.engine import _shardings
+
+    sharding, replicated = _shardings(6)
+    expected_devices = np.gcd(6, jax.device_count())
+    if expected_devices <= 1:
+        assert sharding is None and replicated is None
+    else:
+        assert len(sharding.device_set) == expected_devices
