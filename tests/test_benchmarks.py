@@ -16,7 +16,8 @@ def test_benchmark_quick_runs(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [row["case"].split(",")[0] for row in rows] == ["percentage selection", "FedAvgDynamicLayer"]
+    assert [row["case"].split(",")[0] for row in rows] == ["percentage selection", "FedAvgDynamicLayer", "simulation round", "simulation round"]
     for row in rows:
-        assert row["ms"] > 0 and row["x_floor"] > 0 and row["speedup_vs_baseline"] > 0
+        assert row["ms"] > 0 and row["speedup_vs_baseline"] > 0
+        assert row["x_floor"] is None or row["x_floor"] > 0
     assert "device: cpu" in completed.stdout or "device: gpu" in completed.stdout

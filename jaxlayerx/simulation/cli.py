@@ -50,6 +50,10 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
     run.add_argument("--clients", type=int, default=8, help="number of clients (default: 8)")
     run.add_argument("--rounds", type=int, default=20, help="federated rounds (default: 20)")
     run.add_argument("--local-steps", type=int, default=20, help="SGD steps per client per round (default: 20)")
+    run.add_argument(
+        "--local-epochs", type=float, default=None, metavar="E",
+        help="train about E epochs per round instead of --local-steps (steps = ceil(E * mean client size / batch size))",
+    )
     run.add_argument("--batch-size", type=int, default=32, help="examples per local step (default: 32)")
     run.add_argument("--learning-rate", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
     run.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
@@ -101,7 +105,7 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
 
     specs = specs_from_args(args)
     config = SimulationConfig(
-        rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size,
+        rounds=args.rounds, local_steps=args.local_steps, local_epochs=args.local_epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, momentum=args.momentum, weighted=not args.unweighted, seed=args.seed,
     )
     if args.clients < 1:
@@ -115,7 +119,7 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
         histories[spec.kind] = simulation.run(_progress_bar(spec.kind, config.rounds, disabled=args.no_progress))
     run_config = {
         "command": args.command, "num_clients": args.clients, "beta": args.beta, "test_fraction": args.test_fraction,
-        "data": "sklearn digits", **dataclasses.asdict(config),
+        "data": "sklearn digits", **dataclasses.asdict(config), "local_steps_run": simulation.local_steps,
         "exchangers": [dataclasses.asdict(spec) for spec in specs],
     }
     paths = write_run(folder, run_config, histories)

@@ -5,7 +5,7 @@ One round:
 1. each client starts from its own model with the layers the server sends merged in (all
    layers in round 1; then the exchanged layers, so the others stay local as in FedBN and
    FedPer; for dynamic exchangers, the layers the server aggregated last round);
-2. it trains ``local_steps`` SGD steps on batches drawn from its own data;
+2. it trains ``local_steps`` SGD steps (or ``local_epochs``) on batches of its own data;
 3. it picks the layers to send: the exchanger's fixed set, or the core's drift masks
    (:func:`jaxlayerx.drift_norms` with :func:`jaxlayerx.threshold_mask` or
    :func:`jaxlayerx.percentage_mask`: the same rules as the packed path);
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +48,11 @@ class SimulationConfig:
 
     Attributes:
       rounds: federated rounds.
-      local_steps: SGD steps per client per round (a batch each, drawn from its own data).
+      local_steps: SGD steps per client per round (a batch each, drawn with replacement
+        from the client's own training data).
+      local_epochs: if set, replaces ``local_steps`` by
+        ``ceil(local_epochs * mean client training size / batch_size)`` (the same for every
+        client: they all train in one vmapped computation).
       batch_size: examples per local step.
       learning_rate, momentum: of ``optax.sgd``; a fresh optimizer state each round.
       weighted: weight the server average by each client's number of training examples.
@@ -56,6 +61,7 @@ class SimulationConfig:
 
     rounds: int = 20
     local_steps: int = 20
+    local_epochs: float | None = None
     batch_size: int = 32
     learning_rate: float = 0.05
     momentum: float = 0.9
@@ -67,6 +73,8 @@ class SimulationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.local_epochs is not None and not self.local_epochs > 0:
+            raise ValueError(f"local-epochs must be > 0, got {self.local_epochs}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning-rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.momentum < 1:
@@ -108,6 +116,7 @@ class Simulation:
     def __init__(self, spec: ExchangerSpec, config: SimulationConfig, data: ClientData, module: nn.Module | None = None):
         self.spec, self.config, self.data = spec, config, data
         self.module = module if module is not None else MLP(num_classes=int(np.max(data.y_train)) + 1)
+        self.local_steps = local_steps_for(config, data)
         example = jnp.asarray(data.x_train[0, :1])
         init_key, self._batch_key = jax.random.split(jax.random.key(config.seed))
         self.initial_variables = self.module.init(init_key, example, train=False)
@@ -156,12 +165,7 @@ class Simulation:
 
     def _round_fn(self, state: SimulationState, keys, x_train, y_train, n_train, x_test, y_test, n_test, x_global, y_global):
         global_layers, pull_mask = state.global_layers, state.pull_mask
-
-        def client(local: Flat, key, x, y, n):
-            start = Flat((name, jnp.where(pull_mask[name], global_layers[name], local[name])) for name in local)
-            trained = self._train(start, key, x, y, n)
-            return start, trained, self._send_mask(trained, start)
-
+        client = functools.partial(self.client_update, global_layers, pull_mask)
         starts, trained, masks = jax.vmap(client)(state.client_layers, keys, x_train, y_train, n_train)
         trained = self._replicate(trained)
         masks = self._replicate(masks)
@@ -180,29 +184,47 @@ class Simulation:
         new_state = SimulationState(averages, trained, next_pull)
         return RoundOutput(new_state, starts, trained, masks, metrics)
 
+    def client_update(self, global_layers: Flat, pull_mask: Flat, local: Flat, key, x, y, n) -> tuple[Flat, Flat, Flat]:
+        """One client's round (pure): merge the pulled layers, train, pick what to send.
+
+        Returns the round's starting layers, the trained layers and the send mask.
+        """
+        start = Flat((name, jnp.where(pull_mask[name], global_layers[name], local[name])) for name in local)
+        trained = self._train(start, key, x, y, n)
+        return start, trained, self._send_mask(trained, start)
+
     def _train(self, start: Flat, key, x, y, n) -> Flat:
         variables = unflatten(start, like=self.template)
         params = variables["params"]
         state = {k: v for k, v in variables.items() if k != "params"}
-        optimizer = optax.sgd(self.config.learning_rate, momentum=self.config.momentum or None)
+        carry = (params, state, self.optimizer.init(params))
+        step = lambda carry, step_key: (self.sgd_step(carry, step_key, x, y, n), None)  # noqa: E731
+        (params, state, _), _ = jax.lax.scan(step, carry, jax.random.split(key, self.local_steps))
+        return flatten({"params": params, **state})
 
-        def loss_fn(params, state, xb, yb):
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        return optax.sgd(self.config.learning_rate, momentum=self.config.momentum or None)
+
+    def sgd_step(self, carry: tuple[Any, Any, Any], key, x, y, n) -> tuple[Any, Any, Any]:
+        """One local step (pure): a batch drawn from the client's ``n`` examples, one update.
+
+        ``carry`` is ``(params, other collections, optimizer state)``.
+        """
+        params, state, opt_state = carry
+        index = jax.random.randint(key, (self.config.batch_size,), 0, n)
+        xb, yb = x[index], y[index]
+
+        def loss_fn(params):
             if state:
                 logits, new_state = self.module.apply({"params": params, **state}, xb, train=True, mutable=list(state))
             else:
                 logits, new_state = self.module.apply({"params": params}, xb, train=True), {}
             return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), new_state
 
-        def step(carry, step_key):
-            params, state, opt_state = carry
-            index = jax.random.randint(step_key, (self.config.batch_size,), 0, n)
-            (_, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x[index], y[index])
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), state, opt_state), None
-
-        carry = (params, state, optimizer.init(params))
-        (params, state, _), _ = jax.lax.scan(step, carry, jax.random.split(key, self.config.local_steps))
-        return flatten({"params": params, **state})
+        (_, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_state, opt_state
 
     def _send_mask(self, trained: Flat, start: Flat) -> Flat:
         if self.static_mask is not None:
@@ -263,6 +285,13 @@ class Simulation:
         if self._replicated is None:
             return tree
         return jax.lax.with_sharding_constraint(tree, self._replicated)
+
+
+def local_steps_for(config: SimulationConfig, data: ClientData) -> int:
+    """``config.local_steps``, or the steps that make ``config.local_epochs`` epochs."""
+    if config.local_epochs is None:
+        return config.local_steps
+    return max(1, math.ceil(config.local_epochs * float(np.mean(data.n_train)) / config.batch_size))
 
 
 def _shardings(num_clients: int) -> tuple[NamedSharding | None, NamedSharding | None]:
