@@ -112,10 +112,12 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
         raise ValueError(f"--clients must be a positive integer, got {args.clients}")
     x, y = load_digits_data()
     data = make_client_data(x, y, args.clients, beta=args.beta, seed=args.seed, test_fraction=args.test_fraction)
+    # Everything that can be wrong is checked before any training: exchangers, globs, folder.
+    simulations = [Simulation(spec, config, data) for spec in specs]
     folder = args.out or pathlib.Path("runs") / f"{args.command}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    folder.mkdir(parents=True, exist_ok=True)
     histories: dict[str, list[dict[str, Any]]] = {}
-    for spec in specs:
-        simulation = Simulation(spec, config, data)
+    for spec, simulation in zip(specs, simulations):
         histories[spec.kind] = simulation.run(_progress_bar(spec.kind, config.rounds, disabled=args.no_progress))
     run_config = {
         "command": args.command, "num_clients": args.clients, "beta": args.beta, "test_fraction": args.test_fraction,
@@ -149,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_command(args)
-    except (ValueError, KeyError, ImportError) as error:
+    except (ValueError, KeyError, ImportError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"jaxlayerx {args.command}: error: {message}", file=sys.stderr)
         return 2

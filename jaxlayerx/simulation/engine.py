@@ -42,6 +42,10 @@ from jaxlayerx.tree import flatten, unflatten
 Flat = collections.OrderedDict
 
 
+#: Local steps per round above this are refused (a typo, not a plan).
+MAX_LOCAL_STEPS = 100_000
+
+
 @dataclasses.dataclass(frozen=True)
 class SimulationConfig:
     """How a federated run trains.
@@ -73,10 +77,14 @@ class SimulationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.local_epochs is not None and not self.local_epochs > 0:
-            raise ValueError(f"local-epochs must be > 0, got {self.local_epochs}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning-rate must be > 0, got {self.learning_rate}")
+        if self.local_steps > MAX_LOCAL_STEPS:
+            raise ValueError(f"local-steps must be at most {MAX_LOCAL_STEPS}, got {self.local_steps}")
+        if self.local_epochs is not None and not (math.isfinite(self.local_epochs) and self.local_epochs > 0):
+            raise ValueError(f"local-epochs must be a finite number > 0, got {self.local_epochs}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning-rate must be a finite number > 0, got {self.learning_rate}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
@@ -291,7 +299,10 @@ def local_steps_for(config: SimulationConfig, data: ClientData) -> int:
     """``config.local_steps``, or the steps that make ``config.local_epochs`` epochs."""
     if config.local_epochs is None:
         return config.local_steps
-    return max(1, math.ceil(config.local_epochs * float(np.mean(data.n_train)) / config.batch_size))
+    steps = max(1, math.ceil(config.local_epochs * float(np.mean(data.n_train)) / config.batch_size))
+    if steps > MAX_LOCAL_STEPS:
+        raise ValueError(f"local-epochs {config.local_epochs} means {steps} local steps, more than {MAX_LOCAL_STEPS}")
+    return steps
 
 
 def _shardings(num_clients: int) -> tuple[NamedSharding | None, NamedSharding | None]:

@@ -1,0 +1,394 @@
+"""The ``jaxlayerx`` command line: ``simulate`` and ``compare`` end to end, on tiny runs.
+
+Runs in-process through ``jaxlayerx.simulation.cli.main`` where it can, plus a few
+subprocesses (``python -m jaxlayerx`` and the ``jaxlayerx`` console script) for the real
+entry points, exit statuses and stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlayerx.simulation import MLP
+from jaxlayerx.simulation.cli import main
+from jaxlayerx.simulation.report import CSV_COLUMNS, HISTORY_KEYS
+
+CLIENTS, ROUNDS, LOCAL_STEPS, BATCH, SEED = 3, 2, 2, 8, 0
+TINY = [
+    "--clients", str(CLIENTS), "--rounds", str(ROUNDS), "--local-steps", str(LOCAL_STEPS),
+    "--batch-size", str(BATCH), "--no-progress",
+]
+ALL_EXCHANGERS = ["full", "exclude-bn", "dynamic-percentage", "dynamic-threshold", "fixed"]
+PERCENTAGE = 0.25  # ceil(10 * 0.25) = 3, where round() and floor() both give 2
+OPTIONS = [
+    "--exchangers", "--clients", "--rounds", "--local-steps", "--local-epochs", "--batch-size", "--learning-rate",
+    "--momentum", "--beta", "--test-fraction", "--seed", "--unweighted", "--layers", "--norm-threshold",
+    "--exchange-percentage", "--normalize", "--no-normalize", "--select-drift-less", "--out", "--no-progress",
+]
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def layer_nbytes() -> dict[str, int]:
+    """name -> nbytes of the default MLP's layers, from its own variables (not the engine's)."""
+    variables = MLP(num_classes=10).init(jax.random.key(0), jnp.ones((1, 64)))
+    leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
+    return {"/".join(str(k.key) for k in path): int(np.asarray(leaf).nbytes) for path, leaf in leaves}
+
+
+LAYERS = layer_nbytes()
+MODEL_BYTES = sum(LAYERS.values())
+
+
+def names_nbytes(names) -> int:
+    return np.array(list(names)).nbytes if names else 0
+
+
+def dynamic_client_bytes(k: int) -> set[int]:
+    """Every payload size a dynamic client sending ``k`` layers can have (arrays + names)."""
+    return {sum(LAYERS[n] for n in chosen) + names_nbytes(chosen) for chosen in itertools.combinations(LAYERS, k)}
+
+
+def achievable_totals(layers_sent: list[int]) -> set[int]:
+    totals = {0}
+    for k in layers_sent:
+        totals = {t + b for t in totals for b in dynamic_client_bytes(k)}
+    return totals
+
+
+def run_in_process(argv: list[str]) -> tuple[int, str, str]:
+    """``main(argv)`` with stdout and stderr captured: (code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_subprocess(args: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def without_wall_seconds(metrics: dict) -> dict:
+    return {name: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in history] for name, history in metrics.items()}
+
+
+def assert_one_error_line(out: str, err: str, *needles: str) -> str:
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("jaxlayerx") and "error" in line, line
+    for needle in needles:
+        assert needle in line, (needle, line)
+    return line
+
+
+# -- end to end --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def simulate_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "run"
+    code, out, err = run_in_process(["simulate", "--out", str(folder), "--seed", str(SEED), *TINY])
+    return folder, code, out, err
+
+
+def test_simulate_writes_the_run_folder(simulate_run):
+    folder, code, out, _ = simulate_run
+    assert code == 0
+    for name in ("config.json", "metrics.json", "metrics.csv", "plot.png"):
+        assert (folder / name).is_file(), name
+
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert list(metrics) == ["full"]
+    history = metrics["full"]
+    assert [r["round"] for r in history] == list(range(1, ROUNDS + 1))
+    for record in history:
+        assert set(HISTORY_KEYS) <= set(record)
+        assert len(record["local_accuracy"]) == CLIENTS and len(record["layers_sent"]) == CLIENTS
+        assert 0 <= record["global_accuracy"] <= 1 and math.isfinite(record["global_loss"])
+        assert record["local_accuracy_mean"] == pytest.approx(np.mean(record["local_accuracy"]))
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_clients"] == CLIENTS
+    assert config["rounds"] == ROUNDS
+    assert config["local_steps"] == LOCAL_STEPS
+    assert config["batch_size"] == BATCH
+    assert config["seed"] == SEED
+    assert config["command"] == "simulate"
+    assert [e["kind"] for e in config["exchangers"]] == ["full"]
+
+    with (folder / "metrics.csv").open(newline="") as file:
+        rows = list(csv.reader(file))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [row[0] for row in rows[1:]] == ["full"] * ROUNDS
+
+    png = (folder / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(folder / "plot.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+    assert "exchanger" in out and "global_acc" in out
+    assert any(line.split()[:1] == ["full"] for line in out.splitlines())
+    assert str(folder) in out
+
+
+def test_full_exchange_moves_the_whole_model_each_way(simulate_run):
+    folder = simulate_run[0]
+    for record in json.loads((folder / "metrics.json").read_text())["full"]:
+        assert record["upload_bytes"] == CLIENTS * MODEL_BYTES
+        assert record["download_bytes"] == CLIENTS * MODEL_BYTES
+        assert record["layers_sent"] == [len(LAYERS)] * CLIENTS
+
+
+# -- compare -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "compare"
+    argv = [
+        "compare", "--exchangers", ",".join(ALL_EXCHANGERS), "--layers", "params/Dense_2/*",
+        "--exchange-percentage", str(PERCENTAGE), "--out", str(folder), *TINY,
+    ]
+    code, out, _ = run_in_process(argv)
+    assert code == 0
+    return folder, json.loads((folder / "metrics.json").read_text()), out
+
+
+def test_compare_runs_every_exchanger_on_the_same_split(compare_run):
+    folder, metrics, out = compare_run
+    assert list(metrics) == ALL_EXCHANGERS
+    with (folder / "metrics.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    for name in ALL_EXCHANGERS:
+        assert [int(r["round"]) for r in rows if r["exchanger"] == name] == list(range(1, ROUNDS + 1)), name
+        assert any(line.split()[:1] == [name] for line in out.splitlines()), name
+        for record in metrics[name]:
+            assert set(HISTORY_KEYS) <= set(record)
+            assert len(record["local_accuracy"]) == CLIENTS
+            assert len(record["layers_sent"]) == CLIENTS
+    config = json.loads((folder / "config.json").read_text())
+    assert config["command"] == "compare"
+    assert [e["kind"] for e in config["exchangers"]] == ALL_EXCHANGERS
+
+
+def test_compare_upload_bytes_full_fixed_and_fedbn(compare_run):
+    _, metrics, _ = compare_run
+    head = LAYERS["params/Dense_2/kernel"] + LAYERS["params/Dense_2/bias"]
+    dense = sum(b for n, b in LAYERS.items() if n.startswith("params/Dense_"))
+    for record in metrics["full"]:
+        assert record["upload_bytes"] == CLIENTS * MODEL_BYTES
+    for record in metrics["fixed"]:
+        assert record["upload_bytes"] == CLIENTS * head
+        assert record["layers_sent"] == [2] * CLIENTS
+    for record in metrics["exclude-bn"]:
+        assert record["upload_bytes"] == CLIENTS * dense
+        assert record["layers_sent"] == [6] * CLIENTS
+
+
+def test_compare_dynamic_upload_is_consistent_with_layers_sent(compare_run):
+    _, metrics, _ = compare_run
+    assert len(LAYERS) == 10
+    for record in metrics["dynamic-percentage"]:
+        assert record["layers_sent"] == [math.ceil(10 * PERCENTAGE)] * CLIENTS
+        assert record["upload_bytes"] in achievable_totals(record["layers_sent"])
+    for record in metrics["dynamic-threshold"]:
+        assert all(0 <= k <= 10 for k in record["layers_sent"])
+        assert record["upload_bytes"] in achievable_totals(record["layers_sent"])
+
+
+def test_dynamic_percentage_one_sends_every_layer_and_its_names(tmp_path):
+    folder = tmp_path / "run"
+    code, _, _ = run_in_process(
+        ["simulate", "--exchangers", "dynamic-percentage", "--exchange-percentage", "1.0", "--out", str(folder), *TINY]
+    )
+    assert code == 0
+    for record in json.loads((folder / "metrics.json").read_text())["dynamic-percentage"]:
+        assert record["layers_sent"] == [10] * CLIENTS
+        assert record["upload_bytes"] == CLIENTS * (MODEL_BYTES + np.array(list(LAYERS)).nbytes)
+
+
+# -- reproducibility ---------------------------------------------------------------------
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(simulate_run, tmp_path):
+    first = without_wall_seconds(json.loads((simulate_run[0] / "metrics.json").read_text()))
+    again, other = tmp_path / "again", tmp_path / "other"
+    assert run_in_process(["simulate", "--out", str(again), "--seed", str(SEED), *TINY])[0] == 0
+    assert run_in_process(["simulate", "--out", str(other), "--seed", str(SEED + 1), *TINY])[0] == 0
+    assert without_wall_seconds(json.loads((again / "metrics.json").read_text())) == first
+    assert without_wall_seconds(json.loads((other / "metrics.json").read_text())) != first
+
+
+# -- entry points ------------------------------------------------------------------------
+
+
+def test_python_dash_m_simulate(tmp_path):
+    folder = tmp_path / "run"
+    result = run_subprocess([sys.executable, "-m", "jaxlayerx", "simulate", "--out", str(folder), *TINY], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "full" in result.stdout and str(folder) in result.stdout
+    assert set(json.loads((folder / "metrics.json").read_text())) == {"full"}
+    assert (folder / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_console_script_simulate(tmp_path):
+    script = shutil.which("jaxlayerx")
+    assert script is not None, "the jaxlayerx console script is not installed (pip install -e .)"
+    folder = tmp_path / "run"
+    args = [script, "simulate", "--exchangers", "fixed", "--layers", "params/Dense_2/*", "--out", str(folder), *TINY]
+    result = run_subprocess(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "fixed" in result.stdout and str(folder) in result.stdout
+    assert set(json.loads((folder / "metrics.json").read_text())) == {"fixed"}
+
+
+# -- bad options -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--exchange-percentage", "0", "--exchangers", "dynamic-percentage"], ["exchange_percentage"]),
+        (["--exchange-percentage", "1.5"], ["exchange_percentage"]),
+        (["--norm-threshold", "-1"], ["norm_threshold"]),
+        (["--norm-threshold", "0", "--exchangers", "dynamic-threshold"], ["norm_threshold"]),
+        (["--clients", "0"], ["clients"]),
+        (["--rounds", "0"], ["rounds"]),
+        (["--beta", "0"], ["beta"]),
+        (["--exchangers", "full,fixed", "--layers", "params/Dense_9/*"], ["params/Dense_9/*"]),
+    ],
+    ids=["percentage-0", "percentage-1.5", "threshold-neg", "threshold-0", "clients-0", "rounds-0", "beta-0", "layers-glob"],
+)
+def test_bad_option_in_process(args, needles, tmp_path, capsys):
+    folder = tmp_path / "run"
+    code = main(["simulate", "--out", str(folder), *TINY, *args])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert_one_error_line(captured.out, captured.err, *needles)
+    assert not (folder / "metrics.json").exists()
+
+
+def test_unknown_exchanger_lists_the_valid_ones(tmp_path, capsys):
+    code = main(["compare", "--exchangers", "full,fedprox", "--out", str(tmp_path / "run"), *TINY])
+    captured = capsys.readouterr()
+    assert code == 2
+    line = assert_one_error_line(captured.out, captured.err, "fedprox")
+    for kind in ALL_EXCHANGERS:
+        assert kind in line
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [(["simulate", "--rounds", "abc"], "abc"), ([], "command"), (["simulate", "--clients"], "--clients")],
+    ids=["rounds-abc", "no-subcommand", "missing-value"],
+)
+def test_argparse_errors_exit_2_with_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert_one_error_line(captured.out, captured.err, needle)
+
+
+@pytest.mark.parametrize(
+    "command, needle",
+    [
+        (["-m", "jaxlayerx", "simulate", "--exchangers", "bogus"], "full, fixed, exclude-bn"),
+        (["-m", "jaxlayerx", "simulate", "--clients", "5000"], "5000"),
+        (["-m", "jaxlayerx", "compare", "--rounds", "abc"], "abc"),
+    ],
+    ids=["unknown-exchanger", "clients-5000", "rounds-abc"],
+)
+def test_bad_option_subprocess(command, needle, tmp_path):
+    result = run_subprocess([sys.executable, *command, "--out", str(tmp_path / "run"), "--no-progress"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert_one_error_line(result.stdout, result.stderr, needle)
+    assert not (tmp_path / "run").exists()
+
+
+# Found while writing these tests: each of these ends in a Python traceback (exit status 1)
+# instead of one error line and exit status 2.
+
+
+def test_seed_too_large_for_jax_is_an_option_error(tmp_path, capsys):
+    # numpy accepts the seed for the split, then jax.random.key overflows (int64).
+    code = main(["simulate", "--seed", str(2**63), "--out", str(tmp_path / "run"), *TINY])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert_one_error_line(captured.out, captured.err, "seed")
+
+
+@pytest.mark.parametrize("epochs", ["inf", "1e30"])
+def test_non_finite_or_huge_local_epochs_is_an_option_error(epochs, tmp_path, capsys):
+    # `not local_epochs > 0` lets inf through; math.ceil(inf) raises OverflowError.
+    code = main(["simulate", "--local-epochs", epochs, "--out", str(tmp_path / "run"), *TINY])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert_one_error_line(captured.out, captured.err, "local-epochs")
+
+
+def test_out_path_that_is_a_file_is_an_error_not_a_traceback(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    code = main(["simulate", "--out", str(target), *TINY])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert_one_error_line(captured.out, captured.err, str(target))
+
+
+# -- help and progress -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["simulate", "compare"])
+def test_help_lists_every_option(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at hyphens: keep "exclude-bn" whole
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: jaxlayerx {command}")
+    for option in OPTIONS:
+        assert option in out, option
+    for kind in ALL_EXCHANGERS:
+        assert kind in out
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: jaxlayerx")
+    assert "simulate" in out and "compare" in out
+
+
+def test_progress_bar_shows_accuracy_and_megabytes(tmp_path, capsys):
+    argv = ["simulate", "--out", str(tmp_path / "run"), *[a for a in TINY if a != "--no-progress"]]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "acc=" in err and "MB=" in err
+    assert f"{ROUNDS}/{ROUNDS}" in err
+    assert "full" in err
+
+
+def test_no_progress_silences_stderr(simulate_run):
+    assert simulate_run[3] == ""
