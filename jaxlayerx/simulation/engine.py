@@ -160,7 +160,7 @@ class Simulation:
         state = self.init_state()
         for round_index in range(1, self.config.rounds + 1):
             start = time.perf_counter()
-            pulled = np.asarray([bool(v) for v in state.pull_mask.values()])
+            pulled = np.asarray(jax.device_get(list(state.pull_mask.values())), dtype=bool)
             output = self.round(state, round_index)
             record = self._record(round_index, output, pulled)
             record["wall_seconds"] = time.perf_counter() - start
