@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -18,6 +20,8 @@ def test_benchmark_quick_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [row["case"].split(",")[0] for row in rows] == ["percentage selection", "FedAvgDynamicLayer", "simulation round", "simulation round"]
     for row in rows:
-        assert row["ms"] > 0 and row["speedup_vs_baseline"] > 0
-        assert row["x_floor"] is None or row["x_floor"] > 0
+        assert row["ms"] > 0 and row["floor_ms"] > 0 and row["baseline_ms"] > 0
+        # The ratios are those of the printed times (which are rounded to the microsecond).
+        assert row["x_floor"] == pytest.approx(row["ms"] / row["floor_ms"], rel=0.02, abs=0.01)
+        assert row["speedup_vs_baseline"] == pytest.approx(row["baseline_ms"] / row["ms"], rel=0.02, abs=0.01)
     assert "device: cpu" in completed.stdout or "device: gpu" in completed.stdout
