@@ -18,6 +18,7 @@ in float32, exact while the weighted sums stay below ``2**24``.
 from __future__ import annotations
 
 import collections
+import itertools
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -207,18 +208,13 @@ def _canonical_order(items: list[tuple[float, np.ndarray]]) -> list[tuple[float,
         weight, array = item
         return weight, np.ascontiguousarray(array.flat[:_PREFIX_ELEMENTS]).tobytes()
 
-    ordered = sorted(items, key=key)
+    keyed = sorted(((key(item), item) for item in items), key=lambda pair: pair[0])
     result: list[tuple[float, np.ndarray]] = []
-    start = 0
-    while start < len(ordered):
-        end = start + 1
-        while end < len(ordered) and key(ordered[end]) == key(ordered[start]):
-            end += 1
-        group = ordered[start:end]
+    for _, run in itertools.groupby(keyed, key=lambda pair: pair[0]):
+        group = [item for _, item in run]
         if len(group) > 1 and not all(np.array_equal(group[0][1], other) for _, other in group[1:]):
             group = sorted(group, key=lambda item: item[1].tobytes())
         result.extend(group)
-        start = end
     return result
 
 
