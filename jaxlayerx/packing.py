@@ -61,8 +61,20 @@ def unpack_layers(payload: Sequence[np.ndarray]) -> tuple[NDArrays, list[str]]:
 
 
 def to_numpy(arrays: Sequence[Any]) -> NDArrays:
-    """``arrays`` as numpy arrays in their own dtypes, fetched from their devices in one transfer."""
-    return [np.asarray(array) for array in jax.device_get(list(arrays))]
+    """``arrays`` as numpy arrays in their own dtypes.
+
+    Transfers from accelerators are all started before the first is waited for; arrays
+    already in host memory (the CPU backend) are read in place, as read-only views.
+    """
+    arrays = list(arrays)
+    for array in arrays:
+        if isinstance(array, jax.Array) and not _in_host_memory(array):
+            array.copy_to_host_async()
+    return [np.asarray(array) for array in arrays]
+
+
+def _in_host_memory(array: jax.Array) -> bool:
+    return all(device.platform == "cpu" for device in array.sharding.device_set)
 
 
 def payload_nbytes(payload: Sequence[np.ndarray]) -> int:

@@ -189,28 +189,62 @@ def _walk(tree: Any, sep: str, nnx_filter) -> tuple[list[Any], Any, list[tuple[s
     """
     if not isinstance(sep, str) or not sep:
         raise ValueError(f"sep must be a non-empty string, got {sep!r}")
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_nnx_variable)
+    try:
+        paths, names = _leaf_names(treedef, sep)
+    except _NoSkeleton:  # a custom node that cannot hold integers: name the leaves directly
+        path_leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)[0]
+        paths, names = _names_of(tuple(path for path, _ in path_leaves), sep)
     keep = nnx.filterlib.to_predicate(nnx_filter)
     entries: list[tuple[str, Any, int]] = []
-    seen: dict[str, tuple[Any, ...]] = {}
-    for position, (path, leaf) in enumerate(path_leaves):
-        parts = tuple(key_part(key) for key in path)
-        if is_nnx_variable(leaf) and not keep(parts, leaf):
+    filtered = False
+    for position, leaf in enumerate(leaves):
+        if is_nnx_variable(leaf) and not keep(paths[position], leaf):
+            filtered = True
             continue
-        name = _join(parts, sep)
-        if name in seen:
-            raise ValueError(
-                f"two leaves get the same layer name {name!r}: paths {seen[name]} and {parts}"
-            )
-        seen[name] = parts
         value = _value_of(leaf)
         if not is_array_leaf(value):
             raise TypeError(
-                f"layer {name!r} is a {type(value).__name__}, not an array; "
+                f"layer {names[position]!r} is a {type(value).__name__}, not an array; "
                 "models must hold arrays (wrap scalars with jnp.asarray)"
             )
-        entries.append((name, value, position))
-    return [leaf for _, leaf in path_leaves], treedef, entries
+        entries.append((names[position], value, position))
+    if filtered or len(set(names)) != len(names):
+        _check_unique([(name, paths[position]) for name, _, position in entries])
+    return leaves, treedef, entries
+
+
+@functools.lru_cache(maxsize=256)
+def _leaf_names(treedef: Any, sep: str) -> tuple[tuple[tuple[Any, ...], ...], tuple[str, ...]]:
+    """Path parts and names of every leaf of ``treedef``, cached: models keep their structure.
+
+    The paths are read off a skeleton of the structure holding each leaf's position.
+    """
+    try:
+        skeleton = treedef.unflatten(list(range(treedef.num_leaves)))
+        path_leaves = jax.tree_util.tree_flatten_with_path(skeleton)[0]
+    except Exception as error:
+        raise _NoSkeleton from error
+    if [position for _, position in path_leaves] != list(range(treedef.num_leaves)):
+        raise _NoSkeleton
+    return _names_of(tuple(path for path, _ in path_leaves), sep)
+
+
+class _NoSkeleton(Exception):
+    """The structure cannot be rebuilt with integer leaves to read its paths."""
+
+
+def _names_of(key_paths: tuple[Any, ...], sep: str) -> tuple[tuple[tuple[Any, ...], ...], tuple[str, ...]]:
+    paths = tuple(tuple(key_part(key) for key in path) for path in key_paths)
+    return paths, tuple(_join(parts, sep) for parts in paths)
+
+
+def _check_unique(named_paths: list[tuple[str, tuple[Any, ...]]]) -> None:
+    seen: dict[str, tuple[Any, ...]] = {}
+    for name, parts in named_paths:
+        if name in seen:
+            raise ValueError(f"two leaves get the same layer name {name!r}: paths {seen[name]} and {parts}")
+        seen[name] = parts
 
 
 def _join(parts: tuple[Any, ...], sep: str) -> str:

@@ -751,3 +751,36 @@ def test_numpy_scalar_leaf_round_trips_as_numpy_scalar():
     back = jlx.unflatten(jlx.flatten(tree), like=tree)
     assert type(back["a"]) is np.float32 and back["a"] == np.float32(1.25)
     assert type(back["b"]) is np.int16 and back["b"] == -3
+
+
+class _ArraysOnly:
+    """A pytree node whose unflatten refuses non-array children (like some validating nodes)."""
+
+    def __init__(self, a, b):
+        if not all(isinstance(x, (np.ndarray, jax.Array)) for x in (a, b)):
+            raise TypeError("arrays only")
+        self.a, self.b = a, b
+
+
+jax.tree_util.register_pytree_with_keys(
+    _ArraysOnly,
+    lambda n: (((jax.tree_util.GetAttrKey("a"), n.a), (jax.tree_util.GetAttrKey("b"), n.b)), None),
+    lambda _, children: _ArraysOnly(*children),
+)
+
+
+def test_nodes_that_refuse_placeholder_leaves_are_named_directly():
+    tree = {"x": _ArraysOnly(np.ones(2, np.float32), np.zeros(3, np.float32)), "y": np.ones(1)}
+    flat = jlx.flatten(tree)
+    assert list(flat) == ["x/a", "x/b", "y"]
+    back = jlx.unflatten(flat, like=tree)
+    assert isinstance(back["x"], _ArraysOnly) and np.array_equal(back["x"].b, tree["x"].b)
+
+
+def test_names_follow_each_structure_not_a_stale_cache():
+    first = jlx.flatten({"a": np.ones(1), "b": {"c": np.ones(1)}})
+    again = jlx.flatten({"a": np.zeros(1), "b": {"c": np.zeros(1)}})
+    other = jlx.flatten({"a": np.ones(1), "b": {"d": np.ones(1)}})
+    assert list(first) == list(again) == ["a", "b/c"]
+    assert list(other) == ["a", "b/d"]
+    assert list(jlx.flatten({"a": np.ones(1), "b": {"c": np.ones(1)}}, sep=".")) == ["a", "b.c"]
