@@ -197,11 +197,11 @@ def _flops(compiled) -> float:
 def _row(case: str, seconds: float, floor: float, baseline: float) -> dict[str, object]:
     return {
         "case": case,
-        "ms": round(seconds * 1e3, 3),
-        "floor_ms": round(floor * 1e3, 3),
-        "x_floor": round(seconds / floor, 2),
-        "baseline_ms": round(baseline * 1e3, 3),
-        "speedup_vs_baseline": round(baseline / seconds, 2),
+        "ms": seconds * 1e3,
+        "floor_ms": floor * 1e3,
+        "x_floor": seconds / floor,
+        "baseline_ms": baseline * 1e3,
+        "speedup_vs_baseline": baseline / seconds,
     }
 
 
