@@ -18,7 +18,9 @@ def test_benchmark_quick_runs(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [row["case"].split(",")[0] for row in rows] == ["percentage selection", "FedAvgDynamicLayer", "simulation round", "simulation round"]
+    cases = [row["case"] for row in rows]
+    for case in ("threshold selection", "percentage selection", "FedAvgDynamicLayer", "jitted norms", "masked_fedavg", "vs loop", "vs step loop"):
+        assert any(case in name for name in cases), case
     for row in rows:
         assert row["ms"] > 0 and row["floor_ms"] > 0 and row["baseline_ms"] > 0
         assert row["x_floor"] == pytest.approx(row["ms"] / row["floor_ms"])

@@ -1,0 +1,86 @@
+"""Benchmark case 5: one simulated round with every client vmapped, against Python loops."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import jaxlayerx as jlx
+from benchmarks.timing import matmul_rate, median_time, row
+
+
+def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]:
+    """One simulated round, all clients under jax.vmap, against Python loops over clients:
+    one calling the same jitted per-client update (local training, selection), one calling
+    a jitted SGD step per client and step; both then run the same jitted server step."""
+    from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig, load_digits_data, make_client_data
+
+    clients = 8 if quick else 64
+    x, y = load_digits_data()
+    data = make_client_data(x, y, clients, beta=1.0, seed=0)
+    simulation = Simulation(ExchangerSpec("dynamic-percentage"), SimulationConfig(local_steps=20, batch_size=32), data)
+    state = simulation.init_state()
+    vmapped = median_time(lambda: simulation.round(state, 1), repeats)
+
+    client_step = jax.jit(simulation.client_update)
+    server_step = jax.jit(functools.partial(jlx.masked_fedavg, weighted=True))
+    keys = jax.random.split(jax.random.key(0), clients)
+    locals_ = [jax.tree.map(lambda v, c=c: v[c], state.client_layers) for c in range(clients)]
+    arrays = [jnp.asarray(a) for a in (data.x_train, data.y_train, data.n_train)]
+    per_client = [[a[c] for a in arrays] for c in range(clients)]
+    counts = jnp.asarray(data.n_train)
+
+    def loop():
+        outputs = [
+            client_step(state.global_layers, state.pull_mask, locals_[c], keys[c], *per_client[c]) for c in range(clients)
+        ]
+        trained = jax.tree.map(lambda *v: jnp.stack(v), *[out[1] for out in outputs])
+        masks = jax.tree.map(lambda *v: jnp.stack(v), *[out[2] for out in outputs])
+        return server_step(trained, masks, counts, fallback=state.global_layers)
+
+    looped = median_time(loop, repeats)
+
+    # The training loop people write first: a jitted SGD step, called per client and per step.
+    sgd_step = jax.jit(simulation.sgd_step)
+    merge = jax.jit(lambda g, m, l: jax.tree.map(lambda gv, mv, lv: jnp.where(mv, gv, lv), g, m, l))
+    select = jax.jit(simulation._send_mask)
+
+    def step_loop():
+        trained_all, masks_all = [], []
+        for c in range(clients):
+            start = merge(state.global_layers, state.pull_mask, locals_[c])
+            variables = jlx.unflatten(start, like=simulation.initial_variables)
+            params, other = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+            carry = (params, other, simulation.optimizer.init(params))
+            for step_key in jax.random.split(keys[c], simulation.local_steps):
+                carry = sgd_step(carry, step_key, *per_client[c])
+            trained = jlx.flatten({"params": carry[0], **carry[1]})
+            trained_all.append(trained)
+            masks_all.append(select(trained, start))
+        stacked = jax.tree.map(lambda *v: jnp.stack(v), *trained_all)
+        masks = jax.tree.map(lambda *v: jnp.stack(v), *masks_all)
+        return server_step(stacked, masks, counts, fallback=state.global_layers)
+
+    step_looped = median_time(step_loop, max(1, repeats // 3), warmup=1)
+
+    # The compute floor: the training FLOPs (XLA's count for one SGD step, times steps and
+    # clients; evaluation left out) at the rate of one large matmul on this machine.
+    carry = (
+        simulation.initial_variables["params"],
+        {k: v for k, v in simulation.initial_variables.items() if k != "params"},
+        simulation.optimizer.init(simulation.initial_variables["params"]),
+    )
+    step_flops = _flops(sgd_step.lower(carry, keys[0], *per_client[0]).compile())
+    compute_floor = step_flops * simulation.local_steps * clients / matmul_rate(repeats)
+    return [
+        row(f"simulation round, {clients} clients: vs loop", vmapped, compute_floor, looped),
+        row(f"simulation round, {clients} clients: vs step loop", vmapped, compute_floor, step_looped),
+    ]
+
+
+def _flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
