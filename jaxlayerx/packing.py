@@ -11,6 +11,7 @@ it survives ``numpy.save(..., allow_pickle=False)`` (Flower's serialization).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,10 +68,17 @@ def to_numpy(arrays: Sequence[Any]) -> NDArrays:
     already in host memory (the CPU backend) are read in place, as read-only views.
     """
     arrays = list(arrays)
-    for array in arrays:
-        if isinstance(array, jax.Array) and not _in_host_memory(array):
-            array.copy_to_host_async()
+    if not _only_cpu_devices():
+        for array in arrays:
+            if isinstance(array, jax.Array) and not _in_host_memory(array):
+                array.copy_to_host_async()
     return [np.asarray(array) for array in arrays]
+
+
+@functools.lru_cache(maxsize=1)
+def _only_cpu_devices() -> bool:
+    """Whether every device JAX can place arrays on is the host CPU."""
+    return all(device.platform == "cpu" for device in jax.devices())
 
 
 def _in_host_memory(array: jax.Array) -> bool:

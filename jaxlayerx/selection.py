@@ -53,11 +53,16 @@ def check_matching_layers(current: Mapping[str, Any], initial: Mapping[str, Any]
         if name not in current:
             raise unknown_layer(name, current, what="the current model")
     for name, value in current.items():
-        if np.shape(value) != np.shape(initial[name]):
+        if _shape(value) != _shape(initial[name]):
             raise ValueError(
                 f"layer {name!r}: current shape {np.shape(value)} differs from the initial "
                 f"model's shape {np.shape(initial[name])}"
             )
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    shape = getattr(value, "shape", None)
+    return tuple(shape) if shape is not None else np.shape(value)
 
 
 def drift_norm(current: jax.Array, initial: jax.Array, normalize: bool = True) -> jax.Array:

@@ -195,6 +195,11 @@ def _walk(tree: Any, sep: str, nnx_filter) -> tuple[list[Any], Any, list[tuple[s
     except _NoSkeleton:  # a custom node that cannot hold integers: name the leaves directly
         path_leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)[0]
         paths, names = _names_of(tuple(path for path, _ in path_leaves), sep)
+    kinds = set(map(type, leaves))
+    if all(issubclass(kind, _ARRAY_TYPES) for kind in kinds):  # plain arrays: nothing to unwrap
+        if len(set(names)) != len(names):
+            _check_unique(list(zip(names, paths)))
+        return leaves, treedef, list(zip(names, leaves, range(len(leaves))))
     keep = nnx.filterlib.to_predicate(nnx_filter)
     entries: list[tuple[str, Any, int]] = []
     filtered = False
@@ -279,9 +284,12 @@ def _is_variable_type(cls: type) -> bool:
     return issubclass(cls, nnx.Variable)
 
 
+_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
+
 def is_array_leaf(x: Any) -> bool:
     """Arrays, numpy scalars, and ``jax.ShapeDtypeStruct`` (abstract models from ``eval_shape``)."""
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+    return isinstance(x, _ARRAY_TYPES)
 
 
 def _value_of(leaf: Any) -> Any:
