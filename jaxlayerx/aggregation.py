@@ -32,6 +32,8 @@ from jaxlayerx.packing import NDArrays, unpack_layers
 
 #: How many leading elements order two contributions before their whole bytes are compared.
 _PREFIX_ELEMENTS = 16
+#: Elements of the scratch matrix that the clients' slices of a layer are copied into.
+_SCRATCH_ELEMENTS = 1 << 18
 
 
 class FedAvgDynamicLayer:
@@ -219,12 +221,28 @@ def _canonical_order(items: list[tuple[float, np.ndarray]]) -> list[tuple[float,
 
 
 def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """``sum(w_i * x_i) / sum(w_i)`` over the stacked arrays, in the layer's dtype."""
+    """``sum(w_i * x_i) / sum(w_i)`` over the arrays in the given order, in the layer's dtype.
+
+    Works through the layer in cache-sized column blocks: the clients' slices are copied
+    into a small scratch matrix and reduced by one BLAS matrix-vector product, so each
+    client array is read from memory once and no layer-sized stack is ever built.
+    """
     dtype = arrays[0].dtype
     accumulate = np.float32 if jnp.issubdtype(dtype, jnp.floating) and dtype != np.float64 else np.float64
-    stacked = np.stack(arrays).astype(accumulate, copy=False)
-    summed = np.tensordot(np.asarray(weights, accumulate), stacked, axes=1)
-    return _to_dtype(summed / accumulate(sum(weights)), dtype, np)
+    flat = [np.ravel(array) for array in arrays]
+    scale = np.asarray(weights, accumulate)
+    size = flat[0].size
+    block = max(1, _SCRATCH_ELEMENTS // len(flat))
+    scratch = np.empty((len(flat), min(size, block)), accumulate)
+    summed = np.empty(size, accumulate)
+    for start in range(0, size, block):
+        stop = min(start + block, size)
+        rows = scratch[:, : stop - start]
+        for row, array in zip(rows, flat):
+            row[...] = array[start:stop]
+        np.dot(scale, rows, out=summed[start:stop])
+    summed /= accumulate(sum(weights))
+    return _to_dtype(summed.reshape(arrays[0].shape), dtype, np)
 
 
 def _to_dtype(mean: Any, dtype: Any, xp: Any) -> Any:
