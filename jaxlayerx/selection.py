@@ -235,9 +235,9 @@ def _flat_pair(model: Any, initial_model: Any):
             "dynamic layer selection needs initial_model: the model as it was at the start "
             "of the round (pass initial_model=...)"
         )
-    current, initial = flatten(model), flatten(initial_model)
-    check_matching_layers(current, initial)
-    return current, initial
+    # The names and shapes are checked by drift_norms while the mask function traces: a
+    # mismatch changes the jit cache key, so it is always traced, and raises, before use.
+    return flatten(model), flatten(initial_model)
 
 
 def _gather(current: Mapping[str, jax.Array], mask: jax.Array) -> tuple[list[np.ndarray], list[str]]:
