@@ -64,10 +64,11 @@ class FedAvgDynamicLayer:
           TypeError: one layer name with different dtypes from two clients.
         """
         contributions = _collect(results, self.weighted_aggregation)
-        return {
-            name: _weighted_mean([array for _, array in ordered], [weight for weight, _ in ordered])
-            for name, ordered in ((name, _canonical_order(contributions[name])) for name in sorted(contributions))
-        }
+        averages = {}
+        for name in sorted(contributions):
+            weights, arrays = zip(*_canonical_order(contributions[name]))
+            averages[name] = _weighted_mean(list(arrays), list(weights))
+        return averages
 
 
 def masked_fedavg(
