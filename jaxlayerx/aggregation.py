@@ -18,6 +18,7 @@ in float32, exact while the weighted sums stay below ``2**24``.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import numbers
 from collections.abc import Mapping, Sequence
@@ -209,7 +210,7 @@ def _canonical_order(items: list[tuple[float, np.ndarray]]) -> list[tuple[float,
 
     def key(item: tuple[float, np.ndarray]) -> tuple[float, bytes]:
         weight, array = item
-        return weight, np.ascontiguousarray(array.flat[:_PREFIX_ELEMENTS]).tobytes()
+        return weight, array.reshape(-1)[:_PREFIX_ELEMENTS].tobytes()
 
     keyed = sorted(((key(item), item) for item in items), key=lambda pair: pair[0])
     result: list[tuple[float, np.ndarray]] = []
@@ -229,8 +230,8 @@ def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray
     client array is read from memory once and no layer-sized stack is ever built.
     """
     dtype = arrays[0].dtype
-    accumulate = np.float32 if jnp.issubdtype(dtype, jnp.floating) and dtype != np.float64 else np.float64
-    flat = [np.ravel(array) for array in arrays]
+    accumulate = np.float32 if _is_floating(dtype) and dtype != np.float64 else np.float64
+    flat = [array.reshape(-1) for array in arrays]
     scale = np.asarray(weights, accumulate)
     size = flat[0].size
     block = max(1, _SCRATCH_ELEMENTS // len(flat))
@@ -246,8 +247,14 @@ def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray
     return _to_dtype(summed.reshape(arrays[0].shape), dtype, np)
 
 
+@functools.lru_cache(maxsize=64)
+def _is_floating(dtype: Any) -> bool:
+    """Whether ``dtype`` is floating (bfloat16 included); cached, ``jnp.issubdtype`` is slow."""
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 def _to_dtype(mean: Any, dtype: Any, xp: Any) -> Any:
     """Casts an average back to the layer's dtype, rounding for integer and bool layers."""
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not _is_floating(dtype):
         mean = xp.rint(mean)
     return xp.asarray(mean).astype(dtype)
