@@ -145,7 +145,7 @@ def _masked_accumulator(dtype: Any) -> Any:
     """float32 for floating layers up to 32 bits; for float64, integer and bool layers,
     float64 when JAX runs with x64 enabled, else float32 (exact while the weighted sums
     stay below 2**24)."""
-    if jnp.issubdtype(dtype, jnp.floating) and dtype != jnp.float64:
+    if _is_floating(dtype) and dtype != jnp.float64:
         return jnp.float32
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 

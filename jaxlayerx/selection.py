@@ -224,7 +224,7 @@ def _stack(mask: Mapping[str, jax.Array]) -> jax.Array:
 
 
 def _select(mask_vector: Callable[..., jax.Array], model: Any, initial_model: Any, *args: Any, **static: Any):
-    """Flattens and checks both models, runs the jitted mask, gathers the chosen layers."""
+    """Flattens both models, runs the jitted mask (which checks their layers), gathers the chosen ones."""
     current, initial = _flat_pair(model, initial_model)
     return _gather(current, mask_vector(current, initial, *args, **static))
 

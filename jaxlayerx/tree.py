@@ -191,21 +191,20 @@ def _walk(tree: Any, sep: str, nnx_filter) -> tuple[list[Any], Any, list[tuple[s
         raise ValueError(f"sep must be a non-empty string, got {sep!r}")
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_nnx_variable)
     try:
-        paths, names = _leaf_names(treedef, sep)
+        paths, names, unique = _leaf_names(treedef, sep)
     except _NoSkeleton:  # a custom node that cannot hold integers: name the leaves directly
         path_leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)[0]
-        paths, names = _names_of(tuple(path for path, _ in path_leaves), sep)
+        paths, names, unique = _names_of(tuple(path for path, _ in path_leaves), sep)
     kinds = set(map(type, leaves))
     if all(issubclass(kind, _ARRAY_TYPES) for kind in kinds):  # plain arrays: nothing to unwrap
-        if len(set(names)) != len(names):
-            _check_unique(list(zip(names, paths)))
-        return leaves, treedef, list(zip(names, leaves, range(len(leaves))))
+        entries = list(zip(names, leaves, range(len(leaves))))
+        if not unique:
+            _check_unique([(name, paths[position]) for name, _, position in entries])
+        return leaves, treedef, entries
     keep = nnx.filterlib.to_predicate(nnx_filter)
-    entries: list[tuple[str, Any, int]] = []
-    filtered = False
+    entries = []
     for position, leaf in enumerate(leaves):
         if is_nnx_variable(leaf) and not keep(paths[position], leaf):
-            filtered = True
             continue
         value = _value_of(leaf)
         if not is_array_leaf(value):
@@ -214,14 +213,15 @@ def _walk(tree: Any, sep: str, nnx_filter) -> tuple[list[Any], Any, list[tuple[s
                 "models must hold arrays (wrap scalars with jnp.asarray)"
             )
         entries.append((names[position], value, position))
-    if filtered or len(set(names)) != len(names):
+    if not unique:  # names can only clash among the leaves kept in the view
         _check_unique([(name, paths[position]) for name, _, position in entries])
     return leaves, treedef, entries
 
 
 @functools.lru_cache(maxsize=256)
-def _leaf_names(treedef: Any, sep: str) -> tuple[tuple[tuple[Any, ...], ...], tuple[str, ...]]:
-    """Path parts and names of every leaf of ``treedef``, cached: models keep their structure.
+def _leaf_names(treedef: Any, sep: str) -> tuple[tuple[tuple[Any, ...], ...], tuple[str, ...], bool]:
+    """Path parts and names of every leaf of ``treedef``, and whether the names are all
+    distinct; cached, as models keep their structure.
 
     The paths are read off a skeleton of the structure holding each leaf's position.
     """
@@ -239,9 +239,10 @@ class _NoSkeleton(Exception):
     """The structure cannot be rebuilt with integer leaves to read its paths."""
 
 
-def _names_of(key_paths: tuple[Any, ...], sep: str) -> tuple[tuple[tuple[Any, ...], ...], tuple[str, ...]]:
+def _names_of(key_paths: tuple[Any, ...], sep: str) -> tuple[tuple[tuple[Any, ...], ...], tuple[str, ...], bool]:
     paths = tuple(tuple(key_part(key) for key in path) for path in key_paths)
-    return paths, tuple(_join(parts, sep) for parts in paths)
+    names = tuple(_join(parts, sep) for parts in paths)
+    return paths, names, len(set(names)) == len(names)
 
 
 def _check_unique(named_paths: list[tuple[str, tuple[Any, ...]]]) -> None:

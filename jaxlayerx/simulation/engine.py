@@ -179,7 +179,7 @@ class Simulation:
         masks = self._replicate(masks)
         counts = n_train.astype(jnp.float32)
         averages, sent = masked_fedavg(trained, masks, counts, weighted=self.config.weighted, fallback=global_layers)
-        next_pull = sent if self.static_mask is None else Flat((n, jnp.asarray(v)) for n, v in self.static_mask.items())
+        next_pull = sent if self.static_mask is None else self._static_mask_arrays()
         personal = jax.vmap(lambda own: Flat((n, jnp.where(next_pull[n], averages[n], own[n])) for n in own))(trained)
         global_loss, global_accuracy = self._evaluate(averages, x_global, y_global, jnp.asarray(len(y_global)))
         _, local_accuracy = jax.vmap(self._evaluate)(personal, x_test, y_test, n_test)
@@ -236,11 +236,15 @@ class Simulation:
 
     def _send_mask(self, trained: Flat, start: Flat) -> Flat:
         if self.static_mask is not None:
-            return Flat((n, jnp.asarray(v)) for n, v in self.static_mask.items())
+            return self._static_mask_arrays()
         norms = drift_norms(trained, start, normalize=self.spec.normalize)
         if self.spec.kind == "dynamic-threshold":
             return threshold_mask(norms, self.spec.norm_threshold, select_drift_more=self.spec.select_drift_more)
         return percentage_mask(norms, self.spec.exchange_percentage, select_drift_more=self.spec.select_drift_more)
+
+    def _static_mask_arrays(self) -> Flat:
+        """The fixed set of exchanged layers as per-layer boolean arrays."""
+        return Flat((n, jnp.asarray(v)) for n, v in self.static_mask.items())
 
     def _evaluate(self, layers: Flat, x, y, n):
         logits = self.module.apply(unflatten(layers, like=self.template), x, train=False)
