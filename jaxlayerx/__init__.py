@@ -8,7 +8,7 @@ from jaxlayerx.exchangers import (
     FullParameterExchanger,
     LayerExchangerWithExclusions,
 )
-from jaxlayerx.packing import NDArrays, pack_layers, payload_nbytes, to_numpy, unpack_layers
+from jaxlayerx.packing import NDArrays, is_packed, pack_layers, payload_nbytes, to_numpy, unpack_layers
 from jaxlayerx.selection import (
     LayerSelectionFunction,
     LayerSelectionFunctionConstructor,
@@ -41,6 +41,7 @@ __all__ = [
     "drift_norm",
     "drift_norms",
     "flatten",
+    "is_packed",
     "masked_fedavg",
     "merge_layers",
     "num_layers_to_exchange",

@@ -61,6 +61,19 @@ def unpack_layers(payload: Sequence[np.ndarray]) -> tuple[NDArrays, list[str]]:
     return weights, names
 
 
+def is_packed(payload: Sequence[Any]) -> bool:
+    """Whether ``payload`` ends with a names array, as :func:`pack_layers` makes.
+
+    The last array must be 1-D and Unicode, or empty (fl4health's empty selection,
+    ``np.array([])``, as :func:`unpack_layers` reads it). An unnamed payload (fl4health's
+    full or fixed exchange: the arrays only) gives ``False``.
+    """
+    if len(payload) == 0:
+        return False
+    last = np.asarray(payload[-1])
+    return last.ndim == 1 and (last.dtype.kind == "U" or last.size == 0)
+
+
 def to_numpy(arrays: Sequence[Any]) -> NDArrays:
     """``arrays`` as numpy arrays in their own dtypes.
 

@@ -282,3 +282,20 @@ def test_payload_nbytes_empty_selection():
 def test_public_exports():
     for name in ("pack_layers", "unpack_layers", "payload_nbytes", "to_numpy", "NDArrays"):
         assert hasattr(jlx, name)
+
+
+@pytest.mark.parametrize(
+    "payload, expected",
+    [
+        ([np.ones(2), np.array(["a"])], True),  # pack_layers' layout
+        ([np.array([], dtype=np.str_)], True),  # nothing selected
+        ([np.array([])], True),  # fl4health's empty selection: an empty float array
+        ([np.ones(2), np.ones(3)], False),  # unnamed: arrays only
+        ([np.ones(2), np.array([["a"]])], False),  # names must be 1-D
+        ([np.ones(2), np.array([b"a"])], False),  # bytes are not Unicode
+        ([np.ones(2), np.array(["a"], dtype=object)], False),  # object arrays never travel
+        ([], False),
+    ],
+)
+def test_is_packed(payload, expected):
+    assert jlx.is_packed(payload) is expected
