@@ -1,0 +1,1032 @@
+"""Tests of the Flower client adapter: ``jaxlayerx.flower.ExchangerClient``,
+``stateful_client_fn`` and ``client_app``.
+
+No networking: the ``NumPyClient`` methods are called directly, or the Flower ``Client``
+made by the ``client_fn`` is given ``FitIns``/``EvaluateIns``. Every check compares the
+client with independent references written here: ``ref_flat`` (a flat ``name -> numpy``
+view walking nested dicts in sorted key order, the order JAX traverses dicts in),
+hand-written layer-name lists, and a plain-numpy version of the percentage selection rule.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.common import (  # noqa: E402
+    Code,
+    EvaluateIns,
+    FitIns,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+
+import jaxlayerx  # noqa: E402
+from jaxlayerx import (  # noqa: E402
+    DynamicLayerExchanger,
+    FixedLayerExchanger,
+    FullParameterExchanger,
+    LayerExchangerWithExclusions,
+    LayerSelectionFunctionConstructor,
+)
+from jaxlayerx.flower import ExchangerClient, client_app, stateful_client_fn  # noqa: E402
+
+# ---------------------------------------------------------------------------------------
+# Models and their layers (names written by hand, in JAX's sorted-dict-key order)
+# ---------------------------------------------------------------------------------------
+
+X = jnp.zeros((1, 4), jnp.float32)
+
+
+class LinenNet(nn.Module):
+    """Dense(3) -> BatchNorm -> Dense(2): params and batch_stats."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(3)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(2)(x)
+
+
+class NNXNet(nnx.Module):
+    """nnx.Linear(4, 3) -> nnx.BatchNorm(3) -> nnx.Linear(3, 2)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.l1 = nnx.Linear(4, 3, rngs=rngs)
+        self.bn = nnx.BatchNorm(3, rngs=rngs)
+        self.l2 = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(self.bn(self.l1(x)))
+
+
+class BF16Net(nn.Module):
+    """A bfloat16 Dense followed by a float32 Dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(3, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)(x)
+        return nn.Dense(2)(x)
+
+
+LINEN_SHAPES = {
+    "batch_stats/BatchNorm_0/mean": (3,),
+    "batch_stats/BatchNorm_0/var": (3,),
+    "params/BatchNorm_0/bias": (3,),
+    "params/BatchNorm_0/scale": (3,),
+    "params/Dense_0/bias": (3,),
+    "params/Dense_0/kernel": (4, 3),
+    "params/Dense_1/bias": (2,),
+    "params/Dense_1/kernel": (3, 2),
+}
+LINEN_NAMES = list(LINEN_SHAPES)
+LINEN_BN = [name for name in LINEN_NAMES if "BatchNorm" in name]
+LINEN_DENSE = [name for name in LINEN_NAMES if "Dense" in name]
+
+NNX_SHAPES = {
+    "bn/bias": (3,),
+    "bn/mean": (3,),
+    "bn/scale": (3,),
+    "bn/var": (3,),
+    "l1/bias": (3,),
+    "l1/kernel": (4, 3),
+    "l2/bias": (2,),
+    "l2/kernel": (3, 2),
+}
+NNX_NAMES = list(NNX_SHAPES)
+NNX_BN = [name for name in NNX_NAMES if name.startswith("bn/")]
+NNX_LINEAR = [name for name in NNX_NAMES if not name.startswith("bn/")]
+
+BF16_NAMES = ["params/Dense_0/bias", "params/Dense_0/kernel", "params/Dense_1/bias", "params/Dense_1/kernel"]
+BF16_LAYERS = ["params/Dense_0/bias", "params/Dense_0/kernel"]
+
+
+def linen_variables(seed: int = 0) -> dict[str, Any]:
+    return LinenNet().init(jax.random.key(seed), X)
+
+
+def nnx_model(seed: int = 0) -> NNXNet:
+    return NNXNet(nnx.Rngs(seed))
+
+
+def bf16_variables(seed: int = 0) -> dict[str, Any]:
+    return BF16Net().init(jax.random.key(seed), X)
+
+
+def linen_fedbn() -> LayerExchangerWithExclusions:
+    return LayerExchangerWithExclusions(LinenNet(), {nn.BatchNorm}, X)
+
+
+def percentage_exchanger(p: float, normalize: bool = True) -> DynamicLayerExchanger:
+    constructor = LayerSelectionFunctionConstructor(norm_threshold=1.0, exchange_percentage=p, normalize=normalize)
+    return DynamicLayerExchanger(constructor.select_by_percentage())
+
+
+# ---------------------------------------------------------------------------------------
+# Independent references
+# ---------------------------------------------------------------------------------------
+
+
+def _walk(tree: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
+    if isinstance(tree, Mapping):
+        for key in sorted(tree):
+            _walk(tree[key], f"{prefix}{key}/", out)
+    else:
+        out[prefix[:-1]] = np.array(tree)  # a copy: later in-place updates do not reach it
+
+
+def ref_flat(model: Any) -> dict[str, np.ndarray]:
+    """``name -> numpy copy`` of every layer: nested dicts in sorted key order."""
+    tree = nnx.to_pure_dict(nnx.state(model)) if isinstance(model, nnx.Module) else model
+    out: dict[str, np.ndarray] = {}
+    _walk(tree, "", out)
+    return out
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The nested dict (of jax arrays) whose ``ref_flat`` is ``flat``."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(value)
+    return tree
+
+
+def set_nnx_layer(module: nnx.Module, name: str, value: Any) -> None:
+    *parents, leaf = name.split("/")
+    node = module
+    for part in parents:
+        node = getattr(node, part)
+    getattr(node, leaf)[...] = value
+
+
+def assert_layers(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> None:
+    """Same names (same order), and every layer equal, dtype included."""
+    assert list(actual) == list(expected)
+    for name in expected:
+        a, e = np.asarray(actual[name]), np.asarray(expected[name])
+        assert a.dtype == e.dtype, (name, a.dtype, e.dtype)
+        assert a.shape == e.shape, (name, a.shape, e.shape)
+        assert np.array_equal(a, e), name
+
+
+def random_layers(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Float32 values well away from any Flax initialisation (offset by 10 + layer index)."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: (rng.standard_normal(shape) + 10.0 + i).astype(np.float32)
+        for i, (name, shape) in enumerate(shapes.items())
+    }
+
+
+def packed(layers: Mapping[str, np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
+    """fl4health's layout, built by hand: arrays, then a 1-D Unicode names array."""
+    names = list(layers) if names is None else names
+    return [layers[name] for name in names] + [np.array(names)]
+
+
+def unpack(payload: list[np.ndarray]) -> dict[str, np.ndarray]:
+    names = payload[-1]
+    assert names.ndim == 1 and names.dtype.kind == "U"
+    assert len(payload) == len(names) + 1
+    return {str(name): np.asarray(array) for name, array in zip(names.tolist(), payload[:-1])}
+
+
+def ref_percentage_pick(
+    trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], p: float, normalize: bool
+) -> list[str]:
+    """The percentage rule in plain numpy: drift = ||trained - received||_2 (/ size if
+    normalize); the ceil(N * p) largest drifts, ties to the earlier layer; flatten order."""
+    names = list(trained)
+    drift = []
+    for name in names:
+        diff = trained[name].astype(np.float64) - received[name].astype(np.float64)
+        norm = math.sqrt(float(np.sum(diff * diff)))
+        drift.append(norm / diff.size if normalize else norm)
+    count = math.ceil(len(names) * p)
+    order = sorted(range(len(names)), key=lambda i: (-drift[i], i))
+    chosen = set(order[:count])
+    return [name for i, name in enumerate(names) if i in chosen]
+
+
+def shifting_train_fn(deltas: Mapping[str, float], record: list, metrics: dict | None = None):
+    """Linen/pytree train_fn: returns a NEW tree with ``layer + delta`` (delta 0 if absent)."""
+
+    def train_fn(model, config):
+        received = ref_flat(model)
+        record.append({"received": received, "config": dict(config), "model": model})
+        trained = {name: value + np.asarray(deltas.get(name, 0.0), value.dtype) for name, value in received.items()}
+        return nest(trained), 7, dict(metrics or {})
+
+    return train_fn
+
+
+def no_train(model, config):
+    return model, 1, {}
+
+
+def initialized_linen_client(exchanger: Any, train_fn=no_train, evaluate_fn=None, seed: int = 1):
+    """A Linen client that has applied a full first payload; returns (client, its layers)."""
+    client = ExchangerClient(linen_variables(), exchanger, train_fn, evaluate_fn)
+    start = random_layers(LINEN_SHAPES, seed)
+    client.receive(packed(start))
+    assert client.initialized
+    assert_layers(ref_flat(client.model), start)
+    return client, start
+
+
+def initialized_nnx_client(exchanger_of=lambda module: percentage_exchanger(0.5), train_fn=no_train, seed: int = 1):
+    module = nnx_model()
+    client = ExchangerClient(module, exchanger_of(module), train_fn)
+    start = random_layers(NNX_SHAPES, seed)
+    client.receive(packed(start))
+    assert client.model is module
+    assert_layers(ref_flat(module), start)
+    return client, start
+
+
+def test_reference_names_match_the_models():
+    # The hand-written names and order are the library's flatten order, for both kinds.
+    assert list(ref_flat(linen_variables())) == LINEN_NAMES
+    assert list(jaxlayerx.flatten(linen_variables())) == LINEN_NAMES
+    assert {k: v.shape for k, v in ref_flat(linen_variables()).items()} == LINEN_SHAPES
+    assert list(ref_flat(nnx_model())) == NNX_NAMES
+    assert list(jaxlayerx.flatten(nnx_model())) == NNX_NAMES
+    assert {k: v.shape for k, v in ref_flat(nnx_model()).items()} == NNX_SHAPES
+    assert linen_fedbn().layers_to_transfer == LINEN_DENSE
+
+
+# ---------------------------------------------------------------------------------------
+# 1. First payload
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["flatten", "reversed", "shuffled"])
+def test_first_payload_named_any_order_linen(order):
+    client = ExchangerClient(linen_variables(), percentage_exchanger(0.5), no_train)
+    assert not client.initialized
+    sent = random_layers(LINEN_SHAPES, seed=3)
+    names = {
+        "flatten": LINEN_NAMES,
+        "reversed": LINEN_NAMES[::-1],
+        "shuffled": [LINEN_NAMES[i] for i in (5, 0, 7, 2, 4, 1, 6, 3)],
+    }[order]
+    client.receive(packed(sent, names))
+    assert client.initialized
+    assert_layers(ref_flat(client.model), sent)  # params AND batch_stats, every layer
+
+
+def test_first_payload_unnamed_full_list_linen():
+    # fl4health's initial parameters: one array per layer, in flatten order, no names.
+    client = ExchangerClient(linen_variables(), FullParameterExchanger(), no_train)
+    sent = random_layers(LINEN_SHAPES, seed=4)
+    client.receive([sent[name] for name in LINEN_NAMES])
+    assert client.initialized
+    assert_layers(ref_flat(client.model), sent)
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_first_payload_nnx_updated_in_place(named):
+    module = nnx_model()
+    client = ExchangerClient(module, LayerExchangerWithExclusions(module, {nnx.BatchNorm}), no_train)
+    sent = random_layers(NNX_SHAPES, seed=5)
+    payload = packed(sent, NNX_NAMES[::-1]) if named else [sent[name] for name in NNX_NAMES]
+    # Through fit, as Flower calls it: the first payload is applied whole (BN layers too).
+    record = []
+
+    def train_fn(model, config):
+        record.append(ref_flat(model))
+        return model, 1, {}
+
+    client.train_fn = train_fn
+    client.fit(payload, {})
+    assert client.model is module  # the same module, updated in place
+    assert_layers(ref_flat(module), sent)
+    assert_layers(record[0], sent)
+    assert client.initialized
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_first_payload_missing_a_layer(kind):
+    if kind == "linen":
+        model, shapes, missing = linen_variables(), LINEN_SHAPES, "params/Dense_1/kernel"
+    else:
+        model, shapes, missing = nnx_model(), NNX_SHAPES, "l2/kernel"
+    client = ExchangerClient(model, percentage_exchanger(0.5), no_train)
+    before = ref_flat(client.model)
+    sent = random_layers(shapes, seed=6)
+    del sent[missing]
+    with pytest.raises(ValueError, match=f"first payload must hold every layer.*{missing}"):
+        client.receive(packed(sent, list(sent)[::-1]))
+    assert not client.initialized
+    assert_layers(ref_flat(client.model), before)
+    assert_layers(ref_flat(model), before)
+    # the same through fit: nothing trained, nothing changed
+    with pytest.raises(ValueError, match=missing):
+        client.fit(packed(sent), {})
+    assert not client.initialized
+    assert_layers(ref_flat(client.model), before)
+
+
+def test_first_payload_unnamed_wrong_count():
+    client = ExchangerClient(linen_variables(), FullParameterExchanger(), no_train)
+    before = ref_flat(client.model)
+    sent = random_layers(LINEN_SHAPES, seed=7)
+    with pytest.raises(ValueError, match=r"one array per expected layer \(8\), got 7"):
+        client.receive([sent[name] for name in LINEN_NAMES[:-1]])
+    assert not client.initialized
+    assert_layers(ref_flat(client.model), before)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Later payloads
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_later_named_partial_payload_dynamic(kind):
+    if kind == "linen":
+        client, start = initialized_linen_client(percentage_exchanger(0.5))
+        shapes, update = LINEN_SHAPES, ["params/Dense_1/kernel", "batch_stats/BatchNorm_0/var"]
+    else:
+        client, start = initialized_nnx_client()
+        shapes, update = NNX_SHAPES, ["l2/kernel", "bn/var"]
+    new = random_layers(shapes, seed=8)
+    client.receive(packed({name: new[name] for name in update}))
+    expected = {name: (new[name] if name in update else start[name]) for name in start}
+    assert_layers(ref_flat(client.model), expected)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_later_payload_fedbn_keeps_batchnorm_local(kind):
+    if kind == "linen":
+        client, start = initialized_linen_client(linen_fedbn())
+        shapes, shared = LINEN_SHAPES, LINEN_DENSE
+    else:
+        client, start = initialized_nnx_client(lambda m: LayerExchangerWithExclusions(m, {nnx.BatchNorm}))
+        shapes, shared = NNX_SHAPES, NNX_LINEAR
+    new = random_layers(shapes, seed=9)
+    client.receive(packed(new, list(new)[::-1]))  # every layer, BatchNorm ones included
+    expected = {name: (new[name] if name in shared else start[name]) for name in start}
+    assert_layers(ref_flat(client.model), expected)
+
+
+def test_later_payload_fixed_exchanger_applies_only_its_layers():
+    fixed = ["params/Dense_1/kernel", "params/Dense_0/bias"]
+    client, start = initialized_linen_client(FixedLayerExchanger(fixed))
+    new = random_layers(LINEN_SHAPES, seed=10)
+    client.receive(packed(new))
+    expected = {name: (new[name] if name in fixed else start[name]) for name in start}
+    assert_layers(ref_flat(client.model), expected)
+
+
+def test_later_unnamed_payload_is_the_exchangers_layers_in_its_order():
+    # A plain fl4health FedAvg server sends a fixed exchanger's layers unnamed, in the
+    # exchanger's order (not flatten order): they are applied positionally.
+    fixed = ["params/Dense_1/kernel", "params/Dense_0/bias"]
+    client, start = initialized_linen_client(FixedLayerExchanger(fixed))
+    new = random_layers(LINEN_SHAPES, seed=11)
+    client.receive([new[name] for name in fixed])
+    expected = {name: (new[name] if name in fixed else start[name]) for name in start}
+    assert_layers(ref_flat(client.model), expected)
+    # The wrong count is refused, naming the expected count, and changes nothing.
+    with pytest.raises(ValueError, match=r"one array per expected layer \(2\), got 1"):
+        client.receive([new["params/Dense_1/kernel"]])
+    assert_layers(ref_flat(client.model), expected)
+
+
+def test_later_unnamed_full_model_for_a_fedbn_client_skips_nothing_it_does_not_expect():
+    # FedBN exchanges every layer but BatchNorm's, so an unnamed payload must hold exactly
+    # those, in flatten order; the BatchNorm layers stay local.
+    client, start = initialized_linen_client(linen_fedbn())
+    new = random_layers(LINEN_SHAPES, seed=12)
+    client.receive([new[name] for name in LINEN_NAMES if name not in LINEN_BN])
+    expected = {name: (start[name] if name in LINEN_BN else new[name]) for name in start}
+    assert_layers(ref_flat(client.model), expected)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. fit()
+# ---------------------------------------------------------------------------------------
+
+# Layer deltas chosen so the normalized and unnormalized rankings differ, with exact ties
+# (drift 0) among the layers left alone:
+#   Dense_0/kernel (12 elements) 1.0: ||.|| = sqrt(12) = 3.46, /12 = 0.289
+#   Dense_1/kernel (6)           0.9: 0.9*sqrt(6) = 2.20,     /6 = 0.367
+#   BatchNorm_0/mean (3)         0.8: 0.8*sqrt(3) = 1.39,     /3 = 0.462
+#   Dense_1/bias (2)             0.5: 0.5*sqrt(2) = 0.707,    /2 = 0.354
+LINEN_DELTAS = {
+    "params/Dense_0/kernel": 1.0,
+    "params/Dense_1/kernel": 0.9,
+    "batch_stats/BatchNorm_0/mean": 0.8,
+    "params/Dense_1/bias": 0.5,
+}
+NNX_DELTAS = {"l1/kernel": 1.0, "l2/kernel": 0.9, "bn/mean": 0.8, "l2/bias": 0.5}
+# Hand-computed picks (N = 8): p = 0.375 -> 3 layers; p = 0.75 -> 6 (the 4 moved ones, then
+# the two earliest unmoved ones: batch_stats/BatchNorm_0/var, params/BatchNorm_0/bias).
+HAND_PICKS = {
+    (0.375, False): ["batch_stats/BatchNorm_0/mean", "params/Dense_0/kernel", "params/Dense_1/kernel"],
+    (0.375, True): ["batch_stats/BatchNorm_0/mean", "params/Dense_1/bias", "params/Dense_1/kernel"],
+    (0.75, True): [
+        "batch_stats/BatchNorm_0/mean",
+        "batch_stats/BatchNorm_0/var",
+        "params/BatchNorm_0/bias",
+        "params/Dense_0/kernel",
+        "params/Dense_1/bias",
+        "params/Dense_1/kernel",
+    ],
+}
+
+
+@pytest.mark.parametrize("p", [0.375, 0.75])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fit_dynamic_linen_selection_and_metrics(p, normalize):
+    record: list = []
+    train_fn = shifting_train_fn(LINEN_DELTAS, record, metrics={"train_loss": 0.25, "note": "hi"})
+    client, start = initialized_linen_client(percentage_exchanger(p, normalize), train_fn)
+    new = random_layers(LINEN_SHAPES, seed=11)
+    update = ["params/Dense_0/kernel", "batch_stats/BatchNorm_0/var"]
+    config = {"current_server_round": 2, "lr": 0.1}
+    payload, num_examples, metrics = client.fit(packed({name: new[name] for name in update}), config)
+
+    received = {name: (new[name] if name in update else start[name]) for name in start}
+    # train_fn got the model as received, and the config
+    assert len(record) == 1
+    assert_layers(record[0]["received"], received)
+    assert record[0]["config"] == config
+    trained = ref_flat(client.model)
+    expected_trained = {n: v + np.float32(LINEN_DELTAS.get(n, 0.0)) for n, v in received.items()}
+    assert_layers(trained, expected_trained)
+
+    picks = ref_percentage_pick(trained, received, p, normalize)
+    if (p, normalize) in HAND_PICKS:
+        assert picks == HAND_PICKS[(p, normalize)]  # the numpy reference agrees with the hand count
+    assert jaxlayerx.is_packed(payload)
+    sent = unpack(payload)
+    assert list(sent) == picks
+    assert_layers(sent, {name: trained[name] for name in picks})
+
+    assert num_examples == 7
+    assert metrics["train_loss"] == 0.25 and metrics["note"] == "hi"
+    assert metrics["layers_sent"] == len(picks)
+    assert metrics["payload_bytes"] == sum(np.asarray(a).nbytes for a in payload)
+    assert metrics["payload_bytes"] == jaxlayerx.payload_nbytes(payload)
+    assert set(metrics) == {"train_loss", "note", "layers_sent", "payload_bytes"}
+
+
+# Same sizes and deltas as the Linen model; NNX's flatten order puts bn/bias, bn/scale first
+# among the unmoved layers (l1/bias is moved by the payload, not by training: drift 0).
+NNX_HAND_PICKS = {
+    (0.375, False): ["bn/mean", "l1/kernel", "l2/kernel"],
+    (0.375, True): ["bn/mean", "l2/bias", "l2/kernel"],
+    (0.75, True): ["bn/bias", "bn/mean", "bn/scale", "l1/kernel", "l2/bias", "l2/kernel"],
+}
+
+
+@pytest.mark.parametrize("p, normalize", list(NNX_HAND_PICKS))
+def test_fit_dynamic_nnx_in_place_training_uses_pre_training_state(p, normalize):
+    record = []
+
+    def train_fn(module, config):
+        record.append(ref_flat(module))
+        for name, delta in NNX_DELTAS.items():  # mutates the module in place
+            set_nnx_layer(module, name, record[-1][name] + np.float32(delta))
+        return module, 3, {"train_loss": 1.5}
+
+    client, start = initialized_nnx_client(lambda m: percentage_exchanger(p, normalize), train_fn)
+    module = client.model
+    payload, num_examples, metrics = client.fit(packed({"l1/bias": start["l1/bias"] + 1}), {})
+    received = dict(start, **{"l1/bias": start["l1/bias"] + 1})
+    assert_layers(record[0], received)
+    assert client.model is module
+    trained = ref_flat(module)
+    for name in NNX_NAMES:
+        assert np.array_equal(trained[name], received[name] + np.float32(NNX_DELTAS.get(name, 0.0)))
+    picks = ref_percentage_pick(trained, received, p, normalize)
+    assert picks == NNX_HAND_PICKS[(p, normalize)]  # the numpy reference agrees with the hand count
+    sent = unpack(payload)
+    assert list(sent) == picks
+    assert_layers(sent, {name: trained[name] for name in picks})
+    assert metrics == {"train_loss": 1.5, "layers_sent": len(picks), "payload_bytes": sum(a.nbytes for a in payload)}
+    assert num_examples == 3
+
+
+@pytest.mark.parametrize("which", ["fixed", "fedbn-linen", "fedbn-nnx"])
+def test_fit_fixed_or_exclusions_sends_named_layers(which):
+    if which == "fixed":
+        layers = ["params/Dense_1/kernel", "params/Dense_0/bias", "batch_stats/BatchNorm_0/mean"]
+        record: list = []
+        client, start = initialized_linen_client(FixedLayerExchanger(layers), shifting_train_fn(LINEN_DELTAS, record))
+    elif which == "fedbn-linen":
+        layers = LINEN_DENSE
+        record = []
+        client, start = initialized_linen_client(linen_fedbn(), shifting_train_fn(LINEN_DELTAS, record))
+    else:
+        layers = NNX_LINEAR
+
+        def train_fn(module, config):
+            for name, delta in NNX_DELTAS.items():
+                set_nnx_layer(module, name, ref_flat(module)[name] + np.float32(delta))
+            return module, 2, {}
+
+        client, start = initialized_nnx_client(lambda m: LayerExchangerWithExclusions(m, {nnx.BatchNorm}), train_fn)
+    payload, _, metrics = client.fit(packed({}), {})  # an empty selection: nothing changes
+    assert jaxlayerx.is_packed(payload)
+    assert payload[-1].ndim == 1 and payload[-1].dtype.kind == "U"
+    sent = unpack(payload)
+    assert list(sent) == layers
+    trained = ref_flat(client.model)
+    deltas = NNX_DELTAS if which == "fedbn-nnx" else LINEN_DELTAS
+    for name in start:  # the model really trained
+        assert np.array_equal(trained[name], start[name] + np.float32(deltas.get(name, 0.0)))
+    assert_layers(sent, {name: trained[name] for name in layers})
+    assert metrics["layers_sent"] == len(layers)
+    assert metrics["payload_bytes"] == sum(a.nbytes for a in payload)
+
+
+def test_fit_dynamic_selecting_nothing_sends_empty_names():
+    # threshold rule with a threshold no drift reaches: an empty, still-named payload
+    exchanger = DynamicLayerExchanger(
+        LayerSelectionFunctionConstructor(norm_threshold=1e6, exchange_percentage=0.5).select_by_threshold()
+    )
+    client, _ = initialized_linen_client(exchanger, shifting_train_fn(LINEN_DELTAS, []))
+    payload, _, metrics = client.fit(packed({}), {})
+    assert len(payload) == 1 and payload[0].ndim == 1 and payload[0].size == 0
+    assert payload[0].dtype.kind == "U"
+    assert metrics["layers_sent"] == 0 and metrics["payload_bytes"] == payload[0].nbytes
+
+
+def test_evaluate_applies_payload_and_passes_config():
+    seen = []
+
+    def evaluate_fn(model, config):
+        seen.append((ref_flat(model), dict(config)))
+        return np.float32(0.5), 9, {"accuracy": 0.75}
+
+    client, start = initialized_linen_client(percentage_exchanger(0.5), evaluate_fn=evaluate_fn)
+    new = random_layers(LINEN_SHAPES, seed=12)
+    loss, n, metrics = client.evaluate(packed({"params/Dense_1/bias": new["params/Dense_1/bias"]}), {"k": 1})
+    assert (loss, n, metrics) == (0.5, 9, {"accuracy": 0.75}) and type(loss) is float
+    assert seen[0][1] == {"k": 1}
+    assert_layers(seen[0][0], dict(start, **{"params/Dense_1/bias": new["params/Dense_1/bias"]}))
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Bad results from user functions; constructor checks
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "result, match",
+    [
+        (lambda m: (m, 3), r"train_fn must return \(model, num_examples, metrics\), got tuple"),
+        (lambda m: [m, 3, {}], r"train_fn must return \(model, num_examples, metrics\), got list"),
+        (lambda m: (m, 3.0, {}), r"integer num_examples >= 0, got 3\.0"),
+        (lambda m: (m, -1, {}), r"integer num_examples >= 0, got -1"),
+        (lambda m: (m, True, {}), r"integer num_examples >= 0, got True"),
+        (lambda m: (m, 3, [("loss", 1.0)]), r"metrics dict, got list"),
+        (lambda m: (m, 3, None), r"metrics dict, got NoneType"),
+    ],
+)
+def test_fit_bad_train_fn_result(result, match):
+    def train_fn(model, config):
+        moved = nest({n: v + 100.0 for n, v in ref_flat(model).items()})  # would be a change
+        return result(moved)
+
+    client, start = initialized_linen_client(percentage_exchanger(0.5), train_fn)
+    new = random_layers(LINEN_SHAPES, seed=13)
+    payload = packed({"params/Dense_0/bias": new["params/Dense_0/bias"]})
+    with pytest.raises(TypeError, match=match):
+        client.fit(payload, {})
+    # the (valid) payload was applied; the bad training result was not adopted
+    assert_layers(ref_flat(client.model), dict(start, **{"params/Dense_0/bias": new["params/Dense_0/bias"]}))
+
+
+def test_evaluate_without_evaluate_fn():
+    client, start = initialized_linen_client(percentage_exchanger(0.5))
+    with pytest.raises(NotImplementedError, match="without an evaluate_fn"):
+        client.evaluate(packed({}), {})
+    assert_layers(ref_flat(client.model), start)
+
+
+@pytest.mark.parametrize(
+    "loss, match",
+    [("0.5", r"real loss, got '0\.5'"), (1 + 2j, r"real loss, got \(1\+2j\)"), (None, "real loss, got None")],
+)
+def test_evaluate_non_real_loss(loss, match):
+    client, start = initialized_linen_client(
+        percentage_exchanger(0.5), evaluate_fn=lambda model, config: (loss, 4, {})
+    )
+    with pytest.raises(TypeError, match=match):
+        client.evaluate(packed({}), {})
+    assert_layers(ref_flat(client.model), start)
+
+
+@pytest.mark.parametrize(
+    "result, match",
+    [
+        (lambda: (0.5, 4), r"evaluate_fn must return \(loss, num_examples, metrics\)"),
+        (lambda: (0.5, -2, {}), r"evaluate_fn must return an integer num_examples >= 0, got -2"),
+        (lambda: (0.5, 4, "m"), r"evaluate_fn must return a metrics dict, got str"),
+    ],
+)
+def test_evaluate_bad_result_shape(result, match):
+    client, start = initialized_linen_client(percentage_exchanger(0.5), evaluate_fn=lambda m, c: result())
+    with pytest.raises(TypeError, match=match):
+        client.evaluate(packed({}), {})
+    assert_layers(ref_flat(client.model), start)
+
+
+class _PushOnly:
+    def push_parameters(self, model, initial_model=None, config=None):
+        return []
+
+
+def test_constructor_checks():
+    variables = linen_variables()
+    before = ref_flat(variables)
+    with pytest.raises(TypeError, match="train_fn must be callable"):
+        ExchangerClient(variables, FullParameterExchanger(), 42)
+    with pytest.raises(TypeError, match="evaluate_fn must be callable"):
+        ExchangerClient(variables, FullParameterExchanger(), no_train, "not a function")
+    with pytest.raises(TypeError, match="push_parameters method, got object"):
+        ExchangerClient(variables, object(), no_train)
+    with pytest.raises(TypeError, match="pull_parameters method, got _PushOnly"):
+        ExchangerClient(variables, _PushOnly(), no_train)
+    assert_layers(ref_flat(variables), before)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Bad server payloads after initialization
+# ---------------------------------------------------------------------------------------
+
+
+def _bad_payloads(kind: str):
+    """(payload, exception, match) with a valid layer first: nothing may be half applied."""
+    if kind == "linen":
+        good, good_shape = "params/Dense_0/bias", (3,)
+        target, shape = "params/Dense_0/kernel", (4, 3)
+    else:
+        good, good_shape = "l1/bias", (3,)
+        target, shape = "l1/kernel", (4, 3)
+    ok = np.full(good_shape, 123.0, np.float32)
+    value = np.full(shape, 7.0, np.float32)
+    return {
+        "wrong-shape": (
+            [ok, np.full((3, 4), 7.0, np.float32), np.array([good, target])],
+            ValueError,
+            rf"{target}.*expected shape \(4, 3\), got \(3, 4\)",
+        ),
+        "unknown-name": (
+            [ok, value, np.array([good, "head/Dense_9/kernel"])],
+            KeyError,
+            r"head/Dense_9/kernel",
+        ),
+        "float64": (
+            [ok, value.astype(np.float64), np.array([good, target])],
+            TypeError,
+            rf"{target}.*expected dtype float32.*got float64",
+        ),
+        "int-names": ([ok, value, np.array([1, 2])], ValueError, r"names.*int64"),
+        "object-names": ([ok, value, np.array([good, target], dtype=object)], ValueError, r"names.*object"),
+        "bytes-names": ([ok, value, np.array([good.encode(), target.encode()])], ValueError, r"names.*\|S"),
+        "2d-names": ([ok, value, np.array([[good, target]])], ValueError, r"names.*shape \(1, 2\)"),
+        "unnamed": ([ok, value], ValueError, r"names"),
+        "count-mismatch": ([ok, value, np.array([good])], ValueError, r"2 arrays but 1 layer names"),
+        "duplicate-names": ([ok, ok, np.array([good, good])], ValueError, rf"duplicate.*{good}"),
+    }
+
+
+BAD_CASES = list(_bad_payloads("linen"))
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_server_payload_changes_nothing(kind, case):
+    payload, error, match = _bad_payloads(kind)[case]
+    if kind == "linen":
+        client, start = initialized_linen_client(percentage_exchanger(0.5))
+    else:
+        client, start = initialized_nnx_client()
+    module = client.model
+    with pytest.raises(error, match=match):
+        client.receive(payload)
+    assert client.initialized
+    assert_layers(ref_flat(client.model), start)
+    if kind == "nnx":
+        assert client.model is module
+    calls = []
+    client.train_fn = lambda model, config: calls.append(1) or (model, 1, {})
+    with pytest.raises(error, match=match):
+        client.fit(payload, {})
+    assert calls == []  # never trained on a rejected payload
+    assert_layers(ref_flat(client.model), start)
+
+
+def test_unknown_name_is_a_key_error_listing_the_name():
+    client, start = initialized_linen_client(percentage_exchanger(0.5))
+    with pytest.raises(KeyError) as info:
+        client.receive([np.zeros(3, np.float32), np.array(["params/Dense_7/bias"])])
+    assert "params/Dense_7/bias" in str(info.value)
+    assert "params/Dense_0/bias" in str(info.value) or "params/Dense_1/bias" in str(info.value)  # suggestions
+    assert_layers(ref_flat(client.model), start)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Interop with fl4health's layout
+# ---------------------------------------------------------------------------------------
+
+
+def test_server_side_hand_built_fl4health_payload_applied_by_name():
+    client, start = initialized_linen_client(percentage_exchanger(0.5))
+    w1 = np.arange(12, dtype=np.float32).reshape(4, 3) / 4  # kernel
+    w2 = np.array([-1.0, 0.5, 2.0], np.float32)  # bias
+    names = np.array(["params/Dense_0/kernel", "params/Dense_0/bias"])
+    assert names.dtype == np.dtype("<U21") and names.dtype.kind == "U"
+    client.receive([w1, w2, names])
+    expected = dict(start, **{"params/Dense_0/kernel": w1, "params/Dense_0/bias": w2})
+    assert_layers(ref_flat(client.model), expected)
+
+
+def test_client_side_payload_is_fl4health_layout_and_saves_without_pickle():
+    record: list = []
+    client, start = initialized_linen_client(percentage_exchanger(0.5), shifting_train_fn(LINEN_DELTAS, record))
+    payload, _, _ = client.fit(packed({}), {})
+    assert isinstance(payload, list)
+    assert all(isinstance(a, np.ndarray) for a in payload)
+    names = payload[-1]
+    assert names.ndim == 1 and names.dtype.kind == "U"
+    trained = ref_flat(client.model)
+    assert len(payload) == len(names) + 1 == 4 + 1  # ceil(8 * 0.5) = 4 layers, then names
+    for array, name in zip(payload[:-1], names.tolist()):
+        assert np.array_equal(array, trained[name]) and array.dtype == trained[name].dtype
+    for array in payload:
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        buffer.seek(0)
+        loaded = np.load(buffer, allow_pickle=False)
+        assert loaded.dtype == array.dtype and np.array_equal(loaded, array)
+    # and through Flower's own serialization
+    back = parameters_to_ndarrays(ndarrays_to_parameters(payload))
+    assert back[-1].tolist() == names.tolist() and back[-1].dtype.kind == "U"
+    assert all(np.array_equal(a, b) for a, b in zip(back[:-1], payload[:-1]))
+
+
+def test_fl4health_empty_selection_is_no_layers():
+    empty = np.array([])
+    assert empty.dtype == np.float64 and empty.size == 0
+    for make in (lambda: initialized_linen_client(percentage_exchanger(0.5)), initialized_nnx_client):
+        client, start = make()
+        client.receive([empty])
+        assert_layers(ref_flat(client.model), start)
+    record: list = []
+    client, start = initialized_linen_client(linen_fedbn(), shifting_train_fn({}, record))
+    client.fit([np.array([])], {})
+    assert_layers(record[0]["received"], start)
+
+
+# ---------------------------------------------------------------------------------------
+# 7. bfloat16 through Flower's serialization
+# ---------------------------------------------------------------------------------------
+
+
+def _bf16_bits(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """bfloat16 values from bit patterns: random finite ones plus -0, a subnormal, inf, NaN."""
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 2**16, size=shape, dtype=np.uint16)
+    bits = np.where((bits & 0x7F80) == 0x7F80, bits & 0xBFFF, bits).astype(np.uint16)  # no inf/NaN
+    flat = bits.reshape(-1)
+    flat[:3] = [0x8000, 0x0001, 0x7F80]  # -0.0, smallest subnormal, +inf
+    if flat.size > 3:
+        flat[3] = 0x7FC0  # the quiet NaN
+    return bits.view(ml_dtypes.bfloat16)
+
+
+def bf16_server_payload(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "params/Dense_0/bias": _bf16_bits((3,), seed),
+        "params/Dense_0/kernel": _bf16_bits((4, 3), seed + 1),
+        "params/Dense_1/bias": rng.standard_normal(2).astype(np.float32),
+        "params/Dense_1/kernel": rng.standard_normal((3, 2)).astype(np.float32),
+    }
+
+
+def bits(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    return array.view(np.uint16) if array.dtype.itemsize == 2 else array.view(np.uint32)
+
+
+def assert_bits(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> None:
+    assert list(actual) == list(expected)
+    for name in expected:
+        assert np.asarray(actual[name]).dtype == np.asarray(expected[name]).dtype, name
+        assert np.array_equal(bits(actual[name]), bits(expected[name])), name
+
+
+def flower_round_trip(payload: list[np.ndarray]) -> list[np.ndarray]:
+    return parameters_to_ndarrays(ndarrays_to_parameters(payload))
+
+
+def bf16_train_fn(record: list):
+    def train_fn(variables, config):
+        record.append(ref_flat(variables))
+        trained = {n: (v * np.asarray(2, v.dtype) + np.asarray(0.375, v.dtype)) for n, v in record[-1].items()}
+        return nest(trained), 5, {}
+
+    return train_fn
+
+
+def test_bf16_model_survives_flower_round_trip_bit_exactly():
+    variables = bf16_variables()
+    assert {n: v.dtype for n, v in ref_flat(variables).items()} == {
+        "params/Dense_0/bias": np.dtype(ml_dtypes.bfloat16),
+        "params/Dense_0/kernel": np.dtype(jnp.bfloat16),
+        "params/Dense_1/bias": np.dtype(np.float32),
+        "params/Dense_1/kernel": np.dtype(np.float32),
+    }
+    record: list = []
+    client = ExchangerClient(variables, FullParameterExchanger(), bf16_train_fn(record))
+
+    server = bf16_server_payload(seed=20)
+    wire = flower_round_trip(packed(server, BF16_NAMES[::-1]))
+    for array, name in zip(wire[:-1], wire[-1].tolist()):
+        if name in BF16_LAYERS:
+            assert array.dtype == np.dtype("|V2") and array.dtype.kind == "V"  # the dtype is lost
+        else:
+            assert array.dtype == np.float32
+
+    payload, _, _ = client.fit(wire, {})
+    assert_bits(record[0], server)  # applied bit-identically, back in bfloat16
+    model = ref_flat(client.model)
+    assert model["params/Dense_0/kernel"].dtype == np.dtype(ml_dtypes.bfloat16)
+    assert not np.array_equal(bits(model["params/Dense_0/kernel"]), bits(server["params/Dense_0/kernel"]))
+
+    back = flower_round_trip(payload)
+    names = back[-1].tolist()
+    assert sorted(names) == sorted(BF16_NAMES)
+    for array, name in zip(back[:-1], names):
+        if name in BF16_LAYERS:
+            assert array.dtype == np.dtype("|V2")
+    conformed = {
+        name: np.asarray(jaxlayerx.conform_layer(name, value, model[name])) for name, value in zip(names, back[:-1])
+    }
+    assert_bits({n: conformed[n] for n in BF16_NAMES}, model)
+
+    # a later, partial bfloat16 payload through Flower again
+    later = _bf16_bits((4, 3), seed=30)
+    client.receive(flower_round_trip(packed({"params/Dense_0/kernel": later})))
+    assert_bits(ref_flat(client.model), dict(model, **{"params/Dense_0/kernel": later}))
+
+
+def test_bf16_local_layers_persist_through_stateful_client_fn():
+    record: list = []
+
+    def make_client(context):
+        return ExchangerClient(bf16_variables(), FixedLayerExchanger(["params/Dense_1/kernel"]), bf16_train_fn(record))
+
+    client_fn = stateful_client_fn(make_client)
+    context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    server = bf16_server_payload(seed=40)
+    client_fn(context).fit(FitIns(ndarrays_to_parameters(packed(server)), {}))
+    round1 = {n: (v * np.asarray(2, v.dtype) + np.asarray(0.375, v.dtype)) for n, v in server.items()}
+    kernel = np.full((3, 2), -3.0, np.float32)
+    client_fn(context).fit(FitIns(ndarrays_to_parameters(packed({"params/Dense_1/kernel": kernel})), {}))
+    # round 2 starts from round 1's trained bfloat16 layers, bit for bit
+    assert_bits(record[1], dict(round1, **{"params/Dense_1/kernel": kernel}))
+
+
+# ---------------------------------------------------------------------------------------
+# 8. stateful_client_fn / client_app
+# ---------------------------------------------------------------------------------------
+
+
+def new_context() -> Context:
+    return Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_stateful_client_fn_round_two_starts_from_saved_state():
+    built: list = []
+    record: list = []
+    deltas = {"batch_stats/BatchNorm_0/mean": 0.5, "params/BatchNorm_0/scale": -0.25, "params/Dense_0/kernel": 1.0}
+    train_fn = shifting_train_fn(deltas, record, metrics={"train_loss": 0.125})
+
+    def make_client(context):
+        variables = linen_variables()  # fresh init variables, every call
+        client = ExchangerClient(variables, linen_fedbn(), train_fn)
+        built.append((client, ref_flat(variables)))
+        return client
+
+    client_fn = stateful_client_fn(make_client)
+    context = new_context()
+    fresh = ref_flat(linen_variables())
+
+    # round 1: the full model
+    full = random_layers(LINEN_SHAPES, seed=50)
+    res1 = client_fn(context).fit(FitIns(ndarrays_to_parameters(packed(full, LINEN_NAMES[::-1])), {"r": 1}))
+    assert res1.status.code == Code.OK
+    assert_layers(record[0]["received"], full)
+    assert record[0]["config"] == {"r": 1}
+    round1 = {name: value + np.float32(deltas.get(name, 0.0)) for name, value in full.items()}
+    sent1 = unpack(parameters_to_ndarrays(res1.parameters))
+    assert list(sent1) == LINEN_DENSE
+    assert_layers(sent1, {name: round1[name] for name in LINEN_DENSE})
+    assert res1.num_examples == 7
+    assert res1.metrics["train_loss"] == 0.125 and res1.metrics["layers_sent"] == 4
+
+    # round 2: a new client from client_fn, a partial payload
+    dense1 = np.full((3, 2), 0.5, np.float32)
+    partial = ndarrays_to_parameters(packed({"params/Dense_1/kernel": dense1}))
+    res2 = client_fn(context).fit(FitIns(partial, {"r": 2}))
+    assert res2.status.code == Code.OK
+    assert len(built) == 2 and built[0][0] is not built[1][0]
+    for client, variables in built:  # each made from fresh init variables
+        assert_layers(variables, fresh)
+    received2 = record[1]["received"]
+    # local BatchNorm layers are round 1's trained values, not the fresh init
+    for name in LINEN_BN:
+        assert np.array_equal(received2[name], round1[name]), name
+    assert any(not np.array_equal(round1[name], fresh[name]) for name in LINEN_BN)
+    assert_layers(received2, dict(round1, **{"params/Dense_1/kernel": dense1}))
+    assert built[1][0].initialized  # the partial payload was accepted: initialized persisted
+
+    # without the saved state, a fresh client refuses the same partial payload
+    with pytest.raises(ValueError, match="first payload must hold every layer"):
+        client_fn(new_context()).fit(FitIns(partial, {}))
+
+
+def test_stateful_client_fn_saves_state_after_evaluate():
+    record: list = []
+    losses = []
+
+    def evaluate_fn(model, config):
+        losses.append(ref_flat(model))
+        return 0.25, 3, {}
+
+    def make_client(context):
+        return ExchangerClient(linen_variables(), percentage_exchanger(0.5), shifting_train_fn({}, record), evaluate_fn)
+
+    client_fn = stateful_client_fn(make_client)
+    context = new_context()
+    full = random_layers(LINEN_SHAPES, seed=60)
+    client_fn(context).fit(FitIns(ndarrays_to_parameters(packed(full)), {}))
+    bias = np.array([4.0, 5.0], np.float32)
+    res = client_fn(context).evaluate(EvaluateIns(ndarrays_to_parameters(packed({"params/Dense_1/bias": bias})), {}))
+    assert res.loss == 0.25 and res.num_examples == 3
+    assert_layers(losses[0], dict(full, **{"params/Dense_1/bias": bias}))
+    client_fn(context).fit(FitIns(ndarrays_to_parameters(packed({})), {}))
+    assert_layers(record[1]["received"], dict(full, **{"params/Dense_1/bias": bias}))
+
+
+def test_make_client_must_return_an_exchanger_client():
+    context = new_context()
+    client_fn = stateful_client_fn(lambda context: {"not": "a client"})
+    with pytest.raises(TypeError, match="make_client must return an ExchangerClient, got dict"):
+        client_fn(context)
+    assert len(context.state) == 0
+
+
+def test_client_app_is_a_flower_client_app():
+    app = client_app(lambda context: ExchangerClient(linen_variables(), FullParameterExchanger(), no_train))
+    assert isinstance(app, ClientApp)
+
+
+def test_get_parameters_is_every_layer_named():
+    client, start = initialized_linen_client(linen_fedbn())  # even with FedBN: the full model
+    payload = client.get_parameters({})
+    assert jaxlayerx.is_packed(payload)
+    assert_layers(unpack(payload), start)
+
+
+@pytest.mark.parametrize("loss", [jnp.float32(0.25), jnp.asarray(0.25, jnp.bfloat16), np.float64(0.25), np.asarray(0.25), 1])
+def test_evaluate_accepts_real_scalars_of_any_array_kind(loss):
+    # a jnp.mean(...) loss is a 0-d JAX array: it must be accepted, as a float
+    client, _ = initialized_linen_client(percentage_exchanger(0.5), evaluate_fn=lambda model, config: (loss, 4, {}))
+    result, count, _ = client.evaluate(packed({}), {})
+    assert type(result) is float and result == 0.25 * (loss != 1) + (loss == 1) * 1.0 and count == 4
+
+
+def test_evaluate_rejects_arrays_with_more_than_one_value():
+    client, start = initialized_linen_client(
+        percentage_exchanger(0.5), evaluate_fn=lambda model, config: (jnp.ones(2), 4, {})
+    )
+    with pytest.raises(TypeError, match="real loss"):
+        client.evaluate(packed({}), {})
+    assert_layers(ref_flat(client.model), start)
