@@ -1,0 +1,74 @@
+"""Flower client for the example: trains its digits partition, sends layers through an exchanger.
+
+    python examples/flower/client.py --address 127.0.0.1:8080 --client-id 0 --clients 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import flwr
+import numpy as np
+
+import task
+from jaxlayerx.flower import ExchangerClient, stateful_client_fn
+from jaxlayerx.simulation import EXCHANGER_KINDS
+
+
+class RecordingClient(ExchangerClient):
+    """Saves every payload it sends (for checking a run); otherwise an ExchangerClient."""
+
+    def __init__(self, *args, record: pathlib.Path, client_id: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.record, self.client_id = record, client_id
+
+    def fit(self, parameters, config):
+        payload, num_examples, metrics = super().fit(parameters, config)
+        stem = self.record / f"client{self.client_id}_round{config['current_server_round']}"
+        np.savez(stem.with_suffix(".npz"), *payload)
+        stem.with_suffix(".json").write_text(json.dumps({"num_examples": num_examples, **metrics}))
+        return payload, num_examples, metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--address", default="127.0.0.1:8080", help="the server's host:port")
+    parser.add_argument("--client-id", type=int, required=True, help="which partition of the data, from 0")
+    parser.add_argument("--clients", type=int, default=3, help="how many partitions the data is split into")
+    parser.add_argument("--exchanger", default="dynamic-percentage", choices=EXCHANGER_KINDS)
+    parser.add_argument("--exchange-percentage", type=float, default=0.5)
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--fail-in-round", type=int, default=None, help="raise during fit in this round (fault test)")
+    parser.add_argument("--record", type=pathlib.Path, default=None, help="folder for the payloads sent")
+    args = parser.parse_args()
+
+    x_train, y_train, x_test, y_test = task.load_partition(args.client_id, args.clients)
+    train = task.make_train_fn(x_train, y_train, epochs=args.epochs, seed=args.client_id)
+
+    def train_fn(variables, config):
+        if config.get("current_server_round") == args.fail_in_round:
+            raise RuntimeError(f"client {args.client_id} fails in round {args.fail_in_round}, as asked")
+        return train(variables, config)
+
+    def make_client(context):
+        variables = task.init_variables()
+        exchanger = task.make_exchanger(args.exchanger, variables, args.exchange_percentage)
+        options = dict(evaluate_fn=task.make_evaluate_fn(x_test, y_test))
+        if args.record is None:
+            return ExchangerClient(variables, exchanger, train_fn, **options)
+        args.record.mkdir(parents=True, exist_ok=True)
+        return RecordingClient(variables, exchanger, train_fn, record=args.record, client_id=args.client_id, **options)
+
+    flwr.client.start_client(
+        server_address=args.address,
+        client_fn=stateful_client_fn(make_client),
+        insecure=True,
+        max_retries=30,
+        max_wait_time=60.0,
+    )
+
+
+if __name__ == "__main__":
+    main()
