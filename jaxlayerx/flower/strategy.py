@@ -141,21 +141,14 @@ class FedAvgDynamicLayerStrategy(FedAvg):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """FedAvg's sampling and config; each client gets the layers it has not seen yet."""
-        instructions = super().configure_fit(server_round, parameters, client_manager)
-        return [
-            (client, FitIns(self._parameters_for(client.cid), _with_round(ins.config, server_round)))
-            for client, ins in instructions
-        ]
+        return self._served(super().configure_fit(server_round, parameters, client_manager), FitIns, server_round)
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """FedAvg's sampling and config; each client gets the layers it has not seen yet."""
         instructions = super().configure_evaluate(server_round, parameters, client_manager)
-        return [
-            (client, EvaluateIns(self._parameters_for(client.cid), _with_round(ins.config, server_round)))
-            for client, ins in instructions
-        ]
+        return self._served(instructions, EvaluateIns, server_round)
 
     def aggregate_fit(
         self,
@@ -240,6 +233,13 @@ class FedAvgDynamicLayerStrategy(FedAvg):
             if record.num_examples > 0 or not self.weighted_aggregation
         ]
         return FedAvgDynamicLayer(self.weighted_aggregation).aggregate(contributions)
+
+    def _served(self, instructions: list[tuple[ClientProxy, Any]], make_ins: Any, server_round: int) -> list[Any]:
+        """FedAvg's instructions with each client's own payload and the round in the config."""
+        return [
+            (client, make_ins(self._parameters_for(client.cid), _with_round(ins.config, server_round)))
+            for client, ins in instructions
+        ]
 
     def _parameters_for(self, client: str) -> Parameters:
         """The layers updated since the last model ``client`` is known to hold, packed."""
