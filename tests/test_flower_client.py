@@ -1030,3 +1030,18 @@ def test_evaluate_rejects_arrays_with_more_than_one_value():
     with pytest.raises(TypeError, match="real loss"):
         client.evaluate(packed({}), {})
     assert_layers(ref_flat(client.model), start)
+
+
+def test_train_fn_replacing_leaves_in_the_received_dicts_does_not_move_the_drift_reference():
+    # A train_fn that writes new arrays into the nested dicts it was given (against the
+    # docs, but easy to do) must not change what the drift is measured against.
+    def train_in_place(model, config):
+        model["params"]["Dense_1"]["kernel"] = model["params"]["Dense_1"]["kernel"] + 5.0
+        return model, 4, {}
+
+    client, start = initialized_linen_client(percentage_exchanger(0.125, normalize=False), train_in_place)
+    payload, _, _ = client.fit(packed({}), {})
+    # Only Dense_1/kernel moved (by 5 in each of its elements): the top 1 of 8 layers.
+    sent = unpack(payload)
+    assert list(sent) == ["params/Dense_1/kernel"]
+    np.testing.assert_array_equal(sent["params/Dense_1/kernel"], start["params/Dense_1/kernel"] + np.float32(5.0))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
@@ -224,10 +224,14 @@ def _exchanged_layers(exchanger: Any, model: Any, layers: Mapping[str, Any]) -> 
 
 
 def _snapshot(model: Any) -> Any:
-    """A copy of ``model`` that later in-place updates (of an ``nnx.Module``) do not reach."""
+    """A copy of ``model`` that later in-place updates do not reach.
+
+    An ``nnx.Module`` is cloned; a pytree gets new containers around the same (immutable)
+    arrays, so replacing a leaf of the trained model's dicts leaves the snapshot as it was.
+    """
     if isinstance(model, nnx.Module):
         return nnx.clone(model)
-    return copy.copy(model)
+    return jax.tree.map(lambda leaf: leaf, model)
 
 
 def _checked_triple(result: Any, what: str, form: str) -> tuple[Any, int, Metrics]:
