@@ -175,8 +175,17 @@ def _collect(results: Sequence[tuple[NDArrays, int]], weighted: bool) -> dict[st
     return contributions
 
 
+def is_example_count(value: Any) -> bool:
+    """Whether ``value`` can be a client's number of examples: an integer >= 0, not a bool."""
+    return _is_integer(value) and value >= 0
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_num_examples(client: int, num_examples: Any) -> None:
-    if not isinstance(num_examples, numbers.Integral) or isinstance(num_examples, bool):
+    if not _is_integer(num_examples):
         raise TypeError(f"client {client}: num_examples must be an integer, got {num_examples!r}")
     if num_examples < 0:
         raise ValueError(f"client {client}: num_examples must be >= 0, got {num_examples}")

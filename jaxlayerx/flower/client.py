@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,6 +11,7 @@ from flax import nnx
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
+from jaxlayerx.aggregation import is_example_count
 from jaxlayerx.flower.payloads import conform_payload, named_payload
 from jaxlayerx.packing import NDArrays, is_packed, pack_layers, payload_nbytes, to_numpy
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, merge_layers
@@ -238,7 +238,7 @@ def _checked_triple(result: Any, what: str, form: str) -> tuple[Any, int, Metric
     if not isinstance(result, tuple) or len(result) != 3:
         raise TypeError(f"{what} must return {form}, got {type(result).__name__}")
     first, num_examples, metrics = result
-    if not isinstance(num_examples, numbers.Integral) or isinstance(num_examples, bool) or num_examples < 0:
+    if not is_example_count(num_examples):
         raise TypeError(f"{what} must return an integer num_examples >= 0, got {num_examples!r}")
     if not isinstance(metrics, Mapping):
         raise TypeError(f"{what} must return a metrics dict, got {type(metrics).__name__}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,7 +16,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from jaxlayerx.aggregation import FedAvgDynamicLayer
+from jaxlayerx.aggregation import FedAvgDynamicLayer, is_example_count
 from jaxlayerx.flower.metrics import weighted_metrics_average
 from jaxlayerx.flower.payloads import conform_payload
 from jaxlayerx.packing import pack_layers, payload_nbytes, to_numpy
@@ -298,7 +297,7 @@ def _checked_result(
     client: str, fit_res: FitRes, reference: Mapping[str, np.ndarray]
 ) -> tuple[ClientRecord, collections.OrderedDict[str, np.ndarray]]:
     num_examples = fit_res.num_examples
-    if not isinstance(num_examples, numbers.Integral) or isinstance(num_examples, bool) or num_examples < 0:
+    if not is_example_count(num_examples):
         raise ValueError(f"num_examples must be an integer >= 0, got {num_examples!r}")
     try:
         payload = parameters_to_ndarrays(fit_res.parameters)
