@@ -154,11 +154,8 @@ class ExchangerClient(NumPyClient):
         if STATE_LAYERS not in state:
             return
         record = state[STATE_LAYERS]
-        names = list(record.keys())
-        saved = [record[name].numpy() for name in names]
-        self.model = merge_layers(
-            self.model, conform_payload(pack_layers(saved, names), self._layers()), nnx_filter=self.nnx_filter
-        )
+        saved = {name: record[name].numpy() for name in record.keys()}
+        self.model = merge_layers(self.model, saved, nnx_filter=self.nnx_filter)
         self.initialized = bool(state[STATE_FLAGS]["initialized"])
 
     def _layers(self) -> Mapping[str, Any]:
