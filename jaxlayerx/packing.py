@@ -49,16 +49,26 @@ def unpack_layers(payload: Sequence[np.ndarray]) -> tuple[NDArrays, list[str]]:
         raise TypeError(f"a payload is a list of numpy arrays, got {type(payload).__name__}")
     if len(payload) == 0:
         raise ValueError("empty payload: expected the layers followed by one names array")
-    names_array = np.asarray(payload[-1])
+    weights = [np.asarray(weight) for weight in payload[:-1]]
+    return weights, read_names(payload[-1], len(weights))
+
+
+def read_names(names_array: Any, count: int) -> list[str]:
+    """The layer names of a payload's last array, checked: 1-D Unicode (or empty), ``count``
+    of them, no repeats.
+
+    Raises:
+      ValueError: as :func:`unpack_layers`.
+    """
+    names_array = np.asarray(names_array)
     if names_array.ndim != 1 or (names_array.dtype.kind != "U" and names_array.size > 0):
         raise ValueError(
             "the last array of a payload must be the 1-D Unicode array of layer names; "
             f"got an array of dtype {names_array.dtype} and shape {names_array.shape}"
         )
     names = [str(name) for name in names_array.tolist()]
-    weights = [np.asarray(weight) for weight in payload[:-1]]
-    _check_names(names, len(weights))
-    return weights, names
+    _check_names(names, count)
+    return names
 
 
 def is_packed(payload: Sequence[Any]) -> bool:
@@ -83,7 +93,7 @@ def to_numpy(arrays: Sequence[Any]) -> NDArrays:
     arrays = list(arrays)
     if not _only_cpu_devices():
         for array in arrays:
-            if isinstance(array, jax.Array) and not _in_host_memory(array):
+            if isinstance(array, jax.Array) and not in_host_memory(array):
                 array.copy_to_host_async()
     return [np.asarray(array) for array in arrays]
 
@@ -94,7 +104,8 @@ def _only_cpu_devices() -> bool:
     return all(device.platform == "cpu" for device in jax.devices())
 
 
-def _in_host_memory(array: jax.Array) -> bool:
+def in_host_memory(array: jax.Array) -> bool:
+    """Whether every shard of ``array`` lives in host memory (the CPU backend)."""
     return all(device.platform == "cpu" for device in array.sharding.device_set)
 
 

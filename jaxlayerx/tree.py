@@ -122,19 +122,33 @@ def conform_layer(name: str, value: Any, like: Any) -> Any:
     got_shape = tuple(np.shape(value))
     if got_shape != shape:
         raise ValueError(f"layer {name!r}: expected shape {shape}, got {got_shape}")
+    return _place_like(conform_dtype(name, value, dtype), like)
+
+
+def conform_dtype(name: str, value: Any, dtype: Any) -> Any:
+    """``value`` checked against a layer's ``dtype``, by the rules of :func:`conform_layer`.
+
+    Returns ``value`` itself when its dtype is castable without loss (the cast is left to
+    the caller), or a numpy view of it as ``dtype`` for a raw void array of the same item
+    size (``|V2``, Flower's bfloat16).
+
+    Raises:
+      TypeError: the dtype cannot be cast without loss (naming ``name``).
+    """
+    dtype = np.dtype(dtype)
     if not hasattr(value, "dtype"):
         value = np.asarray(value)
     got_dtype = np.dtype(value.dtype)
     if got_dtype == dtype:
-        pass
-    elif got_dtype.kind == "V" and got_dtype.fields is None and got_dtype.itemsize == dtype.itemsize:
-        value = np.asarray(value).view(dtype)
-    elif not np.can_cast(got_dtype, dtype, casting="safe"):
+        return value
+    if got_dtype.kind == "V" and got_dtype.fields is None and got_dtype.itemsize == dtype.itemsize:
+        return np.asarray(value).view(dtype)
+    if not np.can_cast(got_dtype, dtype, casting="safe"):
         raise TypeError(
             f"layer {name!r}: expected dtype {dtype} (or one that casts to it without loss), "
             f"got {got_dtype}"
         )
-    return _place_like(value, like)
+    return value
 
 
 def _place_like(value: Any, like: Any) -> Any:
