@@ -16,10 +16,13 @@ import flax.linen as linen
 import numpy as np
 from flax import nnx
 
+from jaxlayerx.coo import merge_sparse_layers, pack_coo, read_coo, unpack_coo
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.modules import linen_module_types, nnx_module_types, pytree_node_types
 from jaxlayerx.packing import NDArrays, pack_layers, to_numpy, unpack_layers
+from jaxlayerx.scores import ScoreGenFunction
 from jaxlayerx.selection import LayerSelectionFunction
+from jaxlayerx.sparse_selection import select_sparse_coo, validate_sparsity_level
 from jaxlayerx.tree import flatten, merge_layers
 
 Model = TypeVar("Model")
@@ -176,6 +179,71 @@ class DynamicLayerExchanger:
 
     def unpack_parameters(self, packed: Sequence[np.ndarray]) -> tuple[NDArrays, list[str]]:
         return unpack_layers(packed)
+
+
+class SparseCooParameterExchanger:
+    """Sends the top-scoring fraction of all weights of the model, in COO form.
+
+    Every weight gets a score from ``score_gen_function``; the ``ceil(total *
+    sparsity_level)`` best over the whole model set a threshold, and each layer sends its
+    weights scoring at least that (see :mod:`jaxlayerx.sparse_selection` for ties, NaN and
+    zeros) as values, indices, shape and name (see :mod:`jaxlayerx.coo` for the layout).
+
+    ``pull_parameters`` writes exactly the sent entries and leaves every other weight as it
+    was. (fl4health rebuilds each sent layer as a dense tensor with zeros elsewhere: that
+    wipes the weights a client did not receive, which is never what a partial exchange wants.)
+
+    Args:
+      sparsity_level: the fraction of all weights to keep, in ``(0, 1]``.
+      score_gen_function: ``(model, initial_model) -> name -> scores of the layer's shape``,
+        called with the flat views of both (``initial_model`` may be ``None``), for example
+        :func:`jaxlayerx.largest_magnitude_change_scores`.
+
+    Raises:
+      ValueError: ``sparsity_level`` outside ``(0, 1]``. TypeError: not a number, or a
+        ``score_gen_function`` that is not callable.
+    """
+
+    def __init__(self, sparsity_level: float, score_gen_function: ScoreGenFunction) -> None:
+        validate_sparsity_level(sparsity_level)
+        if not callable(score_gen_function):
+            raise TypeError("score_gen_function must be callable")
+        self.sparsity_level = float(sparsity_level)
+        self.score_gen_function = score_gen_function
+
+    def generate_parameter_scores(self, model: Any, initial_model: Any = None) -> Mapping[str, Any]:
+        """The scores of every weight of ``model``, by layer name."""
+        return self.score_gen_function(flatten(model), None if initial_model is None else flatten(initial_model))
+
+    def select_parameters(
+        self, model: Any, initial_model: Any = None
+    ) -> tuple[NDArrays, tuple[NDArrays, NDArrays, list[str]]]:
+        """The kept weights as ``(values, (indices, shapes, names))``, layers in flatten order.
+
+        Raises:
+          KeyError, ValueError, TypeError: the scores do not match the model's layers.
+        """
+        initial = None if initial_model is None else flatten(initial_model)
+        return select_sparse_coo(self.score_gen_function, self.sparsity_level, flatten(model), initial)
+
+    def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
+        """The kept weights packed as ``values + indices + shapes + [names]``."""
+        values, additional_parameters = self.select_parameters(model, initial_model)
+        return self.pack_parameters(values, additional_parameters)
+
+    def pull_parameters(self, parameters: Sequence[np.ndarray], model: Model, config: Config | None = None) -> Model:
+        """Writes exactly the entries of a COO payload into ``model``; the payload is
+        checked whole (layout, bounds, repeats, names, shapes, dtypes) before anything changes."""
+        return merge_sparse_layers(model, read_coo(parameters))
+
+    def pack_parameters(
+        self, model_weights: Sequence[Any], additional_parameters: tuple[Sequence[Any], Sequence[Any], Sequence[str]]
+    ) -> NDArrays:
+        indices, shapes, names = additional_parameters
+        return pack_coo(model_weights, indices, shapes, names)
+
+    def unpack_parameters(self, packed_parameters: Sequence[np.ndarray]) -> tuple[NDArrays, tuple[NDArrays, NDArrays, list[str]]]:
+        return unpack_coo(packed_parameters)
 
 
 def _checked_layer_list(names: Sequence[str]) -> list[str]:

@@ -1,0 +1,120 @@
+"""Per-weight scores for sparse exchange (the super-mask criteria that fl4health ships).
+
+A score function maps ``(model, initial_model)`` to ``name -> float32 array of the layer's
+shape``; :class:`jaxlayerx.SparseCooParameterExchanger` keeps the weights of highest score.
+Both arguments may be models (anything :func:`jaxlayerx.flatten` takes) or flat views
+(``name -> array`` mappings, as inside ``jax.jit``/``jax.vmap``); the result is an ordered
+dict in the order of ``model``. Scores are computed in float32 by one jitted function.
+
+================================  =================================
+function                          score of a weight ``w`` (start ``w0``)
+================================  =================================
+largest_final_magnitude_scores    ``|w|``
+smallest_final_magnitude_scores   ``-|w|``
+largest_magnitude_change_scores   ``|w - w0|``
+smallest_magnitude_change_scores  ``-|w - w0|``
+largest_increase_in_magnitude     ``|w| - |w0|``
+smallest_increase_in_magnitude    ``|w0| - |w|``
+================================  =================================
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlayerx.selection import check_matching_layers
+from jaxlayerx.tree import flatten, is_array_leaf
+
+Scores = collections.OrderedDict
+ScoreGenFunction = Callable[[Any, Any], Mapping[str, jax.Array]]
+
+
+def flat_view(model: Any) -> Mapping[str, Any]:
+    """``model`` itself when it already is a flat ``name -> array`` mapping, else its flatten."""
+    if isinstance(model, Mapping) and all(is_array_leaf(value) for value in model.values()):
+        # An ordered copy: jax.jit would sort the keys of a plain dict.
+        return collections.OrderedDict(model)
+    return flatten(model)
+
+
+def largest_final_magnitude_scores(model: Any, initial_model: Any = None) -> Scores[str, jax.Array]:
+    """``|w|``: keeps the largest weights (``initial_model`` is not used)."""
+    return _final_magnitude(flat_view(model), negate=False)
+
+
+def smallest_final_magnitude_scores(model: Any, initial_model: Any = None) -> Scores[str, jax.Array]:
+    """``-|w|``: keeps the smallest weights (``initial_model`` is not used)."""
+    return _final_magnitude(flat_view(model), negate=True)
+
+
+def largest_magnitude_change_scores(model: Any, initial_model: Any) -> Scores[str, jax.Array]:
+    """``|w - w0|``: keeps the weights that moved most."""
+    return _change(*_flat_pair(model, initial_model, "largest_magnitude_change_scores"), negate=False)
+
+
+def smallest_magnitude_change_scores(model: Any, initial_model: Any) -> Scores[str, jax.Array]:
+    """``-|w - w0|``: keeps the weights that moved least."""
+    return _change(*_flat_pair(model, initial_model, "smallest_magnitude_change_scores"), negate=True)
+
+
+def largest_increase_in_magnitude_scores(model: Any, initial_model: Any) -> Scores[str, jax.Array]:
+    """``|w| - |w0|``: keeps the weights whose magnitude grew most."""
+    return _increase(*_flat_pair(model, initial_model, "largest_increase_in_magnitude_scores"), negate=False)
+
+
+def smallest_increase_in_magnitude_scores(model: Any, initial_model: Any) -> Scores[str, jax.Array]:
+    """``|w0| - |w|``: keeps the weights whose magnitude shrank most."""
+    return _increase(*_flat_pair(model, initial_model, "smallest_increase_in_magnitude_scores"), negate=True)
+
+
+#: The score functions by the names the ``jaxlayerx simulate`` command uses.
+SCORE_FUNCTIONS: dict[str, ScoreGenFunction] = {
+    "largest-final-magnitude": largest_final_magnitude_scores,
+    "smallest-final-magnitude": smallest_final_magnitude_scores,
+    "largest-magnitude-change": largest_magnitude_change_scores,
+    "smallest-magnitude-change": smallest_magnitude_change_scores,
+    "largest-magnitude-increase": largest_increase_in_magnitude_scores,
+    "smallest-magnitude-increase": smallest_increase_in_magnitude_scores,
+}
+
+
+def _flat_pair(model: Any, initial_model: Any, function: str) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    if initial_model is None:
+        raise ValueError(f"{function} needs initial_model: the model as it was at the start of the round")
+    current, initial = flat_view(model), flat_view(initial_model)
+    check_matching_layers(current, initial)
+    return current, initial
+
+
+def _as_float32(value: Any) -> jax.Array:
+    return jnp.asarray(value).astype(jnp.float32)
+
+
+def _signed(score: jax.Array, negate: bool) -> jax.Array:
+    return -score if negate else score
+
+
+@functools.partial(jax.jit, static_argnames="negate")
+def _final_magnitude(current, *, negate):
+    return Scores((name, _signed(jnp.abs(_as_float32(w)), negate)) for name, w in current.items())
+
+
+@functools.partial(jax.jit, static_argnames="negate")
+def _change(current, initial, *, negate):
+    return Scores(
+        (name, _signed(jnp.abs(_as_float32(w) - _as_float32(initial[name])), negate)) for name, w in current.items()
+    )
+
+
+@functools.partial(jax.jit, static_argnames="negate")
+def _increase(current, initial, *, negate):
+    return Scores(
+        (name, _signed(jnp.abs(_as_float32(w)) - jnp.abs(_as_float32(initial[name])), negate))
+        for name, w in current.items()
+    )
