@@ -67,7 +67,7 @@ class FedAvgDynamicLayer:
         contributions = _collect(results, self.weighted_aggregation)
         averages = {}
         for name in sorted(contributions):
-            weights, arrays = zip(*_canonical_order(contributions[name]))
+            weights, arrays = zip(*canonical_order(contributions[name]))
             averages[name] = _weighted_mean(list(arrays), list(weights))
         return averages
 
@@ -84,7 +84,9 @@ def masked_fedavg(
 
     Args:
       client_layers: ``name -> (C, *shape)`` arrays, client ``c``'s layer at index ``c``.
-      masks: ``name -> (C,)`` booleans, whether client ``c`` sent the layer.
+      masks: ``name -> (C,)`` booleans, whether client ``c`` sent the layer; or
+        ``name -> (C, *shape)`` booleans, whether it sent each weight (sparse exchange:
+        each weight is then averaged over the clients that sent it).
       num_examples: ``(C,)`` example counts (ignored when not ``weighted``).
       weighted: weight each client by its example count (else uniformly).
       fallback: ``name -> array`` used for layers that no client sent (or whose weights
@@ -92,7 +94,8 @@ def masked_fedavg(
 
     Returns:
       ``(averages, sent)``: ordered dicts of averaged layers (in their own dtypes) and of
-      booleans telling whether any client sent each layer with a positive weight.
+      booleans telling whether any client sent each layer (each weight, for per-weight
+      masks) with a positive weight.
 
     Raises:
       ValueError: a layer, mask, count or fallback without the shared leading client
@@ -106,11 +109,17 @@ def masked_fedavg(
     for name, stacked in client_layers.items():
         stacked = jnp.asarray(stacked)
         mask = jnp.asarray(masks[name], bool)
-        weights = jnp.where(mask, counts if weighted else 1.0, 0.0)
-        total = jnp.sum(weights)
         accumulate = _masked_accumulator(stacked.dtype)
-        summed = jnp.tensordot(weights.astype(accumulate), stacked.astype(accumulate), axes=1)
-        mean = _to_dtype(summed / jnp.where(total > 0, total, 1.0).astype(accumulate), stacked.dtype, jnp)
+        if mask.ndim == 1:
+            weights = jnp.where(mask, counts if weighted else 1.0, 0.0)
+            total = jnp.sum(weights)
+            summed = jnp.tensordot(weights.astype(accumulate), stacked.astype(accumulate), axes=1)
+        else:
+            per_client = (counts if weighted else jnp.ones_like(counts)).reshape((-1,) + (1,) * (mask.ndim - 1))
+            weights = jnp.where(mask, per_client, 0.0).astype(accumulate)
+            total = jnp.sum(weights, axis=0)
+            summed = jnp.sum(weights * stacked.astype(accumulate), axis=0)
+        mean = cast_mean(summed / jnp.where(total > 0, total, 1.0).astype(accumulate), stacked.dtype, jnp)
         default = jnp.zeros_like(mean) if fallback is None else jnp.asarray(fallback[name], mean.dtype)
         averages[name] = jnp.where(total > 0, mean, default)
         sent[name] = total > 0
@@ -130,8 +139,10 @@ def _check_stacked(
             raise ValueError(f"layer {name!r}: expected a leading client axis of {num_clients}, got shape {shape}")
         if name not in masks:
             raise unknown_layer(name, masks, what="the masks")
-        if jnp.shape(masks[name]) != (num_clients,):
-            raise ValueError(f"mask of layer {name!r}: expected shape ({num_clients},), got {jnp.shape(masks[name])}")
+        if jnp.shape(masks[name]) not in ((num_clients,), shape):
+            raise ValueError(
+                f"mask of layer {name!r}: expected shape ({num_clients},) or {shape}, got {jnp.shape(masks[name])}"
+            )
         if fallback is not None:
             if name not in fallback:
                 raise unknown_layer(name, fallback, what="the fallback")
@@ -160,7 +171,7 @@ def _collect(results: Sequence[tuple[NDArrays, int]], weighted: bool) -> dict[st
         if not isinstance(result, (list, tuple)) or len(result) != 2:
             raise ValueError(f"client {client}: expected a (payload, num_examples) pair")
         payload, num_examples = result
-        _check_num_examples(client, num_examples)
+        check_num_examples(client, num_examples)
         try:
             weights, names = unpack_layers(payload)
         except (ValueError, TypeError) as error:
@@ -169,7 +180,7 @@ def _collect(results: Sequence[tuple[NDArrays, int]], weighted: bool) -> dict[st
             _check_consistent(name, client, array, first_sender.setdefault(name, (client, array)))
             contributions.setdefault(name, []).append((float(num_examples) if weighted else 1.0, array))
     for name, items in contributions.items():
-        _check_numeric(name, items[0][1].dtype)
+        check_numeric(name, items[0][1].dtype)
         if sum(weight for weight, _ in items) <= 0:
             raise ValueError(f"layer {name!r}: the clients that sent it have zero examples in total")
     return contributions
@@ -184,7 +195,7 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_num_examples(client: int, num_examples: Any) -> None:
+def check_num_examples(client: int, num_examples: Any) -> None:
     if not _is_integer(num_examples):
         raise TypeError(f"client {client}: num_examples must be an integer, got {num_examples!r}")
     if num_examples < 0:
@@ -205,28 +216,32 @@ def _check_consistent(name: str, client: int, array: np.ndarray, first: tuple[in
         )
 
 
-def _check_numeric(name: str, dtype: np.dtype) -> None:
+def check_numeric(name: str, dtype: np.dtype) -> None:
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_):
         raise TypeError(f"layer {name!r} has dtype {dtype}, which cannot be averaged")
 
 
-def _canonical_order(items: list[tuple[float, np.ndarray]]) -> list[tuple[float, np.ndarray]]:
-    """Sorts contributions by content, so the summation order ignores arrival order.
+def canonical_order(items: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Sorts ``(weight, *arrays)`` contributions by content, so the summation order
+    ignores arrival order.
 
-    Ordered by weight, then by the bytes of the first elements; contributions still tied
-    are ordered by their full bytes unless they are identical (then any order sums alike).
+    Ordered by weight, then by the bytes of the arrays' first elements; contributions still
+    tied are ordered by their full bytes unless they are identical (then any order sums alike).
     """
 
-    def key(item: tuple[float, np.ndarray]) -> tuple[float, bytes]:
-        weight, array = item
-        return weight, array.reshape(-1)[:_PREFIX_ELEMENTS].tobytes()
+    def key(item: tuple[Any, ...]) -> tuple[Any, ...]:
+        weight, *arrays = item
+        return (weight, *(array.reshape(-1)[:_PREFIX_ELEMENTS].tobytes() for array in arrays))
+
+    def same(one: tuple[Any, ...], other: tuple[Any, ...]) -> bool:
+        return all(np.array_equal(a, b) for a, b in zip(one[1:], other[1:]))
 
     keyed = sorted(((key(item), item) for item in items), key=lambda pair: pair[0])
-    result: list[tuple[float, np.ndarray]] = []
+    result: list[tuple[Any, ...]] = []
     for _, run in itertools.groupby(keyed, key=lambda pair: pair[0]):
         group = [item for _, item in run]
-        if len(group) > 1 and not all(np.array_equal(group[0][1], other) for _, other in group[1:]):
-            group = sorted(group, key=lambda item: item[1].tobytes())
+        if len(group) > 1 and not all(same(group[0], other) for other in group[1:]):
+            group = sorted(group, key=lambda item: tuple(array.tobytes() for array in item[1:]))
         result.extend(group)
     return result
 
@@ -239,7 +254,7 @@ def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray
     client array is read from memory once and no layer-sized stack is ever built.
     """
     dtype = arrays[0].dtype
-    accumulate = np.float32 if _is_floating(dtype) and dtype != np.float64 else np.float64
+    accumulate = host_accumulator(dtype)
     flat = [array.reshape(-1) for array in arrays]
     scale = np.asarray(weights, accumulate)
     size = flat[0].size
@@ -253,7 +268,13 @@ def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray
             row[...] = array[start:stop]
         np.dot(scale, rows, out=summed[start:stop])
     summed /= accumulate(sum(weights))
-    return _to_dtype(summed.reshape(arrays[0].shape), dtype, np)
+    return cast_mean(summed.reshape(arrays[0].shape), dtype, np)
+
+
+def host_accumulator(dtype: Any) -> type:
+    """The host dtype a layer's average is summed in: float32 for floating layers up to
+    32 bits, float64 for float64, integer and boolean layers."""
+    return np.float32 if _is_floating(dtype) and dtype != np.float64 else np.float64
 
 
 @functools.lru_cache(maxsize=64)
@@ -262,7 +283,7 @@ def _is_floating(dtype: Any) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
-def _to_dtype(mean: Any, dtype: Any, xp: Any) -> Any:
+def cast_mean(mean: Any, dtype: Any, xp: Any) -> Any:
     """Casts an average back to the layer's dtype, rounding for integer and bool layers."""
     if not _is_floating(dtype):
         mean = xp.rint(mean)

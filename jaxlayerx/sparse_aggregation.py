@@ -1,0 +1,118 @@
+"""Server-side averaging of sparse COO payloads: each weight over the clients that sent it.
+
+A weight's average is ``sum_i w_i x_i / sum_i w_i`` over the clients ``i`` that sent that
+weight, ``w_i`` the client's number of examples (1 when not weighted), with the dtype rules
+of :class:`jaxlayerx.FedAvgDynamicLayer`. fl4health's ``FedAvgSparseCooTensor`` instead
+averages each tensor over the clients that sent any of it, counting the entries a client
+did not send as zeros; that shrinks every weight towards zero by the share of clients that
+did not pick it, so jaxlayerx does not follow it there.
+
+The per-weight masked form, for stacked clients inside ``jax.jit``, is
+:func:`jaxlayerx.masked_fedavg` with masks of each layer's shape.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxlayerx.aggregation import canonical_order, cast_mean, check_num_examples, check_numeric, host_accumulator
+from jaxlayerx.coo import SparseLayer, read_coo
+from jaxlayerx.packing import NDArrays
+
+
+class FedAvgSparseCooTensor:
+    """Averages sparse COO payloads weight by weight (see the module docstring).
+
+    Args:
+      weighted_aggregation: weight each client by its number of examples (else uniformly).
+    """
+
+    def __init__(self, weighted_aggregation: bool = True) -> None:
+        self.weighted_aggregation = bool(weighted_aggregation)
+
+    def aggregate(self, results: Sequence[tuple[NDArrays, int]]) -> collections.OrderedDict[str, SparseLayer]:
+        """Averages the weights of COO client payloads.
+
+        Args:
+          results: one ``(payload, num_examples)`` per client, each payload in the layout of
+            :func:`jaxlayerx.pack_coo`.
+
+        Returns:
+          ``name -> SparseLayer`` for every layer some client sent, sorted by name: the
+          averages at every entry some client sent, in row-major order. Pack it for the
+          clients with :func:`jaxlayerx.write_coo`; apply it to a model with
+          :func:`jaxlayerx.merge_sparse_layers`. The result is bit-identical for any order
+          of ``results``.
+
+        Raises:
+          ValueError: a malformed payload or example count (naming the client); one layer
+            name with different shapes from two clients (naming both); a weight whose
+            senders' weights sum to zero.
+          TypeError: one layer name with different value dtypes from two clients; values
+            that cannot be averaged.
+        """
+        contributions, shapes = self._collect(results)
+        return collections.OrderedDict(
+            (name, _sparse_mean(name, canonical_order(contributions[name]), shapes[name]))
+            for name in sorted(contributions)
+        )
+
+    def _collect(self, results: Sequence[tuple[NDArrays, int]]):
+        """Reads and checks every payload; ``name -> [(weight, values, flat indices)]`` and shapes."""
+        if not isinstance(results, (list, tuple)):
+            raise TypeError(f"results must be a list of (payload, num_examples), got {type(results).__name__}")
+        contributions: dict[str, list[tuple[float, np.ndarray, np.ndarray]]] = {}
+        first: dict[str, tuple[int, SparseLayer]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for client, result in enumerate(results):
+            if not isinstance(result, (list, tuple)) or len(result) != 2:
+                raise ValueError(f"client {client}: expected a (payload, num_examples) pair")
+            payload, num_examples = result
+            check_num_examples(client, num_examples)
+            try:
+                layers = read_coo(payload)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"client {client}: {error}") from error
+            weight = float(num_examples) if self.weighted_aggregation else 1.0
+            for name, layer in layers.items():
+                _check_consistent(name, client, layer, first.setdefault(name, (client, layer)))
+                shapes[name] = layer.shape
+                contributions.setdefault(name, []).append((weight, layer.values, layer.flat_indices))
+        for name, items in contributions.items():
+            check_numeric(name, items[0][1].dtype)
+        return contributions, shapes
+
+
+def _check_consistent(name: str, client: int, layer: SparseLayer, first: tuple[int, SparseLayer]) -> None:
+    first_client, first_layer = first
+    if layer.shape != first_layer.shape:
+        raise ValueError(
+            f"layer {name!r} arrives with different shapes: client {first_client} sent "
+            f"{first_layer.shape}, client {client} sent {layer.shape}"
+        )
+    if layer.values.dtype != first_layer.values.dtype:
+        raise TypeError(
+            f"layer {name!r} arrives with different dtypes: client {first_client} sent "
+            f"{first_layer.values.dtype}, client {client} sent {layer.values.dtype}"
+        )
+
+
+def _sparse_mean(name: str, items: list[tuple[float, np.ndarray, np.ndarray]], shape: tuple[int, ...]) -> SparseLayer:
+    """The weighted mean of each entry over the contributions that hold it, summed in
+    ``items`` order in the layer's host accumulator dtype."""
+    dtype = items[0][1].dtype
+    accumulate = host_accumulator(dtype)
+    size = int(np.prod(shape, dtype=np.int64))
+    summed = np.zeros(size, accumulate)
+    total = np.zeros(size, accumulate)
+    for weight, values, flat in items:
+        summed[flat] += accumulate(weight) * values.astype(accumulate, copy=False)
+        total[flat] += accumulate(weight)
+    entries = np.flatnonzero(total != 0)
+    silent = [flat for weight, _, flat in items if weight == 0]
+    if silent and not np.isin(np.concatenate(silent), entries).all():
+        raise ValueError(f"layer {name!r}: some weights were sent only by clients with zero examples")
+    return SparseLayer(cast_mean(summed[entries] / total[entries], dtype, np), entries, shape)
