@@ -36,7 +36,12 @@ PERCENTAGE = 0.25  # ceil(10 * 0.25) = 3, where round() and floor() both give 2
 OPTIONS = [
     "--exchangers", "--clients", "--rounds", "--local-steps", "--local-epochs", "--batch-size", "--learning-rate",
     "--momentum", "--beta", "--test-fraction", "--seed", "--unweighted", "--layers", "--norm-threshold",
-    "--exchange-percentage", "--normalize", "--no-normalize", "--select-drift-less", "--out", "--no-progress",
+    "--exchange-percentage", "--normalize", "--no-normalize", "--select-drift-less", "--sparsity-level", "--out",
+    "--no-progress",
+]
+SPARSE_EXCHANGERS = [
+    "sparse-largest-final-magnitude", "sparse-smallest-final-magnitude", "sparse-largest-magnitude-change",
+    "sparse-smallest-magnitude-change", "sparse-largest-magnitude-increase", "sparse-smallest-magnitude-increase",
 ]
 
 
@@ -225,6 +230,39 @@ def test_dynamic_percentage_one_sends_every_layer_and_its_names(tmp_path):
         assert record["upload_bytes"] == CLIENTS * (MODEL_BYTES + np.array(list(LAYERS)).nbytes)
 
 
+def layer_ndims() -> dict[str, int]:
+    variables = MLP(num_classes=10).init(jax.random.key(0), jnp.ones((1, 64)))
+    leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
+    return {"/".join(str(k.key) for k in path): np.ndim(leaf) for path, leaf in leaves}
+
+
+def test_sparse_exchangers_send_weights_in_coo_form(tmp_path):
+    """Every sparse kind runs; a client's upload is a COO payload of at least
+    ceil(total * 0.2) float32 weights, each with one int64 index per dimension."""
+    folder = tmp_path / "run"
+    argv = ["compare", "--exchangers", ",".join(SPARSE_EXCHANGERS), "--sparsity-level", "0.2", "--out", str(folder), *TINY]
+    code, out, _ = run_in_process(argv)
+    assert code == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert set(metrics) == set(SPARSE_EXCHANGERS)
+    assert {spec["sparsity_level"] for spec in config["exchangers"]} == {0.2}
+    ndims = layer_ndims()
+    total = sum(nbytes // 4 for nbytes in LAYERS.values())  # float32 weights
+    kept = math.ceil(total * 0.2)
+    # Per weight: 4 value bytes + 8 per index dimension (1 to 2 here); per sent layer: its
+    # shape (8 bytes per dimension) and its name (at most every name in the names array).
+    smallest = kept * (4 + 8 * min(ndims.values())) + 8 * min(ndims.values())
+    largest = total * (4 + 8 * max(ndims.values())) + 8 * sum(ndims.values()) + names_nbytes(LAYERS)
+    for kind in SPARSE_EXCHANGERS:
+        first = metrics[kind][0]
+        assert first["download_bytes"] == CLIENTS * MODEL_BYTES  # round 1: the whole model, dense
+        for record in metrics[kind]:
+            assert CLIENTS * smallest <= record["upload_bytes"] <= CLIENTS * largest, kind
+            assert all(1 <= k <= len(LAYERS) for k in record["layers_sent"]), kind
+        assert kind in out
+
+
 # -- reproducibility ---------------------------------------------------------------------
 
 
@@ -275,8 +313,13 @@ def test_console_script_simulate(tmp_path):
         (["--rounds", "0"], ["rounds"]),
         (["--beta", "0"], ["beta"]),
         (["--exchangers", "full,fixed", "--layers", "params/Dense_9/*"], ["params/Dense_9/*"]),
+        (["--sparsity-level", "0", "--exchangers", "sparse-largest-magnitude-change"], ["sparsity_level", "(0, 1]"]),
+        (["--sparsity-level", "1.5"], ["sparsity_level", "1.5"]),
     ],
-    ids=["percentage-0", "percentage-1.5", "threshold-neg", "threshold-0", "clients-0", "rounds-0", "beta-0", "layers-glob"],
+    ids=[
+        "percentage-0", "percentage-1.5", "threshold-neg", "threshold-0", "clients-0", "rounds-0", "beta-0",
+        "layers-glob", "sparsity-0", "sparsity-1.5",
+    ],
 )
 def test_bad_option_in_process(args, needles, tmp_path, capsys):
     folder = tmp_path / "run"
@@ -292,7 +335,7 @@ def test_unknown_exchanger_lists_the_valid_ones(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 2
     line = assert_one_error_line(captured.out, captured.err, "fedprox")
-    for kind in ALL_EXCHANGERS:
+    for kind in ALL_EXCHANGERS + SPARSE_EXCHANGERS:
         assert kind in line
 
 

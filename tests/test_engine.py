@@ -81,6 +81,64 @@ def test_masked_round_equals_packed_replay(data, spec):
     assert sorted(averaged) == sorted(n for n, flag in second.state.pull_mask.items() if bool(flag))
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ExchangerSpec("sparse-largest-magnitude-change", sparsity_level=0.1),
+        ExchangerSpec("sparse-smallest-final-magnitude", sparsity_level=0.3),
+        ExchangerSpec("sparse-largest-magnitude-increase", sparsity_level=0.05),
+    ],
+    ids=["largest-change", "smallest-final", "largest-increase"],
+)
+def test_masked_sparse_round_equals_packed_replay(data, spec):
+    """Round 2 replayed client by client through SparseCooParameterExchanger and
+    FedAvgSparseCooTensor gives the starts, the kept weights and the global model of the
+    vmapped round; the bytes it records are those of the real payloads."""
+    simulation = Simulation(spec, SimulationConfig(rounds=2, local_steps=3, batch_size=8, seed=5), data)
+    like = simulation.initial_variables
+    first = simulation.round(simulation.init_state(), 1)
+    second = simulation.round(first.state, 2)
+    exchanger = jlx.SparseCooParameterExchanger(spec.sparsity_level, spec.score_function)
+
+    # The server's round-1 payload: exactly the weights some client sent, in COO form.
+    server_payload = coo_payload(first.state.global_layers, first.state.pull_mask)
+    results, upload = [], []
+    for client in range(data.num_clients):
+        pulled = exchanger.pull_parameters(server_payload, client_model(first.trained_layers, client, like))
+        for name, value in jlx.flatten(pulled).items():
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(second.start_layers[name][client]), err_msg=name)
+        trained = client_model(second.trained_layers, client, like)
+        start = client_model(second.start_layers, client, like)
+        payload = exchanger.push_parameters(trained, initial_model=start)
+        kept = {name: np.zeros(np.shape(value), bool) for name, value in jlx.flatten(trained).items()}
+        for name, layer in jlx.read_coo(payload).items():
+            kept[name].reshape(-1)[layer.flat_indices] = True
+        for name, mask in second.send_masks.items():
+            np.testing.assert_array_equal(kept[name], np.asarray(mask[client]), err_msg=name)
+        results.append((payload, int(data.n_train[client])))
+        upload.append(jlx.payload_nbytes(payload))
+
+    averaged = jlx.FedAvgSparseCooTensor(weighted_aggregation=True).aggregate(results)
+    server = jlx.merge_sparse_layers(jlx.unflatten(first.state.global_layers, like=like), averaged)
+    for name, value in jlx.flatten(server).items():
+        np.testing.assert_allclose(np.asarray(second.state.global_layers[name]), value, rtol=1e-6, atol=1e-7, err_msg=name)
+    for name, layer in averaged.items():
+        np.testing.assert_array_equal(np.flatnonzero(np.asarray(second.state.pull_mask[name])), layer.flat_indices)
+    record = simulation._record(2, second, np.array([np.count_nonzero(m) for m in first.state.pull_mask.values()]))
+    assert record["upload_bytes"] == sum(upload)
+    assert record["download_bytes"] == data.num_clients * jlx.payload_nbytes(server_payload)
+
+
+def coo_payload(layers, masks):
+    """The COO payload of ``layers`` at the entries ``masks`` marks (the server's answer)."""
+    sparse = {}
+    for name, mask in masks.items():
+        flat = np.flatnonzero(np.asarray(mask))
+        if flat.size:
+            sparse[name] = jlx.SparseLayer(np.asarray(layers[name]).reshape(-1)[flat], flat, tuple(np.shape(layers[name])))
+    return jlx.write_coo(sparse)
+
+
 def test_static_exchanger_keeps_unexchanged_layers_local(data):
     """FedBN: BatchNorm layers never leave a client, everything else is the server's average."""
     simulation = Simulation(ExchangerSpec("exclude-bn"), SimulationConfig(rounds=2, local_steps=3, batch_size=8), data)
@@ -129,7 +187,7 @@ def run_simulation_process(kind, devices):
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", ["full", "dynamic-percentage"])
+@pytest.mark.parametrize("kind", ["full", "dynamic-percentage", "sparse-largest-magnitude-change"])
 def test_sharded_clients_give_the_same_numbers(kind):
     one = run_simulation_process(kind, devices=1)
     four = run_simulation_process(kind, devices=4)

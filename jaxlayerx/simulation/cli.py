@@ -70,6 +70,10 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
     exchange.add_argument("--exchange-percentage", type=float, default=0.5, help="dynamic-percentage: share of layers sent, in (0, 1] (default: 0.5)")
     exchange.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True, help="divide each drift by the layer's size (default: on)")
     exchange.add_argument("--select-drift-less", action="store_true", help="send the layers that drifted least instead of most")
+    exchange.add_argument(
+        "--sparsity-level", type=float, default=0.1,
+        help="sparse-*: fraction of all weights sent each round, in (0, 1]; bytes count the COO indices (default: 0.1)",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=pathlib.Path, default=None, help="run folder (default: runs/<command>-<timestamp>)")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -91,6 +95,7 @@ def specs_from_args(args: argparse.Namespace) -> list[ExchangerSpec]:
             exchange_percentage=args.exchange_percentage,
             normalize=args.normalize,
             select_drift_more=not args.select_drift_less,
+            sparsity_level=args.sparsity_level,
         )
         for name in names
     ]

@@ -6,11 +6,13 @@ One round:
    layers in round 1; then the exchanged layers, so the others stay local as in FedBN and
    FedPer; for dynamic exchangers, the layers the server aggregated last round);
 2. it trains ``local_steps`` SGD steps (or ``local_epochs``) on batches of its own data;
-3. it picks the layers to send: the exchanger's fixed set, or the core's drift masks
+3. it picks what to send: the exchanger's fixed set, the core's drift masks
    (:func:`jaxlayerx.drift_norms` with :func:`jaxlayerx.threshold_mask` or
-   :func:`jaxlayerx.percentage_mask`: the same rules as the packed path);
-4. the server averages each layer over its senders (:func:`jaxlayerx.masked_fedavg`);
-   layers nobody sent keep their previous global value.
+   :func:`jaxlayerx.percentage_mask`), or for sparse kinds single weights
+   (:func:`jaxlayerx.sparse_masks` over a score function): the same rules as the packed path;
+4. the server averages each layer (each weight, for sparse kinds) over its senders
+   (:func:`jaxlayerx.masked_fedavg`); what nobody sent keeps its previous global value.
+   Sparse kinds then send back exactly the weights they averaged, in COO form.
 
 With several JAX devices, the client axis is sharded across them.
 """
@@ -33,7 +35,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlayerx.aggregation import masked_fedavg
+from jaxlayerx.coo import coo_nbytes
 from jaxlayerx.selection import drift_norms, percentage_mask, threshold_mask
+from jaxlayerx.sparse_selection import sparse_masks
 from jaxlayerx.simulation.data import ClientData
 from jaxlayerx.simulation.exchange import ExchangerSpec
 from jaxlayerx.simulation.models import MLP
@@ -133,7 +137,10 @@ class Simulation:
         self.exchanger = spec.make_exchanger(self.module, self.initial_variables, example)
         static = spec.static_layers(self.exchanger, self.initial_variables)
         self.static_mask = None if static is None else Flat((n, n in static) for n in self.layer_names)
-        self.layer_nbytes = np.array([int(np.prod(s.shape)) * s.dtype.itemsize for s in flatten(self.template).values()])
+        abstract_layers = list(flatten(self.template).values())
+        self.layer_shapes = [tuple(layer.shape) for layer in abstract_layers]
+        self.layer_itemsizes = [layer.dtype.itemsize for layer in abstract_layers]
+        self.layer_nbytes = np.array([math.prod(shape) * size for shape, size in zip(self.layer_shapes, self.layer_itemsizes)])
         self._client_sharding, self._replicated = _shardings(data.num_clients)
         self._arrays = self._device_data()
         self._round = jax.jit(self._round_fn)
@@ -143,7 +150,8 @@ class Simulation:
         global_layers = flatten(self.initial_variables)
         clients = self.data.num_clients
         client_layers = Flat((n, jnp.broadcast_to(v, (clients, *v.shape))) for n, v in global_layers.items())
-        pull_mask = Flat((n, jnp.asarray(True)) for n in global_layers)
+        # Sparse kinds pull weight by weight: their masks have the layers' shapes from the start.
+        pull_mask = Flat((n, jnp.ones(v.shape if self.spec.sparse else (), bool)) for n, v in global_layers.items())
         return SimulationState(global_layers, self._place_clients(client_layers), pull_mask)
 
     def round(self, state: SimulationState, round_index: int) -> RoundOutput:
@@ -160,7 +168,7 @@ class Simulation:
         state = self.init_state()
         for round_index in range(1, self.config.rounds + 1):
             start = time.perf_counter()
-            pulled = np.asarray(jax.device_get(list(state.pull_mask.values())), dtype=bool)
+            pulled = np.array([np.count_nonzero(mask) for mask in jax.device_get(list(state.pull_mask.values()))])
             output = self.round(state, round_index)
             record = self._record(round_index, output, pulled)
             record["wall_seconds"] = time.perf_counter() - start
@@ -187,7 +195,7 @@ class Simulation:
             "global_loss": global_loss,
             "global_accuracy": global_accuracy,
             "local_accuracy": local_accuracy,
-            "send_masks": jnp.stack([masks[n] for n in masks], axis=1),
+            "send_counts": jnp.stack([masks[n].reshape(masks[n].shape[0], -1).sum(axis=1) for n in masks], axis=1),
         }
         new_state = SimulationState(averages, trained, next_pull)
         return RoundOutput(new_state, starts, trained, masks, metrics)
@@ -237,6 +245,8 @@ class Simulation:
     def _send_mask(self, trained: Flat, start: Flat) -> Flat:
         if self.static_mask is not None:
             return self._static_mask_arrays()
+        if self.spec.sparse:
+            return sparse_masks(self.spec.score_function(trained, start), trained, self.spec.sparsity_level)
         norms = drift_norms(trained, start, normalize=self.spec.normalize)
         if self.spec.kind == "dynamic-threshold":
             return threshold_mask(norms, self.spec.norm_threshold, select_drift_more=self.spec.select_drift_more)
@@ -257,10 +267,11 @@ class Simulation:
     # -- host side -------------------------------------------------------------------------
 
     def _record(self, round_index: int, output: RoundOutput, pulled: np.ndarray) -> dict[str, Any]:
+        """The round's metrics; ``pulled`` counts the values each layer's download holds."""
         metrics = jax.device_get(output.metrics)
-        send_masks = np.asarray(metrics["send_masks"], bool)  # (clients, layers)
-        upload = [self._payload_bytes(row) for row in send_masks]
-        download = self._payload_bytes(pulled, names=self.spec.dynamic and round_index > 1)
+        send_counts = np.asarray(metrics["send_counts"])  # (clients, layers): values sent
+        upload = [self._upload_bytes(row) for row in send_counts]
+        download = self._download_bytes(pulled, round_index)
         return {
             "round": round_index,
             "global_accuracy": float(metrics["global_accuracy"]),
@@ -269,18 +280,41 @@ class Simulation:
             "local_accuracy": [float(a) for a in metrics["local_accuracy"]],
             "upload_bytes": int(sum(upload)),
             "download_bytes": int(download * self.data.num_clients),
-            "layers_sent": [int(row.sum()) for row in send_masks],
+            "layers_sent": [int(np.count_nonzero(row)) for row in send_counts],
         }
 
-    def _payload_bytes(self, mask: np.ndarray, names: bool | None = None) -> int:
-        """Exact bytes of the payload holding the masked layers (names array included for
-        dynamic exchangers), as :func:`jaxlayerx.payload_nbytes` counts them."""
-        names = self.spec.dynamic if names is None else names
+    def _upload_bytes(self, counts: np.ndarray) -> int:
+        """Exact bytes of one client's payload, as :func:`jaxlayerx.payload_nbytes` counts them."""
+        if self.spec.sparse:
+            return self._coo_bytes(counts)
+        return self._dense_bytes(counts > 0, names=self.spec.dynamic)
+
+    def _download_bytes(self, pulled: np.ndarray, round_index: int) -> int:
+        """Exact bytes of the server's payload to one client: the whole model, unnamed, in
+        round 1; then what the exchanger sends back."""
+        if round_index == 1:
+            return self._dense_bytes(pulled > 0, names=False)
+        if self.spec.sparse:
+            return self._coo_bytes(pulled)
+        return self._dense_bytes(pulled > 0, names=self.spec.dynamic)
+
+    def _dense_bytes(self, mask: np.ndarray, names: bool) -> int:
+        """The masked layers, plus their names array when ``names``."""
         arrays = int(self.layer_nbytes[mask].sum())
         if not names:
             return arrays
         selected = [name for name, keep in zip(self.layer_names, mask) if keep]
         return arrays + np.array(selected, dtype=np.str_).nbytes
+
+    def _coo_bytes(self, counts: np.ndarray) -> int:
+        """The COO payload holding ``counts[i]`` values of layer ``i`` (layers with none are not sent)."""
+        sent = np.flatnonzero(counts)
+        return coo_nbytes(
+            [int(counts[i]) for i in sent],
+            [self.layer_shapes[i] for i in sent],
+            [self.layer_itemsizes[i] for i in sent],
+            [self.layer_names[i] for i in sent],
+        )
 
     def _device_data(self) -> tuple[jax.Array, ...]:
         data = self.data
