@@ -670,6 +670,9 @@ def test_constructor_checks():
         ExchangerClient(variables, object(), no_train)
     with pytest.raises(TypeError, match="pull_parameters method, got _PushOnly"):
         ExchangerClient(variables, _PushOnly(), no_train)
+    sparse = jaxlayerx.SparseCooParameterExchanger(0.1, jaxlayerx.largest_magnitude_change_scores)
+    with pytest.raises(TypeError, match="sparse COO payloads need a sparse server strategy"):
+        ExchangerClient(variables, sparse, no_train)
     assert_layers(ref_flat(variables), before)
 
 

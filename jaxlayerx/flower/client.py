@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
 from jaxlayerx.aggregation import is_example_count
+from jaxlayerx.exchangers import SparseCooParameterExchanger
 from jaxlayerx.flower.payloads import conform_payload, named_payload
 from jaxlayerx.packing import NDArrays, is_packed, pack_layers, payload_nbytes, to_numpy
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, merge_layers
@@ -75,6 +76,12 @@ class ExchangerClient(NumPyClient):
         for method in ("push_parameters", "pull_parameters"):
             if not callable(getattr(exchanger, method, None)):
                 raise TypeError(f"exchanger must have a {method} method, got {type(exchanger).__name__}")
+        if isinstance(exchanger, SparseCooParameterExchanger):
+            raise TypeError(
+                "ExchangerClient exchanges whole layers; sparse COO payloads need a sparse server "
+                "strategy, which jaxlayerx.flower does not provide yet (use SparseCooParameterExchanger "
+                "with FedAvgSparseCooTensor directly)"
+            )
         self.model = model
         self.exchanger = exchanger
         self.train_fn = train_fn
