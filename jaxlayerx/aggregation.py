@@ -110,15 +110,17 @@ def masked_fedavg(
         stacked = jnp.asarray(stacked)
         mask = jnp.asarray(masks[name], bool)
         accumulate = _masked_accumulator(stacked.dtype)
+        # What a client did not send must not reach the sum, even as 0 * inf or 0 * NaN.
+        sent_values = jnp.where(mask.reshape(mask.shape + (1,) * (stacked.ndim - mask.ndim)), stacked, 0)
         if mask.ndim == 1:
             weights = jnp.where(mask, counts if weighted else 1.0, 0.0)
             total = jnp.sum(weights)
-            summed = jnp.tensordot(weights.astype(accumulate), stacked.astype(accumulate), axes=1)
+            summed = jnp.tensordot(weights.astype(accumulate), sent_values.astype(accumulate), axes=1)
         else:
             per_client = (counts if weighted else jnp.ones_like(counts)).reshape((-1,) + (1,) * (mask.ndim - 1))
             weights = jnp.where(mask, per_client, 0.0).astype(accumulate)
             total = jnp.sum(weights, axis=0)
-            summed = jnp.sum(weights * stacked.astype(accumulate), axis=0)
+            summed = jnp.sum(weights * sent_values.astype(accumulate), axis=0)
         mean = cast_mean(summed / jnp.where(total > 0, total, 1.0).astype(accumulate), stacked.dtype, jnp)
         default = jnp.zeros_like(mean) if fallback is None else jnp.asarray(fallback[name], mean.dtype)
         averages[name] = jnp.where(total > 0, mean, default)

@@ -816,7 +816,7 @@ def test_masked_fedavg_rejects_misaligned_shapes_instead_of_broadcasting():
     counts = jnp.array([1, 2, 3])
     with pytest.raises(ValueError, match=r"layer 'w': expected a leading client axis of 2"):
         masked_fedavg(layers, masks, jnp.array([1, 2]))  # 2 counts, 3 clients
-    with pytest.raises(ValueError, match=r"mask of layer 'w': expected shape \(3,\), got \(1,\)"):
+    with pytest.raises(ValueError, match=r"mask of layer 'w': expected shape \(3,\) or \(3, 2\), got \(1,\)"):
         masked_fedavg(layers, {**masks, "w": jnp.array([True])}, counts)  # would broadcast
     with pytest.raises(KeyError, match=r"layer 'b' is not in the masks"):
         masked_fedavg(layers, {"w": masks["w"]}, counts)
@@ -828,3 +828,13 @@ def test_masked_fedavg_rejects_misaligned_shapes_instead_of_broadcasting():
     # the function a plain dict with sorted keys, so 'b' is checked first there).
     with pytest.raises(ValueError, match=r"layer 'b': expected a leading client axis of 2"):
         jax.jit(masked_fedavg)(layers, masks, jnp.array([1, 2]))
+
+
+def test_masked_fedavg_a_layer_not_sent_never_reaches_the_sum_even_as_nan_or_inf():
+    # Client 1 diverged (NaN, inf) but did not send "w": the average is client 0's and 2's,
+    # (1 * 1 + 3 * 5) / 4 = 4 and (1 * 2 + 3 * 6) / 4 = 5.
+    layers = {"w": jnp.array([[1.0, 2.0], [np.nan, np.inf], [5.0, 6.0]])}
+    masks = {"w": jnp.array([True, False, True])}
+    averages, sent = masked_fedavg(layers, masks, jnp.array([1, 7, 3]))
+    np.testing.assert_array_equal(np.asarray(averages["w"]), [4.0, 5.0])
+    assert bool(sent["w"])
