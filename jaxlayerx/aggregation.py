@@ -110,22 +110,30 @@ def masked_fedavg(
         stacked = jnp.asarray(stacked)
         mask = jnp.asarray(masks[name], bool)
         accumulate = _masked_accumulator(stacked.dtype)
-        # What a client did not send must not reach the sum, even as 0 * inf or 0 * NaN.
-        sent_values = jnp.where(mask.reshape(mask.shape + (1,) * (stacked.ndim - mask.ndim)), stacked, 0)
-        if mask.ndim == 1:
-            weights = jnp.where(mask, counts if weighted else 1.0, 0.0)
-            total = jnp.sum(weights)
-            summed = jnp.tensordot(weights.astype(accumulate), sent_values.astype(accumulate), axes=1)
-        else:
-            per_client = (counts if weighted else jnp.ones_like(counts)).reshape((-1,) + (1,) * (mask.ndim - 1))
-            weights = jnp.where(mask, per_client, 0.0).astype(accumulate)
-            total = jnp.sum(weights, axis=0)
-            summed = jnp.sum(weights * sent_values.astype(accumulate), axis=0)
+        summed, total = _masked_sums(stacked, mask, counts if weighted else jnp.ones_like(counts), accumulate)
         mean = cast_mean(summed / jnp.where(total > 0, total, 1.0).astype(accumulate), stacked.dtype, jnp)
         default = jnp.zeros_like(mean) if fallback is None else jnp.asarray(fallback[name], mean.dtype)
         averages[name] = jnp.where(total > 0, mean, default)
         sent[name] = total > 0
     return averages, sent
+
+
+def _masked_sums(stacked: jax.Array, mask: jax.Array, counts: jax.Array, accumulate: Any) -> tuple[jax.Array, jax.Array]:
+    """``sum_c w_c x_c`` and ``sum_c w_c`` over the clients (the weights) that sent, with
+    ``w_c = counts[c]`` where ``mask[c]`` is set and 0 elsewhere.
+
+    One term per client, added in client order: XLA fuses it into one elementwise pass over
+    the clients' arrays (on CPU several times faster than a dot or a reduction over the
+    client axis), and what a client did not send never reaches the sum, even as NaN or inf.
+    """
+    summed = jnp.zeros(stacked.shape[1:], accumulate)
+    total = jnp.zeros(mask.shape[1:], accumulate)
+    for client in range(stacked.shape[0]):
+        sent = mask[client]
+        weight = jnp.where(sent, counts[client], 0).astype(accumulate)
+        summed = summed + jnp.where(sent, weight * stacked[client].astype(accumulate), 0)
+        total = total + weight
+    return summed, total
 
 
 def _check_stacked(
