@@ -18,6 +18,7 @@ integer dtype. Nothing is an ``object`` array: payloads survive
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -123,6 +124,8 @@ def _read_layer(name: str, values: Any, indices: Any, shape: Any) -> SparseLayer
     if (shape < 0).any():
         raise ValueError(f"layer {name!r}: negative entry in shape {shape.tolist()}")
     dims = tuple(int(d) for d in shape)
+    if math.prod(dims) >= 2**63:
+        raise ValueError(f"layer {name!r}: shape {dims} has more entries than an int64 flat index can address")
     if not _is_integer_array(indices):
         raise TypeError(f"layer {name!r}: indices must be integers, got dtype {indices.dtype}")
     if indices.shape != (values.size, len(dims)):
@@ -138,7 +141,7 @@ def _read_layer(name: str, values: Any, indices: Any, shape: Any) -> SparseLayer
         bad = int(np.flatnonzero(outside.any(axis=1))[0])
         raise ValueError(f"layer {name!r}: index {indices[bad].tolist()} is out of bounds for shape {dims}")
     flat = _ravel(coordinates, dims)
-    _check_distinct(name, flat, int(np.prod(dims, dtype=np.int64)))
+    _check_distinct(name, flat, math.prod(dims))
     return SparseLayer(values, flat, dims)
 
 
@@ -156,12 +159,17 @@ def _ravel(indices: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
 
 
 def _check_distinct(name: str, flat: np.ndarray, size: int) -> None:
-    seen = np.zeros(size, bool)
-    seen[flat] = True
-    if np.count_nonzero(seen) != flat.size:
-        order = np.sort(flat)
-        repeated = int(order[np.flatnonzero(order[1:] == order[:-1])[0]])
-        raise ValueError(f"layer {name!r}: entry {repeated} (row-major) appears more than once in the indices")
+    """No flat index twice: a bitmap of the layer when it is not much larger than the
+    indices (linear time), else a sort (a payload may claim any shape)."""
+    if size <= 16 * flat.size + 4096:
+        seen = np.zeros(size, bool)
+        seen[flat] = True
+        if np.count_nonzero(seen) == flat.size:
+            return
+    order = np.sort(flat)
+    repeats = np.flatnonzero(order[1:] == order[:-1])
+    if repeats.size:
+        raise ValueError(f"layer {name!r}: entry {int(order[repeats[0]])} (row-major) appears more than once in the indices")
 
 
 def merge_sparse_layers(model: Model, layers: Mapping[str, SparseLayer]) -> Model:

@@ -44,6 +44,7 @@ Flat = collections.OrderedDict
 _HALF_BITS = 16
 _BUCKETS = 1 << _HALF_BITS
 _SIGN = np.uint32(0x80000000)
+_INF_BITS = np.uint32(0x7F800000)
 
 
 def validate_sparsity_level(sparsity_level: Any) -> None:
@@ -101,10 +102,13 @@ def masks_at_threshold(
     scores: Mapping[str, jax.Array], layers: Mapping[str, jax.Array], threshold: jax.Array
 ) -> Flat[str, jax.Array]:
     """Per-weight booleans ``score >= threshold``, cleared in layers whose kept values are all zero."""
+    # Compared as sortable keys, bit for bit: XLA flushes subnormal floats to zero in
+    # arithmetic and comparisons, and that must not merge distinct scores.
+    threshold_key = _sortable_key(threshold)
     masks = Flat()
     for name, score in scores.items():
-        kept = jnp.asarray(score).astype(jnp.float32) >= threshold
-        masks[name] = kept & jnp.any(kept & (jnp.asarray(layers[name]) != 0))
+        kept = (_sortable_key(score) >= threshold_key) & ~_is_nan(score)
+        masks[name] = kept & jnp.any(kept & _nonzero(layers[name]))
     return masks
 
 
@@ -197,13 +201,31 @@ _device_threshold = jax.jit(score_threshold, static_argnames="sparsity_level")
 _masks_at = jax.jit(masks_at_threshold)
 
 
+def _float32_bits(score: Any) -> jax.Array:
+    return jax.lax.bitcast_convert_type(jnp.asarray(score).astype(jnp.float32), jnp.uint32)
+
+
 def _sortable_key(score: Any) -> jax.Array:
-    """uint32 keys in the order of the float32 scores (NaN as -inf, -0.0 as 0.0)."""
-    score = jnp.asarray(score).astype(jnp.float32)
-    score = jnp.where(jnp.isnan(score), -jnp.inf, score)
-    score = jnp.where(score == 0, jnp.float32(0), score)
-    bits = jax.lax.bitcast_convert_type(score, jnp.uint32)
+    """uint32 keys in the order of the float32 scores (NaN as -inf, -0.0 as 0.0), computed
+    on the bits alone so that subnormal scores keep their order."""
+    bits = _float32_bits(score)
+    bits = jnp.where(bits == _SIGN, jnp.uint32(0), bits)  # -0.0 -> 0.0
+    bits = jnp.where((bits & ~_SIGN) > _INF_BITS, _SIGN | _INF_BITS, bits)  # NaN -> -inf
     return jnp.where(bits >= _SIGN, ~bits, bits | _SIGN)
+
+
+def _is_nan(score: Any) -> jax.Array:
+    return (_float32_bits(score) & ~_SIGN) > _INF_BITS
+
+
+def _nonzero(values: Any) -> jax.Array:
+    """``values != 0``, on the bits for floats (a subnormal weight is not zero)."""
+    values = jnp.asarray(values)
+    if not jnp.issubdtype(values.dtype, jnp.floating):
+        return values != 0
+    unsigned = jnp.dtype(f"uint{8 * values.dtype.itemsize}")
+    magnitude_bits = jnp.iinfo(unsigned).max >> 1
+    return (jax.lax.bitcast_convert_type(values, unsigned) & magnitude_bits) != 0
 
 
 def _float_of_key(key: jax.Array) -> jax.Array:
