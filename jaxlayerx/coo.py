@@ -117,6 +117,10 @@ def coo_nbytes(counts: Sequence[int], shapes: Sequence[tuple[int, ...]], itemsiz
 
 def _read_layer(name: str, values: Any, indices: Any, shape: Any) -> SparseLayer:
     values, indices, shape = np.asarray(values), np.asarray(indices), np.asarray(shape)
+    if shape.ndim == 1 and shape.size == 0:
+        shape = shape.astype(np.int64)  # a 0-d layer's shape, np.array(()) of any dtype
+    if indices.ndim == 2 and indices.size == 0:
+        indices = indices.astype(np.int64)  # no coordinates (0-d, or nothing kept), of any dtype
     if values.ndim != 1:
         raise ValueError(f"layer {name!r}: values must be 1-D, got shape {values.shape}")
     if not _is_integer_array(shape) or shape.ndim != 1:
