@@ -9,7 +9,10 @@ layers of 64x64, and four transformer blocks (64 leaves, 12.6 M values). Cases:
 2. percentage selection, the same;
 3. ``FedAvgDynamicLayer.aggregate`` over 10 clients that each send a random half of the layers;
 4. the jitted mask forms (drift norms and mask; ``masked_fedavg`` over 10 stacked clients);
-5. one simulated round with 64 clients vmapped, against Python loops over clients.
+5. one simulated round with 64 clients vmapped, against Python loops over clients;
+6. sparse COO exchange at sparsity 0.1 (ResNet-50 tree): ``SparseCooParameterExchanger.push_parameters``,
+   the global threshold by each method, the jitted mask form, and ``FedAvgSparseCooTensor``
+   over 10 clients, against fl4health's host-sort algorithm and dense ``reduce`` average.
 
 Each case is the median of several runs after warm-up, reported as a ratio to
 * its floor: for cases 1-4 the best time to read the same bytes once (a BLAS dot product
@@ -36,7 +39,12 @@ import jax
 
 from benchmarks.cases import aggregation_case, mask_cases, selection_cases
 from benchmarks.round import simulation_round_cases
+from benchmarks.sparse import sparse_cases
 from benchmarks.trees import resnet50_shapes, small_layers_shapes, transformer_block_shapes
+
+
+#: The trees the sparse case runs on (one is enough: its cost is per weight, not per layer).
+SPARSE_TREES = ("resnet50", "small-40")
 
 
 def trees(quick: bool) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -56,6 +64,8 @@ def run(quick: bool) -> list[dict[str, object]]:
         rows.extend(selection_cases(name, shapes, repeats))
         rows.append(aggregation_case(name, shapes, repeats))
         rows.extend(mask_cases(name, shapes, repeats))
+        if name in SPARSE_TREES:
+            rows.extend(sparse_cases(name, shapes, repeats))
     rows.extend(simulation_round_cases(quick, repeats))
     return rows
 
