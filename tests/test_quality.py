@@ -18,6 +18,8 @@ def runs():
         "percentage": ExchangerSpec("dynamic-percentage", exchange_percentage=0.5),
         "percentage-absolute": ExchangerSpec("dynamic-percentage", exchange_percentage=0.5, normalize=False),
         "percentage-absolute-0.3": ExchangerSpec("dynamic-percentage", exchange_percentage=0.3, normalize=False),
+        "sparse-increase": ExchangerSpec("sparse-largest-magnitude-increase", sparsity_level=0.1),
+        "sparse-change": ExchangerSpec("sparse-largest-magnitude-change", sparsity_level=0.1),
     }
     return {name: simulate(spec, config, data) for name, spec in specs.items()}
 
@@ -45,3 +47,13 @@ def test_normalized_percentage_sends_only_small_layers(runs):
     # kernels never leave the clients, the upload is tiny and the global model stays poor.
     assert uploaded(runs["percentage"]) <= 0.1 * uploaded(runs["full"])
     assert runs["percentage"][-1]["global_accuracy"] < 0.5
+
+
+def test_sparse_top_tenth_of_weights_keeps_a_good_global_model_for_half_the_upload(runs):
+    # COO costs 4 value bytes + 8 per index dimension per weight: 20 bytes for a kernel's
+    # weight, so 10% of the weights take about half the dense upload.
+    full = runs["full"][-1]["global_accuracy"]
+    assert abs(runs["sparse-increase"][-1]["global_accuracy"] - full) <= 0.03
+    assert runs["sparse-change"][-1]["global_accuracy"] >= 0.9
+    for name in ("sparse-increase", "sparse-change"):
+        assert uploaded(runs[name]) <= 0.55 * uploaded(runs["full"]), name
