@@ -21,7 +21,7 @@ import collections
 import functools
 import itertools
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -173,27 +173,39 @@ def _masked_accumulator(dtype: Any) -> Any:
 
 def _collect(results: Sequence[tuple[NDArrays, int]], weighted: bool) -> dict[str, list[tuple[float, np.ndarray]]]:
     """Unpacks and checks every payload; returns ``name -> [(weight, array), ...]``."""
-    if not isinstance(results, (list, tuple)):
-        raise TypeError(f"results must be a list of (payload, num_examples), got {type(results).__name__}")
     contributions: dict[str, list[tuple[float, np.ndarray]]] = {}
-    first_sender: dict[str, tuple[int, np.ndarray]] = {}
-    for client, result in enumerate(results):
-        if not isinstance(result, (list, tuple)) or len(result) != 2:
-            raise ValueError(f"client {client}: expected a (payload, num_examples) pair")
-        payload, num_examples = result
-        check_num_examples(client, num_examples)
-        try:
-            weights, names = unpack_layers(payload)
-        except (ValueError, TypeError) as error:
-            raise type(error)(f"client {client}: {error}") from error
-        for name, array in zip(names, weights):
-            _check_consistent(name, client, array, first_sender.setdefault(name, (client, array)))
-            contributions.setdefault(name, []).append((float(num_examples) if weighted else 1.0, array))
+    first_sender: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
+    for client, weight, (arrays, names) in read_results(results, unpack_layers, weighted):
+        for name, array in zip(names, arrays):
+            check_consistent(name, (client, array.shape, array.dtype), first_sender)
+            contributions.setdefault(name, []).append((weight, array))
     for name, items in contributions.items():
         check_numeric(name, items[0][1].dtype)
         if sum(weight for weight, _ in items) <= 0:
             raise ValueError(f"layer {name!r}: the clients that sent it have zero examples in total")
     return contributions
+
+
+def read_results(
+    results: Sequence[tuple[Any, int]], read: Callable[[Any], Any], weighted: bool
+) -> Iterator[tuple[int, float, Any]]:
+    """``(client, weight, read(payload))`` for each ``(payload, num_examples)`` of ``results``.
+
+    The weight is the example count, or 1 when not ``weighted``. Errors of the results'
+    shape, of an example count, or raised by ``read`` name the client.
+    """
+    if not isinstance(results, (list, tuple)):
+        raise TypeError(f"results must be a list of (payload, num_examples), got {type(results).__name__}")
+    for client, result in enumerate(results):
+        if not isinstance(result, (list, tuple)) or len(result) != 2:
+            raise ValueError(f"client {client}: expected a (payload, num_examples) pair")
+        payload, num_examples = result
+        _check_num_examples(client, num_examples)
+        try:
+            read_payload = read(payload)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"client {client}: {error}") from error
+        yield client, float(num_examples) if weighted else 1.0, read_payload
 
 
 def is_example_count(value: Any) -> bool:
@@ -205,24 +217,33 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_num_examples(client: int, num_examples: Any) -> None:
+def _check_num_examples(client: int, num_examples: Any) -> None:
     if not _is_integer(num_examples):
         raise TypeError(f"client {client}: num_examples must be an integer, got {num_examples!r}")
     if num_examples < 0:
         raise ValueError(f"client {client}: num_examples must be >= 0, got {num_examples}")
 
 
-def _check_consistent(name: str, client: int, array: np.ndarray, first: tuple[int, np.ndarray]) -> None:
-    first_client, first_array = first
-    if array.shape != first_array.shape:
+def check_consistent(
+    name: str, sender: tuple[int, tuple[int, ...], Any], first_senders: dict[str, tuple[int, tuple[int, ...], Any]]
+) -> None:
+    """Checks a ``(client, shape, dtype)`` of layer ``name`` against its first sender's
+    (recording it when it is the first).
+
+    Raises:
+      ValueError: shapes differ (naming both clients). TypeError: dtypes differ.
+    """
+    client, shape, dtype = sender
+    first_client, first_shape, first_dtype = first_senders.setdefault(name, sender)
+    if shape != first_shape:
         raise ValueError(
             f"layer {name!r} arrives with different shapes: client {first_client} sent "
-            f"{first_array.shape}, client {client} sent {array.shape}"
+            f"{first_shape}, client {client} sent {shape}"
         )
-    if array.dtype != first_array.dtype:
+    if dtype != first_dtype:
         raise TypeError(
             f"layer {name!r} arrives with different dtypes: client {first_client} sent "
-            f"{first_array.dtype}, client {client} sent {array.dtype}"
+            f"{first_dtype}, client {client} sent {dtype}"
         )
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxlayerx.aggregation import canonical_order, cast_mean, check_num_examples, check_numeric, host_accumulator
+from jaxlayerx.aggregation import canonical_order, cast_mean, check_consistent, check_numeric, host_accumulator, read_results
 from jaxlayerx.coo import SparseLayer, read_coo
 from jaxlayerx.packing import NDArrays
 
@@ -62,42 +62,15 @@ class FedAvgSparseCooTensor:
 
     def _collect(self, results: Sequence[tuple[NDArrays, int]]):
         """Reads and checks every payload; ``name -> [(weight, values, flat indices)]`` and shapes."""
-        if not isinstance(results, (list, tuple)):
-            raise TypeError(f"results must be a list of (payload, num_examples), got {type(results).__name__}")
         contributions: dict[str, list[tuple[float, np.ndarray, np.ndarray]]] = {}
-        first: dict[str, tuple[int, SparseLayer]] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        for client, result in enumerate(results):
-            if not isinstance(result, (list, tuple)) or len(result) != 2:
-                raise ValueError(f"client {client}: expected a (payload, num_examples) pair")
-            payload, num_examples = result
-            check_num_examples(client, num_examples)
-            try:
-                layers = read_coo(payload)
-            except (ValueError, TypeError) as error:
-                raise type(error)(f"client {client}: {error}") from error
-            weight = float(num_examples) if self.weighted_aggregation else 1.0
+        first_senders: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
+        for client, weight, layers in read_results(results, read_coo, self.weighted_aggregation):
             for name, layer in layers.items():
-                _check_consistent(name, client, layer, first.setdefault(name, (client, layer)))
-                shapes[name] = layer.shape
+                check_consistent(name, (client, layer.shape, layer.values.dtype), first_senders)
                 contributions.setdefault(name, []).append((weight, layer.values, layer.flat_indices))
         for name, items in contributions.items():
             check_numeric(name, items[0][1].dtype)
-        return contributions, shapes
-
-
-def _check_consistent(name: str, client: int, layer: SparseLayer, first: tuple[int, SparseLayer]) -> None:
-    first_client, first_layer = first
-    if layer.shape != first_layer.shape:
-        raise ValueError(
-            f"layer {name!r} arrives with different shapes: client {first_client} sent "
-            f"{first_layer.shape}, client {client} sent {layer.shape}"
-        )
-    if layer.values.dtype != first_layer.values.dtype:
-        raise TypeError(
-            f"layer {name!r} arrives with different dtypes: client {first_client} sent "
-            f"{first_layer.values.dtype}, client {client} sent {layer.values.dtype}"
-        )
+        return contributions, {name: sender[1] for name, sender in first_senders.items()}
 
 
 def _sparse_mean(name: str, items: list[tuple[float, np.ndarray, np.ndarray]], shape: tuple[int, ...]) -> SparseLayer:
