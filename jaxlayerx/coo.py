@@ -138,12 +138,7 @@ def _read_layer(name: str, values: Any, indices: Any, shape: Any) -> SparseLayer
             f"({values.size} values, {len(dims)}-d shape {dims}), got {indices.shape}"
         )
     coordinates = indices.astype(np.int64, copy=False)
-    # One unsigned comparison catches both sides: negative coordinates (and uint64 ones
-    # beyond int64, which wrap negative) become huge.
-    outside = coordinates.view(np.uint64) >= np.asarray(dims, np.uint64)
-    if outside.any():
-        bad = int(np.flatnonzero(outside.any(axis=1))[0])
-        raise ValueError(f"layer {name!r}: index {indices[bad].tolist()} is out of bounds for shape {dims}")
+    _check_bounds(name, indices, coordinates, dims)
     flat = _ravel(coordinates, dims)
     _check_distinct(name, flat, math.prod(dims))
     return SparseLayer(values, flat, dims)
@@ -162,9 +157,23 @@ def _ravel(indices: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
     return flat
 
 
+def _check_bounds(name: str, indices: np.ndarray, coordinates: np.ndarray, dims: tuple[int, ...]) -> None:
+    """Every coordinate in ``[0, dim)``: one maximum per column of the unsigned view, in
+    which negative coordinates (and uint64 ones beyond int64, which wrap negative) are huge."""
+    unsigned = coordinates.view(np.uint64)
+    for axis, size in enumerate(dims):
+        if unsigned.shape[0] and unsigned[:, axis].max() >= size:
+            bad = int(np.flatnonzero(unsigned[:, axis] >= size)[0])
+            raise ValueError(f"layer {name!r}: index {indices[bad].tolist()} is out of bounds for shape {dims}")
+
+
 def _check_distinct(name: str, flat: np.ndarray, size: int) -> None:
-    """No flat index twice: a bitmap of the layer when it is not much larger than the
-    indices (linear time), else a sort (a payload may claim any shape)."""
+    """No flat index twice. Row-major sorted indices (what ``numpy.nonzero`` and
+    ``torch.nonzero`` give) pass in one comparison; others take a bitmap of the layer when
+    it is not much larger than the indices (linear time), else a sort (a payload may claim
+    any shape)."""
+    if (flat[1:] > flat[:-1]).all():
+        return
     if size <= 16 * flat.size + 4096:
         seen = np.zeros(size, bool)
         seen[flat] = True
