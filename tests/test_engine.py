@@ -28,6 +28,16 @@ def client_model(layers, client, like):
     return jlx.unflatten({name: np.asarray(value[client]) for name, value in layers.items()}, like=like)
 
 
+def replay_pull(exchanger, server_payload, first, second, client, like):
+    """Client ``client`` pulls the server's round-1 payload into its own trained model: the
+    result must be its round-2 start in the vmapped round. Returns its round-2 trained
+    and start models."""
+    pulled = exchanger.pull_parameters(server_payload, client_model(first.trained_layers, client, like))
+    for name, value in jlx.flatten(pulled).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(second.start_layers[name][client]), err_msg=name)
+    return client_model(second.trained_layers, client, like), client_model(second.start_layers, client, like)
+
+
 def packed_exchanger(spec):
     rules = jlx.LayerSelectionFunctionConstructor(
         spec.norm_threshold, spec.exchange_percentage, spec.normalize, spec.select_drift_more
@@ -59,12 +69,8 @@ def test_masked_round_equals_packed_replay(data, spec):
     server_payload = jlx.pack_layers([np.asarray(first.state.global_layers[n]) for n in sent_round_1], sent_round_1)
     results = []
     for client in range(data.num_clients):
-        pulled = exchanger.pull_parameters(server_payload, client_model(first.trained_layers, client, like))
-        for name, value in jlx.flatten(pulled).items():
-            np.testing.assert_array_equal(np.asarray(value), np.asarray(second.start_layers[name][client]), err_msg=name)
+        trained, start = replay_pull(exchanger, server_payload, first, second, client, like)
         # Its push selects exactly the layers the mask form selected.
-        trained = client_model(second.trained_layers, client, like)
-        start = client_model(second.start_layers, client, like)
         payload = exchanger.push_parameters(trained, initial_model=start)
         _, names = jlx.unpack_layers(payload)
         expected = [name for name, mask in second.send_masks.items() if bool(mask[client])]
@@ -104,11 +110,7 @@ def test_masked_sparse_round_equals_packed_replay(data, spec):
     server_payload = coo_payload(first.state.global_layers, first.state.pull_mask)
     results, upload = [], []
     for client in range(data.num_clients):
-        pulled = exchanger.pull_parameters(server_payload, client_model(first.trained_layers, client, like))
-        for name, value in jlx.flatten(pulled).items():
-            np.testing.assert_array_equal(np.asarray(value), np.asarray(second.start_layers[name][client]), err_msg=name)
-        trained = client_model(second.trained_layers, client, like)
-        start = client_model(second.start_layers, client, like)
+        trained, start = replay_pull(exchanger, server_payload, first, second, client, like)
         payload = exchanger.push_parameters(trained, initial_model=start)
         kept = {name: np.zeros(np.shape(value), bool) for name, value in jlx.flatten(trained).items()}
         for name, layer in jlx.read_coo(payload).items():
