@@ -68,7 +68,9 @@ def _shape(value: Any) -> tuple[int, ...]:
 def drift_norm(current: jax.Array, initial: jax.Array, normalize: bool = True) -> jax.Array:
     """The float32 L2 norm of ``current - initial``, over its size when ``normalize``."""
     current, initial = jnp.asarray(current), jnp.asarray(initial)
-    diff = current.astype(jnp.float32) - initial.astype(jnp.float32)
+    # Reduced as a 1-D vector: XLA's CPU reduction over all axes of a conv kernel is
+    # slower than over the same bytes raveled (ResNet-50 norms: 6.1 -> 5.6 ms).
+    diff = current.astype(jnp.float32).ravel() - initial.astype(jnp.float32).ravel()
     norm = jnp.sqrt(jnp.sum(jnp.square(diff)))
     if normalize:
         norm = norm / max(current.size, 1)
@@ -207,16 +209,24 @@ class LayerSelectionFunctionConstructor:
         )
 
 
-@functools.partial(jax.jit, static_argnames=("normalize", "select_drift_more"))
-def _threshold_mask_vector(current, initial, threshold, *, normalize, select_drift_more):
-    mask = threshold_mask(drift_norms(current, initial, normalize=normalize), threshold, select_drift_more=select_drift_more)
-    return _stack(mask)
+# The jitted mask functions take the layer names (static) and two lists of arrays: a
+# list dispatches about twice as fast as an OrderedDict of the same arrays.
 
 
-@functools.partial(jax.jit, static_argnames=("exchange_percentage", "normalize", "select_drift_more"))
-def _percentage_mask_vector(current, initial, *, exchange_percentage, normalize, select_drift_more):
-    norms = drift_norms(current, initial, normalize=normalize)
+@functools.partial(jax.jit, static_argnames=("names", "normalize", "select_drift_more"))
+def _threshold_mask_vector(names, current, initial, threshold, *, normalize, select_drift_more):
+    norms = drift_norms(_named(names, current), _named(names, initial), normalize=normalize)
+    return _stack(threshold_mask(norms, threshold, select_drift_more=select_drift_more))
+
+
+@functools.partial(jax.jit, static_argnames=("names", "exchange_percentage", "normalize", "select_drift_more"))
+def _percentage_mask_vector(names, current, initial, *, exchange_percentage, normalize, select_drift_more):
+    norms = drift_norms(_named(names, current), _named(names, initial), normalize=normalize)
     return _stack(percentage_mask(norms, exchange_percentage, select_drift_more=select_drift_more))
+
+
+def _named(names: tuple[str, ...], arrays: list[jax.Array]) -> collections.OrderedDict[str, jax.Array]:
+    return collections.OrderedDict(zip(names, arrays))
 
 
 def _stack(mask: Mapping[str, jax.Array]) -> jax.Array:
@@ -226,7 +236,12 @@ def _stack(mask: Mapping[str, jax.Array]) -> jax.Array:
 def _select(mask_vector: Callable[..., jax.Array], model: Any, initial_model: Any, *args: Any, **static: Any):
     """Flattens both models, runs the jitted mask (which checks their layers), gathers the chosen ones."""
     current, initial = _flat_pair(model, initial_model)
-    return _gather(current, mask_vector(current, initial, *args, **static))
+    if current.keys() != initial.keys():
+        check_matching_layers(current, initial)  # raises, naming the layer
+    names = tuple(current)
+    arrays = list(current.values())
+    mask = mask_vector(names, arrays, [initial[name] for name in names], *args, **static)
+    return _gather(names, arrays, mask)
 
 
 def _flat_pair(model: Any, initial_model: Any):
@@ -235,15 +250,15 @@ def _flat_pair(model: Any, initial_model: Any):
             "dynamic layer selection needs initial_model: the model as it was at the start "
             "of the round (pass initial_model=...)"
         )
-    # The names and shapes are checked by drift_norms while the mask function traces: a
-    # mismatch changes the jit cache key, so it is always traced, and raises, before use.
+    # The shapes are checked by drift_norms while the mask function traces: a mismatch
+    # changes the jit cache key, so it is always traced, and raises, before use.
     return flatten(model), flatten(initial_model)
 
 
-def _gather(current: Mapping[str, jax.Array], mask: jax.Array) -> tuple[list[np.ndarray], list[str]]:
-    selected = np.asarray(mask)  # the one device-to-host sync of the selection
-    names = [name for name, keep in zip(current, selected) if keep]
-    return to_numpy([current[name] for name in names]), names
+def _gather(names: tuple[str, ...], arrays: list[jax.Array], mask: jax.Array) -> tuple[list[np.ndarray], list[str]]:
+    selected = np.asarray(mask).tolist()  # the one device-to-host sync of the selection
+    chosen = [position for position, keep in enumerate(selected) if keep]
+    return to_numpy([arrays[position] for position in chosen]), [names[position] for position in chosen]
 
 
 def _float32_floor(threshold: Any) -> Any:
