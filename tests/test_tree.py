@@ -258,6 +258,20 @@ def test_plain_pytree_names_and_order():
         assert value is leaf, name
 
 
+def test_plain_pytree_holding_nnx_variables_deep_inside():
+    # NNX variables nested in plain containers are unwrapped to their arrays and filtered,
+    # however deep they sit; a tree without any is walked without the is_leaf callback.
+    kernel, stat, key = jnp.ones((2, 3)), jnp.zeros(3), jax.random.key(0)
+    tree = {"a": [jnp.arange(2.0), {"w": nnx.Param(kernel)}], "b": (nnx.BatchStat(stat), nnx.RngKey(key))}
+    flat = flatten(tree)
+    assert list(flat) == ["a/0", "a/1/w", "b/0"]  # hand-derived; the RNG key is filtered out
+    assert flat["a/1/w"] is kernel and flat["b/0"] is stat
+    assert list(flatten(tree, nnx_filter=nnx.Param)) == ["a/0", "a/1/w"]  # plain arrays always stay
+    plain = {"a": [jnp.arange(2.0), {"w": kernel}], "b": (stat,)}
+    assert list(flatten(plain)) == ["a/0", "a/1/w", "b/0"]
+    assert flatten(plain)["a/1/w"] is kernel
+
+
 def test_list_and_tuple_roots():
     lst = [np.zeros(1, np.float32), [np.ones(2, np.float32)]]
     assert list(flatten(lst)) == ["0", "1/0"]
