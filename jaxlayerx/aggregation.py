@@ -267,6 +267,9 @@ def canonical_order(items: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     def same(one: tuple[Any, ...], other: tuple[Any, ...]) -> bool:
         return all(np.array_equal(a, b) for a, b in zip(one[1:], other[1:]))
 
+    by_weight = sorted(items, key=lambda item: item[0])
+    if all(one[0] != other[0] for one, other in zip(by_weight, by_weight[1:])):
+        return by_weight  # distinct weights (the common case) order alone: no bytes read
     keyed = sorted(((key(item), item) for item in items), key=lambda pair: pair[0])
     result: list[tuple[Any, ...]] = []
     for _, run in itertools.groupby(keyed, key=lambda pair: pair[0]):
@@ -288,18 +291,19 @@ def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray
     accumulate = host_accumulator(dtype)
     flat = [array.reshape(-1) for array in arrays]
     scale = np.asarray(weights, accumulate)
+    total = accumulate(sum(weights))
     size = flat[0].size
     block = max(1, _SCRATCH_ELEMENTS // len(flat))
     scratch = np.empty((len(flat), min(size, block)), accumulate)
-    summed = np.empty(size, accumulate)
+    mean = np.empty(size, accumulate)
     for start in range(0, size, block):
         stop = min(start + block, size)
-        rows = scratch[:, : stop - start]
+        rows, out = scratch[:, : stop - start], mean[start:stop]
         for row, array in zip(rows, flat):
             row[...] = array[start:stop]
-        np.dot(scale, rows, out=summed[start:stop])
-    summed /= accumulate(sum(weights))
-    return cast_mean(summed.reshape(arrays[0].shape), dtype, np)
+        np.dot(scale, rows, out=out)
+        out /= total  # while the block is in cache: no second pass over the layer
+    return cast_mean(mean.reshape(arrays[0].shape), dtype, np)
 
 
 def host_accumulator(dtype: Any) -> type:
@@ -318,4 +322,4 @@ def cast_mean(mean: Any, dtype: Any, xp: Any) -> Any:
     """Casts an average back to the layer's dtype, rounding for integer and bool layers."""
     if not _is_floating(dtype):
         mean = xp.rint(mean)
-    return xp.asarray(mean).astype(dtype)
+    return xp.asarray(mean).astype(dtype, copy=False)  # no copy when already in the layer's dtype
