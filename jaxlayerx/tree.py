@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import jax
@@ -204,7 +204,7 @@ def _walk(tree: Any, sep: str, nnx_filter) -> tuple[list[Any], Any, list[tuple[s
     if not isinstance(sep, str) or not sep:
         raise ValueError(f"sep must be a non-empty string, got {sep!r}")
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    if _holds_nnx_variables(treedef):  # rare: flatten again, stopping at the variables
+    if _holds_nnx_variables(treedef):  # NNX state: flatten again, stopping at the variables
         leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_nnx_variable)
     try:
         paths, names, unique = _leaf_names(treedef, sep)
@@ -241,10 +241,16 @@ def _holds_nnx_variables(treedef: Any) -> bool:
     Flattening without an ``is_leaf`` callback is about twice as fast, and only trees
     that hold variables (NNX state) need it.
     """
+    return any(_is_variable_type(node_type) for node_type in _node_types(treedef))
+
+
+def _node_types(treedef: Any) -> Iterator[type]:
+    """The types of every internal node of ``treedef``, depth first."""
     node = treedef.node_data()  # None for a leaf
-    if node is not None and _is_variable_type(node[0]):
-        return True
-    return any(_holds_nnx_variables(child) for child in treedef.children())
+    if node is not None:
+        yield node[0]
+    for child in treedef.children():
+        yield from _node_types(child)
 
 
 @functools.lru_cache(maxsize=256)
