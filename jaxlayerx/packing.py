@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-NDArrays = list[np.ndarray]
+from jaxlayerx.base import NDArrays
 
 
 def pack_layers(weights: Sequence[Any], names: Sequence[str]) -> NDArrays:

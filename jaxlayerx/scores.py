@@ -22,35 +22,26 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxlayerx.selection import check_matching_layers
-from jaxlayerx.tree import flatten, is_array_leaf
+from jaxlayerx.base import ScoreGenFunction
+from jaxlayerx.tree import as_flat_view, check_matching_layers
 
 Scores = collections.OrderedDict
-ScoreGenFunction = Callable[[Any, Any], Mapping[str, jax.Array]]
-
-
-def flat_view(model: Any) -> Mapping[str, Any]:
-    """``model`` itself when it already is a flat ``name -> array`` mapping, else its flatten."""
-    if isinstance(model, Mapping) and all(is_array_leaf(value) for value in model.values()):
-        # An ordered copy: jax.jit would sort the keys of a plain dict.
-        return collections.OrderedDict(model)
-    return flatten(model)
 
 
 def largest_final_magnitude_scores(model: Any, initial_model: Any = None) -> Scores[str, jax.Array]:
     """``|w|``: keeps the largest weights (``initial_model`` is not used)."""
-    return _final_magnitude(flat_view(model), negate=False)
+    return _final_magnitude(as_flat_view(model), negate=False)
 
 
 def smallest_final_magnitude_scores(model: Any, initial_model: Any = None) -> Scores[str, jax.Array]:
     """``-|w|``: keeps the smallest weights (``initial_model`` is not used)."""
-    return _final_magnitude(flat_view(model), negate=True)
+    return _final_magnitude(as_flat_view(model), negate=True)
 
 
 def largest_magnitude_change_scores(model: Any, initial_model: Any) -> Scores[str, jax.Array]:
@@ -87,7 +78,7 @@ SCORE_FUNCTIONS: dict[str, ScoreGenFunction] = {
 def _flat_pair(model: Any, initial_model: Any, function: str) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
     if initial_model is None:
         raise ValueError(f"{function} needs initial_model: the model as it was at the start of the round")
-    current, initial = flat_view(model), flat_view(initial_model)
+    current, initial = as_flat_view(model), as_flat_view(initial_model)
     check_matching_layers(current, initial)
     return current, initial
 

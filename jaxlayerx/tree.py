@@ -17,16 +17,15 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlayerx.base import FlatView, Model
 from jaxlayerx.errors import unknown_layer
-
-Model = TypeVar("Model")
 
 #: NNX variables that a flat view holds by default: everything ``nnx.state`` holds but
 #: RNG state (keys and counters are not weights and must not be averaged).
@@ -55,6 +54,43 @@ def flatten(
     """
     _, _, entries = _walk(_as_tree(model), sep, nnx_filter)
     return collections.OrderedDict((name, value) for name, value, _ in entries)
+
+
+def as_flat_view(model: Any, sep: str = "/") -> FlatView:
+    """``model`` as a flat view: itself when it already is one, else :func:`flatten` of it.
+
+    An ``OrderedDict`` whose values are all arrays is taken as a flat view in its own
+    order; another mapping of arrays with string keys (not an ``nnx.State``) as one in
+    sorted key order, the order JAX traverses a ``dict`` in. Their keys may contain
+    ``sep`` (``params/Dense_0/kernel``). Anything else is flattened.
+    """
+    if isinstance(model, Mapping) and not isinstance(model, nnx.State) and all(map(is_array_leaf, model.values())):
+        if isinstance(model, collections.OrderedDict):
+            return model
+        if all(isinstance(name, str) for name in model):
+            return collections.OrderedDict(sorted(model.items()))
+    return flatten(model, sep)
+
+
+def check_matching_layers(current: Mapping[str, Any], initial: Mapping[str, Any]) -> None:
+    """Checks that two flat views hold the same layer names with the same shapes.
+
+    Raises:
+      KeyError: a layer is in one view but not in the other (named, with close matches).
+      ValueError: a layer's shapes differ.
+    """
+    for name in current:
+        if name not in initial:
+            raise unknown_layer(name, initial, what="the initial model")
+    for name in initial:
+        if name not in current:
+            raise unknown_layer(name, current, what="the current model")
+    for name, value in current.items():
+        if np.shape(value) != np.shape(initial[name]):
+            raise ValueError(
+                f"layer {name!r}: current shape {np.shape(value)} differs from the initial "
+                f"model's shape {np.shape(initial[name])}"
+            )
 
 
 def unflatten(

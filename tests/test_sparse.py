@@ -289,17 +289,26 @@ def test_score_functions_registry_maps_cli_names():
     assert jaxlayerx.ScoreGenFunction is not None
 
 
-@pytest.mark.parametrize("kind", KINDS + ["bf16_nnx", "flat"])
+@pytest.mark.parametrize("kind", KINDS + ["bf16_nnx", "flat", "flat-dict"])
 @pytest.mark.parametrize("fn", SCORE_FNS, ids=lambda f: f.__name__)
 def test_score_functions_match_numpy(fn, kind):
-    if kind == "flat":  # a plain dict name -> array (not an OrderedDict), insertion order
+    if kind == "flat":  # a flat view (an OrderedDict name -> array) keeps its own order
+        a, a0 = ref_flat(make("plain", 1)), ref_flat(make("plain", 2))
+        a = collections.OrderedDict((name, a[name]) for name in reversed(list(a)))
+        a0 = collections.OrderedDict((name, a0[name]) for name in reversed(list(a0)))
+    elif kind == "flat-dict":  # a plain dict name -> array is read in sorted key order, as JAX reads dicts
         a, a0 = ref_flat(make("plain", 1)), ref_flat(make("plain", 2))
         a = {name: a[name] for name in reversed(list(a))}
         a0 = {name: a0[name] for name in reversed(list(a0))}
     else:
         a, a0 = make(kind, 1), make(kind, 2)
-    cur, ini = (a, a0) if kind == "flat" else (ref_flat(a), ref_flat(a0))
-    before = (ref_flat(a), ref_flat(a0)) if kind != "flat" else None
+    if kind == "flat":
+        cur, ini = a, a0
+    elif kind == "flat-dict":
+        cur, ini = ({name: d[name] for name in sorted(d)} for d in (a, a0))
+    else:
+        cur, ini = ref_flat(a), ref_flat(a0)
+    before = (ref_flat(a), ref_flat(a0)) if kind not in ("flat", "flat-dict") else None
     got = fn(a, a0)
     want = ref_score(fn, cur, ini)
     assert list(got) == list(cur)
