@@ -1,6 +1,17 @@
 """jaxlayerx: partial parameter exchange for federated learning over Flax parameter pytrees."""
 
 from jaxlayerx.aggregation import FedAvgDynamicLayer, masked_fedavg
+from jaxlayerx.base import (
+    Config,
+    Exchanger,
+    FlatView,
+    LayerSelectionFunction,
+    MaskedSelectionFunction,
+    NDArrays,
+    PayloadKind,
+    ScoreGenFunction,
+    check_exchanger,
+)
 from jaxlayerx.coo import SparseLayer, merge_sparse_layers, pack_coo, read_coo, unpack_coo, write_coo
 from jaxlayerx.errors import UnknownLayerError
 from jaxlayerx.exchangers import (
@@ -10,10 +21,9 @@ from jaxlayerx.exchangers import (
     LayerExchangerWithExclusions,
     SparseCooParameterExchanger,
 )
-from jaxlayerx.packing import NDArrays, is_packed, pack_layers, payload_nbytes, to_numpy, unpack_layers
+from jaxlayerx.packing import is_packed, pack_layers, payload_nbytes, to_numpy, unpack_layers
 from jaxlayerx.scores import (
     SCORE_FUNCTIONS,
-    ScoreGenFunction,
     largest_final_magnitude_scores,
     largest_increase_in_magnitude_scores,
     largest_magnitude_change_scores,
@@ -22,11 +32,15 @@ from jaxlayerx.scores import (
     smallest_magnitude_change_scores,
 )
 from jaxlayerx.selection import (
-    LayerSelectionFunction,
+    MEASURES,
+    BudgetRule,
     LayerSelectionFunctionConstructor,
-    check_matching_layers,
+    PercentageRule,
+    ThresholdRule,
+    budget_mask,
     drift_norm,
     drift_norms,
+    layer_nbytes,
     num_layers_to_exchange,
     percentage_mask,
     select_layers_by_percentage,
@@ -35,26 +49,46 @@ from jaxlayerx.selection import (
 )
 from jaxlayerx.sparse_aggregation import FedAvgSparseCooTensor
 from jaxlayerx.sparse_selection import num_weights_to_exchange, score_threshold, sparse_masks
-from jaxlayerx.tree import DEFAULT_NNX_FILTER, conform_layer, flatten, merge_layers, unflatten
+from jaxlayerx.tree import (
+    DEFAULT_NNX_FILTER,
+    as_flat_view,
+    check_matching_layers,
+    conform_layer,
+    flatten,
+    merge_layers,
+    unflatten,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetRule",
+    "Config",
     "DEFAULT_NNX_FILTER",
     "DynamicLayerExchanger",
+    "Exchanger",
     "FedAvgDynamicLayer",
     "FedAvgSparseCooTensor",
     "FixedLayerExchanger",
+    "FlatView",
     "FullParameterExchanger",
     "LayerExchangerWithExclusions",
     "LayerSelectionFunction",
     "LayerSelectionFunctionConstructor",
+    "MEASURES",
+    "MaskedSelectionFunction",
     "NDArrays",
+    "PayloadKind",
+    "PercentageRule",
     "SCORE_FUNCTIONS",
     "ScoreGenFunction",
     "SparseCooParameterExchanger",
     "SparseLayer",
+    "ThresholdRule",
     "UnknownLayerError",
+    "as_flat_view",
+    "budget_mask",
+    "check_exchanger",
     "check_matching_layers",
     "conform_layer",
     "drift_norm",
@@ -64,6 +98,7 @@ __all__ = [
     "largest_final_magnitude_scores",
     "largest_increase_in_magnitude_scores",
     "largest_magnitude_change_scores",
+    "layer_nbytes",
     "masked_fedavg",
     "merge_layers",
     "merge_sparse_layers",

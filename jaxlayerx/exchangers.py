@@ -5,32 +5,41 @@ takes any model kind that :func:`jaxlayerx.flatten` takes. ``push_parameters`` r
 Flower-style ``NDArrays`` (a list of numpy arrays); ``pull_parameters`` returns the updated
 model: a new pytree (the one given is never mutated), or the same ``nnx.Module`` updated in
 place. A payload is fully validated (names, counts, shapes, dtypes) before anything changes.
+
+Every exchanger satisfies :class:`jaxlayerx.Exchanger`: ``send_mask(current, reference)``
+is what it sends, as a pure function of flat views, and ``payload_kind`` says how its
+payloads name what they hold.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import flax.linen as linen
 import numpy as np
 from flax import nnx
 
+from jaxlayerx.base import Config, FlatView, LayerSelectionFunction, MaskedSelectionFunction, Model, NDArrays, ScoreGenFunction
 from jaxlayerx.coo import merge_sparse_layers, pack_coo, read_coo, unpack_coo
 from jaxlayerx.errors import unknown_layer
+from jaxlayerx.feedback import ErrorFeedback
 from jaxlayerx.modules import linen_module_types, nnx_module_types, pytree_node_types
-from jaxlayerx.packing import NDArrays, pack_layers, to_numpy, unpack_layers
-from jaxlayerx.scores import ScoreGenFunction
-from jaxlayerx.selection import LayerSelectionFunction
-from jaxlayerx.sparse_selection import select_sparse_coo, validate_sparsity_level
+from jaxlayerx.packing import pack_layers, to_numpy, unpack_layers
+from jaxlayerx.sparse_selection import select_sparse_coo, sparse_masks, validate_sparsity_level
 from jaxlayerx.tree import flatten, merge_layers
-
-Model = TypeVar("Model")
-Config = Mapping[str, Any]
 
 
 class FullParameterExchanger:
     """Exchanges every layer, in flatten order, without names."""
+
+    payload_kind = "positional"
+    error_feedback = False
+
+    def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+        """Every layer: ``True`` for each name of ``current``."""
+        return _constant_mask(current, lambda name: True)
 
     def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
         """All layers of ``model`` as numpy arrays, in flatten order."""
@@ -48,8 +57,25 @@ class FixedLayerExchanger:
       layers_to_transfer: flattened layer names, for example ``["params/Dense_0/kernel"]``.
     """
 
+    payload_kind = "positional"
+    error_feedback = False
+
     def __init__(self, layers_to_transfer: Sequence[str]) -> None:
         self.layers_to_transfer = _checked_layer_list(layers_to_transfer)
+
+    def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+        """``True`` for the layers to transfer, which come first, in the list's order (the
+        order of the payload), then ``False`` for the others.
+
+        Raises:
+          KeyError: a layer to transfer is not in ``current`` (lists the closest names).
+        """
+        for name in self.layers_to_transfer:
+            if name not in current:
+                raise unknown_layer(name, current)
+        chosen = set(self.layers_to_transfer)
+        order = [*self.layers_to_transfer, *(name for name in current if name not in chosen)]
+        return _constant_mask(order, chosen.__contains__)
 
     def apply_layer_filter(self, model: Any) -> NDArrays:
         """The layers to transfer of ``model``, as numpy arrays.
@@ -83,6 +109,9 @@ class LayerExchangerWithExclusions:
       module_exclusions: module types whose layers stay local, e.g. ``{nnx.BatchNorm}``.
       *example_args, **example_kwargs: example inputs for a Linen module's ``init``.
     """
+
+    payload_kind = "positional"
+    error_feedback = False
 
     def __init__(self, model: Any, module_exclusions: Iterable[type], *example_args: Any, **example_kwargs: Any) -> None:
         self.module_exclusions = set(module_exclusions)
@@ -122,6 +151,10 @@ class LayerExchangerWithExclusions:
         """Names of the layers of ``model`` that are not excluded, in flatten order."""
         return [name for name in flatten(model) if not self.should_layer_be_excluded(name)]
 
+    def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+        """``True`` for the layers of ``current`` that are not excluded."""
+        return _constant_mask(current, lambda name: not self.should_layer_be_excluded(name))
+
     def apply_layer_filter(self, model: Any) -> NDArrays:
         """The non-excluded layers of ``model``, as numpy arrays in flatten order."""
         return _filter_layers(model, self.get_layers_to_transfer(model))
@@ -148,31 +181,70 @@ class LayerExchangerWithExclusions:
             )
 
 
-class DynamicLayerExchanger:
+class DynamicLayerExchanger(ErrorFeedback):
     """Sends, each round, the layers chosen by a selection function, with their names.
 
     Args:
       layer_selection_function: ``(model, initial_model) -> (arrays, names)``, for example
-        ``LayerSelectionFunctionConstructor(...).select_by_percentage()``.
+        ``LayerSelectionFunctionConstructor(...).select_by_percentage()``. The rules built
+        by :class:`jaxlayerx.LayerSelectionFunctionConstructor` also carry their pure mask
+        form, which :meth:`send_mask` needs.
+      error_feedback: measure drift from the last values pulled, not from
+        ``initial_model`` (see :mod:`jaxlayerx.feedback`). Off by default, as in fl4health.
+
+    Attributes:
+      reference: with error feedback, ``name -> numpy array``: the last value pulled of
+        each layer. Assign a saved one to restore it.
     """
 
-    def __init__(self, layer_selection_function: LayerSelectionFunction) -> None:
+    payload_kind = "named"
+
+    def __init__(self, layer_selection_function: LayerSelectionFunction, error_feedback: bool = False) -> None:
         if not callable(layer_selection_function):
             raise TypeError("layer_selection_function must be callable")
+        super().__init__(error_feedback)
         self.layer_selection_function = layer_selection_function
 
+    def __repr__(self) -> str:
+        return f"DynamicLayerExchanger({self.layer_selection_function!r}, error_feedback={self.error_feedback})"
+
     def select_parameters(self, model: Any, initial_model: Any = None) -> tuple[NDArrays, list[str]]:
-        """The selected layers of ``model`` and their names."""
-        return self.layer_selection_function(model, initial_model)
+        """The selected layers of ``model`` and their names.
+
+        Raises:
+          ValueError: error feedback has neither a pulled value nor ``initial_model`` for a layer.
+        """
+        if not self.error_feedback:
+            return self.layer_selection_function(model, initial_model)
+        current = flatten(model)
+        return self.layer_selection_function(current, self.drift_reference(current, initial_model))
 
     def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
         """The selected layers packed with their names (see :func:`pack_layers`)."""
         return self.pack_parameters(*self.select_parameters(model, initial_model))
 
     def pull_parameters(self, parameters: Sequence[np.ndarray], model: Model, config: Config | None = None) -> Model:
-        """Puts exactly the named layers of a packed payload into ``model``, in any order."""
+        """Puts exactly the named layers of a packed payload into ``model``, in any order
+        (and, with error feedback, remembers them as the reference)."""
         weights, names = self.unpack_parameters(parameters)
-        return merge_layers(model, dict(zip(names, weights)))
+        model = merge_layers(model, dict(zip(names, weights)))
+        if self.error_feedback:
+            self.record_pull(flatten(model), names)
+        return model
+
+    def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+        """The selection rule's pure mask form: ``name -> bool`` scalar.
+
+        Raises:
+          TypeError: the selection function has no mask form (a ``mask`` method).
+        """
+        if not isinstance(self.layer_selection_function, MaskedSelectionFunction):
+            raise TypeError(
+                f"the layer selection function {self.layer_selection_function!r} has no pure mask form "
+                "(a mask(current, reference) method), which jit/vmap consumers need; build it with "
+                "LayerSelectionFunctionConstructor, or give it such a method"
+            )
+        return self.layer_selection_function.mask(current, reference)
 
     def pack_parameters(self, weights: Sequence[Any], names: Sequence[str]) -> NDArrays:
         return pack_layers(weights, names)
@@ -181,7 +253,7 @@ class DynamicLayerExchanger:
         return unpack_layers(packed)
 
 
-class SparseCooParameterExchanger:
+class SparseCooParameterExchanger(ErrorFeedback):
     """Sends the top-scoring fraction of all weights of the model, in COO form.
 
     Every weight gets a score from ``score_gen_function``; the ``ceil(total *
@@ -198,22 +270,41 @@ class SparseCooParameterExchanger:
       score_gen_function: ``(model, initial_model) -> name -> scores of the layer's shape``,
         called with the flat views of both (``initial_model`` may be ``None``), for example
         :func:`jaxlayerx.largest_magnitude_change_scores`.
+      error_feedback: score against the last values pulled, weight by weight, not against
+        ``initial_model`` (see :mod:`jaxlayerx.feedback`). Off by default, as in fl4health.
+
+    Attributes:
+      reference: with error feedback, ``name -> numpy array``: the last value pulled of
+        each weight. Assign a saved one to restore it.
 
     Raises:
       ValueError: ``sparsity_level`` outside ``(0, 1]``. TypeError: not a number, or a
         ``score_gen_function`` that is not callable.
     """
 
-    def __init__(self, sparsity_level: float, score_gen_function: ScoreGenFunction) -> None:
+    payload_kind = "sparse"
+
+    def __init__(self, sparsity_level: float, score_gen_function: ScoreGenFunction, error_feedback: bool = False) -> None:
         validate_sparsity_level(sparsity_level)
         if not callable(score_gen_function):
             raise TypeError("score_gen_function must be callable")
+        super().__init__(error_feedback)
         self.sparsity_level = float(sparsity_level)
         self.score_gen_function = score_gen_function
 
+    def __repr__(self) -> str:
+        score = getattr(self.score_gen_function, "__name__", repr(self.score_gen_function))
+        return f"SparseCooParameterExchanger({self.sparsity_level}, {score}, error_feedback={self.error_feedback})"
+
+    def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+        """Per-weight booleans of each layer's shape: what ``current`` sends (see
+        :func:`jaxlayerx.sparse_masks`); pure and jit/vmap-able."""
+        return sparse_masks(self.score_gen_function(current, reference), current, self.sparsity_level)
+
     def generate_parameter_scores(self, model: Any, initial_model: Any = None) -> Mapping[str, Any]:
         """The scores of every weight of ``model``, by layer name."""
-        return self.score_gen_function(flatten(model), None if initial_model is None else flatten(initial_model))
+        current = flatten(model)
+        return self.score_gen_function(current, self.drift_reference(current, initial_model))
 
     def select_parameters(
         self, model: Any, initial_model: Any = None
@@ -223,8 +314,9 @@ class SparseCooParameterExchanger:
         Raises:
           KeyError, ValueError, TypeError: the scores do not match the model's layers.
         """
-        initial = None if initial_model is None else flatten(initial_model)
-        return select_sparse_coo(self.score_gen_function, self.sparsity_level, flatten(model), initial)
+        current = flatten(model)
+        reference = self.drift_reference(current, initial_model)
+        return select_sparse_coo(self.score_gen_function, self.sparsity_level, current, reference)
 
     def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
         """The kept weights packed as ``values + indices + shapes + [names]``."""
@@ -233,8 +325,13 @@ class SparseCooParameterExchanger:
 
     def pull_parameters(self, parameters: Sequence[np.ndarray], model: Model, config: Config | None = None) -> Model:
         """Writes exactly the entries of a COO payload into ``model``; the payload is
-        checked whole (layout, bounds, repeats, names, shapes, dtypes) before anything changes."""
-        return merge_sparse_layers(model, read_coo(parameters))
+        checked whole (layout, bounds, repeats, names, shapes, dtypes) before anything changes.
+        With error feedback, the written entries become the reference."""
+        layers = read_coo(parameters)
+        model = merge_sparse_layers(model, layers)
+        if self.error_feedback:
+            self.record_sparse_pull(flatten(model), {name: layer.flat_indices for name, layer in layers.items()})
+        return model
 
     def pack_parameters(
         self, model_weights: Sequence[Any], additional_parameters: tuple[Sequence[Any], Sequence[Any], Sequence[str]]
@@ -244,6 +341,11 @@ class SparseCooParameterExchanger:
 
     def unpack_parameters(self, packed_parameters: Sequence[np.ndarray]) -> tuple[NDArrays, tuple[NDArrays, NDArrays, list[str]]]:
         return unpack_coo(packed_parameters)
+
+
+def _constant_mask(names: Iterable[str], sends: Any) -> FlatView:
+    """``name -> numpy bool`` for every name, in order: ``sends(name)``, whatever the values."""
+    return collections.OrderedDict((name, np.bool_(sends(name))) for name in names)
 
 
 def _checked_layer_list(names: Sequence[str]) -> list[str]:

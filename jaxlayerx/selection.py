@@ -1,8 +1,23 @@
-"""Dynamic layer selection by drift: norms, masks and selection rules.
+"""Dynamic layer selection by drift: drift measures, masks and selection rules.
 
-The drift of a layer is the L2 norm of ``current - initial``, computed in float32 (integer
-and half-precision leaves are cast), divided by the layer's number of elements when
-``normalize`` is true. Two rules pick layers from the drifts:
+The drift of a layer is computed from ``current - initial`` in float32 (integer and
+half-precision leaves are cast first), by one of the measures of :data:`MEASURES`:
+
+==============  ==============================================  ==========================
+measure         drift of a layer of ``n`` elements               fl4health
+==============  ==============================================  ==========================
+``"l2/size"``   ``||current - initial|| / n``                    ``normalize=True``
+``"l2"``        ``||current - initial||``                        ``normalize=False``
+``"rms"``       ``||current - initial|| / sqrt(n)``              (not offered)
+``"relative"``  ``||current - initial|| / ||initial||``          (not offered)
+==============  ==============================================  ==========================
+
+``"relative"`` of a layer whose ``initial`` is all zeros is ``0`` when it did not move and
+``+inf`` when it did (it moved infinitely far relative to its size). ``"rms"`` is
+scale-free across layer sizes: a bias and a kernel that moved each weight by the same
+amount have the same drift, where ``"l2/size"`` favours the small layer by its size.
+
+Three rules pick layers:
 
 * threshold: drift ``> norm_threshold`` (``select_drift_more``), else ``<= norm_threshold``;
   the comparison is exact, as between real numbers (as fl4health does in float64);
@@ -10,95 +25,106 @@ and half-precision leaves are cast), divided by the layer's number of elements w
   not ``select_drift_more``), ``N`` the number of layers, computed as
   ``math.ceil(N * exchange_percentage)`` in Python floats like fl4health (so 25 layers at
   0.28 select 8: ``25 * 0.28 == 7.000000000000001``); ties go to the layer that comes
-  first in flatten order.
+  first in flatten order;
+* budget (not in fl4health): layers ranked by drift energy per byte,
+  ``||current - initial||^2 / nbytes`` (``nbytes`` the layer's bytes in its own dtype; ties
+  to the earlier layer), are taken greedily in that order while they fit: a layer is
+  taken when it fits in ``byte_fraction * (bytes of all layers)`` together with those
+  already taken; one that does not fit is skipped, and smaller ones after it can still be
+  taken. The measure does not enter: energy per byte ranks as ``"rms"`` squared over the
+  item size.
 
 The pure functions here (:func:`drift_norms`, :func:`threshold_mask`,
-:func:`percentage_mask`) take and return ordered ``name -> array`` dicts of fixed shapes,
-so they run inside ``jax.jit`` and ``jax.vmap``. The selection functions built by
-:class:`LayerSelectionFunctionConstructor` run them as one jitted computation with a single
-device-to-host transfer of the mask, then gather the selected layers as numpy arrays.
+:func:`percentage_mask`, :func:`budget_mask`) take and return ordered ``name -> array``
+dicts of fixed shapes, so they run inside ``jax.jit`` and ``jax.vmap``. The rules that
+:class:`LayerSelectionFunctionConstructor` builds are small callable objects: called as
+fl4health's ``(model, initial_model) -> (arrays, names)`` they run the mask as one jitted
+computation with a single device-to-host transfer, then gather the selected layers as
+numpy arrays; their ``mask(current, reference)`` method is the same rule in pure form.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import fractions
 import functools
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlayerx.errors import unknown_layer
+from jaxlayerx.base import FlatView, NDArrays
 from jaxlayerx.packing import to_numpy
-from jaxlayerx.tree import flatten
+from jaxlayerx.tree import as_flat_view, check_matching_layers
 
-LayerSelectionFunction = Callable[[Any, Any], tuple[list[np.ndarray], list[str]]]
+#: The drift measures, by name (see the module docstring).
+MEASURES: tuple[str, ...] = ("l2/size", "l2", "rms", "relative")
 
 
-def check_matching_layers(current: Mapping[str, Any], initial: Mapping[str, Any]) -> None:
-    """Checks that two flat views hold the same layer names with the same shapes.
+def resolve_measure(measure: str | None, normalize: bool = True) -> str:
+    """``measure`` checked, or fl4health's measure for ``normalize`` when it is ``None``.
 
     Raises:
-      KeyError: a layer is in one view but not in the other (named, with close matches).
-      ValueError: a layer's shapes differ.
+      ValueError: a measure not in :data:`MEASURES`.
     """
-    for name in current:
-        if name not in initial:
-            raise unknown_layer(name, initial, what="the initial model")
-    for name in initial:
-        if name not in current:
-            raise unknown_layer(name, current, what="the current model")
-    for name, value in current.items():
-        if _shape(value) != _shape(initial[name]):
-            raise ValueError(
-                f"layer {name!r}: current shape {np.shape(value)} differs from the initial "
-                f"model's shape {np.shape(initial[name])}"
-            )
+    if measure is None:
+        return "l2/size" if normalize else "l2"
+    if not isinstance(measure, str) or measure not in MEASURES:
+        raise ValueError(f"unknown drift measure {measure!r}; choose from {', '.join(MEASURES)}")
+    return measure
 
 
-def _shape(value: Any) -> tuple[int, ...]:
-    shape = getattr(value, "shape", None)
-    return tuple(shape) if shape is not None else np.shape(value)
-
-
-def drift_norm(current: jax.Array, initial: jax.Array, normalize: bool = True) -> jax.Array:
-    """The float32 L2 norm of ``current - initial``, over its size when ``normalize``."""
-    current, initial = jnp.asarray(current), jnp.asarray(initial)
-    # Reduced as a 1-D vector: XLA's CPU reduction over all axes of a conv kernel is
-    # slower than over the same bytes raveled (ResNet-50 norms: 6.1 -> 5.6 ms).
-    diff = current.astype(jnp.float32).ravel() - initial.astype(jnp.float32).ravel()
-    norm = jnp.sqrt(jnp.sum(jnp.square(diff)))
-    if normalize:
-        norm = norm / max(current.size, 1)
+def drift_norm(current: Any, initial: Any, normalize: bool = True, *, measure: str | None = None) -> jax.Array:
+    """The float32 drift of one layer by ``measure`` (default: fl4health's, set by ``normalize``)."""
+    measure = resolve_measure(measure, normalize)
+    current, initial = _float32_vector(current), _float32_vector(initial)
+    norm = jnp.sqrt(jnp.sum(jnp.square(current - initial)))
+    size = max(current.size, 1)
+    if measure == "l2/size":
+        return norm / size
+    if measure == "rms":
+        return norm / np.float32(math.sqrt(size))
+    if measure == "relative":
+        base = jnp.sqrt(jnp.sum(jnp.square(initial)))
+        moved = jnp.where(norm > 0, jnp.float32(jnp.inf), jnp.float32(0))
+        return jnp.where(base > 0, norm / jnp.where(base > 0, base, 1), moved)
     return norm
 
 
 def drift_norms(
-    current: Mapping[str, jax.Array], initial: Mapping[str, jax.Array], *, normalize: bool = True
-) -> collections.OrderedDict[str, jax.Array]:
-    """Drift norms of every layer, in the order of ``current``; pure and jit/vmap-able.
+    current: Mapping[str, Any],
+    initial: Mapping[str, Any],
+    *,
+    normalize: bool = True,
+    measure: str | None = None,
+) -> FlatView:
+    """Drifts of every layer, in the order of ``current``; pure and jit/vmap-able.
 
     Args:
       current: flat view of the model after local training (see :func:`jaxlayerx.flatten`).
-      initial: flat view of the model at the start of the round, same names and shapes.
-      normalize: divide each norm by the layer's number of elements.
+      initial: flat view of what drift is measured against, same names and shapes.
+      normalize: fl4health's switch, used when ``measure`` is ``None``: ``"l2/size"`` if
+        true, else ``"l2"``.
+      measure: one of :data:`MEASURES`.
 
     Returns:
       An ordered dict ``name -> float32 scalar``.
     """
+    measure = resolve_measure(measure, normalize)
     check_matching_layers(current, initial)
     return collections.OrderedDict(
-        (name, drift_norm(value, initial[name], normalize)) for name, value in current.items()
+        (name, drift_norm(value, initial[name], measure=measure)) for name, value in current.items()
     )
 
 
 def threshold_mask(
     norms: Mapping[str, jax.Array], norm_threshold: float | jax.Array, *, select_drift_more: bool = True
-) -> collections.OrderedDict[str, jax.Array]:
+) -> FlatView:
     """Per-layer booleans: drift ``> norm_threshold``, or ``<=`` if not ``select_drift_more``.
 
     A Python number threshold is compared exactly (as a real number) with the float32
@@ -106,14 +132,13 @@ def threshold_mask(
     """
     threshold = _float32_floor(norm_threshold)
     return collections.OrderedDict(
-        (name, (norm > threshold) if select_drift_more else (norm <= threshold))
-        for name, norm in norms.items()
+        (name, (norm > threshold) if select_drift_more else (norm <= threshold)) for name, norm in norms.items()
     )
 
 
 def percentage_mask(
     norms: Mapping[str, jax.Array], exchange_percentage: float, *, select_drift_more: bool = True
-) -> collections.OrderedDict[str, jax.Array]:
+) -> FlatView:
     """Per-layer booleans marking the ``ceil(N * exchange_percentage)`` largest drifts.
 
     Smallest drifts when not ``select_drift_more``. Ties go to the layer that comes first
@@ -129,7 +154,33 @@ def percentage_mask(
     # lax.top_k returns the lower index first among equal values: ties go to the earlier layer.
     _, chosen = jax.lax.top_k(stacked if select_drift_more else -stacked, count)
     selected = jnp.zeros(len(names), dtype=bool).at[chosen].set(True)
-    return collections.OrderedDict((name, selected[i]) for i, name in enumerate(names))
+    return _unstack(names, selected)
+
+
+def budget_mask(current: Mapping[str, Any], initial: Mapping[str, Any], byte_fraction: float) -> FlatView:
+    """Per-layer booleans of the budget rule (see the module docstring); pure and jit/vmap-able.
+
+    Args:
+      current, initial: flat views with the same names and shapes.
+      byte_fraction: the share of the bytes of all layers that may be sent, in ``(0, 1]``;
+        a Python number (it fixes the capacity, a static value).
+
+    Returns:
+      An ordered dict ``name -> bool scalar``, in the order of ``current``.
+    """
+    validate_byte_fraction(byte_fraction)
+    check_matching_layers(current, initial)
+    names = list(current)
+    if not names:
+        return collections.OrderedDict()
+    sizes = [layer_nbytes(current[name]) for name in names]
+    energies = jnp.stack([_energy_per_byte(current[name], initial[name], size) for name, size in zip(names, sizes)])
+    return _unstack(names, _greedy_fill(energies, sizes, byte_fraction))
+
+
+def layer_nbytes(layer: Any) -> int:
+    """Bytes of a layer's values in its own dtype (static: from shape and dtype alone)."""
+    return math.prod(np.shape(layer)) * np.dtype(layer.dtype).itemsize
 
 
 def num_layers_to_exchange(num_layers: int, exchange_percentage: float) -> int:
@@ -137,49 +188,189 @@ def num_layers_to_exchange(num_layers: int, exchange_percentage: float) -> int:
     return int(math.ceil(num_layers * exchange_percentage))
 
 
+def _float32_vector(value: Any) -> jax.Array:
+    # Reduced as a 1-D vector: XLA's CPU reduction over all axes of a conv kernel is
+    # slower than over the same bytes raveled.
+    return jnp.asarray(value).astype(jnp.float32).ravel()
+
+
+def _energy_per_byte(current: Any, initial: Any, nbytes: int) -> jax.Array:
+    """``||current - initial||^2 / nbytes`` in float32; 0 for a layer of no bytes."""
+    energy = jnp.sum(jnp.square(_float32_vector(current) - _float32_vector(initial)))
+    return energy / np.float32(nbytes) if nbytes else jnp.zeros((), jnp.float32)
+
+
+def _greedy_fill(energies: jax.Array, sizes: list[int], byte_fraction: float) -> jax.Array:
+    """Takes layers by decreasing energy (ties: lower index; NaN last) while they fit.
+
+    The capacity is ``floor(byte_fraction * sum(sizes))``, exact in rational arithmetic;
+    bytes are counted in units of the sizes' greatest common divisor, in int32 (int64
+    under x64), so the running total is exact.
+    """
+    capacity = math.floor(fractions.Fraction(float(byte_fraction)) * sum(sizes))
+    unit = math.gcd(*sizes) or 1
+    units, capacity = [size // unit for size in sizes], capacity // unit
+    index_dtype = jax.dtypes.canonicalize_dtype(jnp.int64)
+    if sum(units) > np.iinfo(index_dtype).max:
+        raise ValueError(
+            f"the budget rule counts {sum(sizes)} bytes, too many for {np.dtype(index_dtype)}; "
+            'enable 64-bit JAX: jax.config.update("jax_enable_x64", True)'
+        )
+    rank_key = jnp.where(jnp.isnan(energies), -jnp.inf, energies)
+    order = jnp.argsort(-rank_key, stable=True)
+
+    def take(used: jax.Array, size: jax.Array) -> tuple[jax.Array, jax.Array]:
+        fits = used + size <= capacity
+        return jnp.where(fits, used + size, used), fits
+
+    _, taken = jax.lax.scan(take, jnp.zeros((), index_dtype), jnp.asarray(units, index_dtype)[order])
+    return jnp.zeros(len(sizes), bool).at[order].set(taken)
+
+
+def _unstack(names: list[str], vector: jax.Array) -> FlatView:
+    return collections.OrderedDict((name, vector[i]) for i, name in enumerate(names))
+
+
+# -- rules -------------------------------------------------------------------------------
+
+
+class _LayerSelectionRule:
+    """A layer selection function (fl4health's calling convention) with its pure mask form."""
+
+    def mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+        """``name -> bool scalar``: the layers this rule sends for ``current``, drift measured
+        against ``reference`` (flat views); pure and jit/vmap-able."""
+        raise NotImplementedError
+
+    def __call__(self, model: Any, initial_model: Any) -> tuple[NDArrays, list[str]]:
+        """The selected layers of ``model`` (numpy, in their own dtype) and their names, in
+        flatten order; drift measured against ``initial_model``.
+
+        Raises:
+          ValueError: ``initial_model`` is ``None``, or a layer's shapes differ.
+          KeyError: the two models do not have the same layers (naming the layer).
+        """
+        if initial_model is None:
+            raise ValueError(
+                "dynamic layer selection needs initial_model: the model as it was at the start "
+                "of the round (pass initial_model=...)"
+            )
+        current, initial = as_flat_view(model), as_flat_view(initial_model)
+        if current.keys() != initial.keys():
+            check_matching_layers(current, initial)  # raises, naming the layer
+        # Shapes are checked by drift_norms while the mask function traces: a mismatch
+        # changes the jit cache key, so it is always traced, and raises, before use.
+        names = tuple(current)
+        arrays = list(current.values())
+        mask = self._mask_vector(names, arrays, [initial[name] for name in names])
+        selected = np.asarray(mask).tolist()  # the one device-to-host sync of the selection
+        chosen = [position for position, keep in enumerate(selected) if keep]
+        return to_numpy([arrays[position] for position in chosen]), [names[position] for position in chosen]
+
+    def _mask_vector(self, names: tuple[str, ...], current: list[Any], initial: list[Any]) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdRule(_LayerSelectionRule):
+    """Sends the layers whose drift is ``> norm_threshold`` (``<=`` when not ``select_drift_more``)."""
+
+    norm_threshold: float
+    measure: str = "l2/size"
+    select_drift_more: bool = True
+
+    def __post_init__(self) -> None:
+        validate_norm_threshold(self.norm_threshold)
+        resolve_measure(self.measure)
+
+    def mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+        norms = drift_norms(current, reference, measure=self.measure)
+        return threshold_mask(norms, self.norm_threshold, select_drift_more=self.select_drift_more)
+
+    def _mask_vector(self, names, current, initial):
+        # The threshold is a traced argument: a new value does not compile again.
+        threshold = jnp.asarray(_float32_floor(self.norm_threshold), jnp.float32)
+        return _threshold_mask_vector(
+            names, current, initial, threshold, measure=self.measure, select_drift_more=self.select_drift_more
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PercentageRule(_LayerSelectionRule):
+    """Sends the ``ceil(N * exchange_percentage)`` layers that drifted most (least when not
+    ``select_drift_more``)."""
+
+    exchange_percentage: float
+    measure: str = "l2/size"
+    select_drift_more: bool = True
+
+    def __post_init__(self) -> None:
+        validate_exchange_percentage(self.exchange_percentage)
+        resolve_measure(self.measure)
+
+    def mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+        norms = drift_norms(current, reference, measure=self.measure)
+        return percentage_mask(norms, self.exchange_percentage, select_drift_more=self.select_drift_more)
+
+    def _mask_vector(self, names, current, initial):
+        return _percentage_mask_vector(
+            names,
+            current,
+            initial,
+            exchange_percentage=float(self.exchange_percentage),
+            measure=self.measure,
+            select_drift_more=self.select_drift_more,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetRule(_LayerSelectionRule):
+    """Sends the layers that moved most per byte, up to ``byte_fraction`` of the model's bytes."""
+
+    byte_fraction: float
+
+    def __post_init__(self) -> None:
+        validate_byte_fraction(self.byte_fraction)
+
+    def mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+        return budget_mask(current, reference, self.byte_fraction)
+
+    def _mask_vector(self, names, current, initial):
+        return _budget_mask_vector(names, current, initial, byte_fraction=float(self.byte_fraction))
+
+
 def select_layers_by_threshold(
     norm_threshold: float, normalize: bool, select_drift_more: bool, model: Any, initial_model: Any
-) -> tuple[list[np.ndarray], list[str]]:
-    """Layers of ``model`` whose drift from ``initial_model`` passes ``norm_threshold``.
-
-    Returns the selected arrays (numpy, in their own dtype) and names, in flatten order.
-    """
-    validate_norm_threshold(norm_threshold)
-    threshold = jnp.asarray(_float32_floor(norm_threshold), jnp.float32)
-    return _select(
-        _threshold_mask_vector, model, initial_model, threshold, normalize=normalize, select_drift_more=select_drift_more
-    )
+) -> tuple[NDArrays, list[str]]:
+    """Layers of ``model`` whose drift from ``initial_model`` passes ``norm_threshold``
+    (fl4health's function); see :class:`ThresholdRule`."""
+    return ThresholdRule(norm_threshold, resolve_measure(None, normalize), bool(select_drift_more))(model, initial_model)
 
 
 def select_layers_by_percentage(
     exchange_percentage: float, normalize: bool, select_drift_more: bool, model: Any, initial_model: Any
-) -> tuple[list[np.ndarray], list[str]]:
-    """The ``ceil(N * exchange_percentage)`` layers of ``model`` that drifted most (or least).
-
-    Returns the selected arrays (numpy, in their own dtype) and names, in flatten order.
-    """
-    validate_exchange_percentage(exchange_percentage)
-    return _select(
-        _percentage_mask_vector,
-        model,
-        initial_model,
-        exchange_percentage=float(exchange_percentage),
-        normalize=normalize,
-        select_drift_more=select_drift_more,
-    )
+) -> tuple[NDArrays, list[str]]:
+    """The ``ceil(N * exchange_percentage)`` layers of ``model`` that drifted most (or least)
+    (fl4health's function); see :class:`PercentageRule`."""
+    rule = PercentageRule(exchange_percentage, resolve_measure(None, normalize), bool(select_drift_more))
+    return rule(model, initial_model)
 
 
 class LayerSelectionFunctionConstructor:
-    """Builds drift-based layer selection functions for :class:`DynamicLayerExchanger`.
+    """Builds drift-based layer selection rules for :class:`jaxlayerx.DynamicLayerExchanger`.
 
     Args:
-      norm_threshold: threshold on the drift norm, ``> 0``.
+      norm_threshold: threshold on the drift, ``> 0``.
       exchange_percentage: fraction of layers to select, in ``(0, 1]``.
-      normalize: divide each layer's norm by its number of elements.
+      normalize: fl4health's measure switch: drift divided by the layer's number of
+        elements (``"l2/size"``) when true, plain L2 (``"l2"``) when false. Used only when
+        ``measure`` is not given.
       select_drift_more: select large drifts (else small ones).
+      measure: the drift measure, one of :data:`MEASURES`; replaces ``normalize``.
 
     Raises:
-      ValueError: a value out of range. TypeError: a value that is not a real number.
+      ValueError: a value out of range, an unknown measure. TypeError: a value that is not
+        a real number.
     """
 
     def __init__(
@@ -188,6 +379,8 @@ class LayerSelectionFunctionConstructor:
         exchange_percentage: float,
         normalize: bool = True,
         select_drift_more: bool = True,
+        *,
+        measure: str | None = None,
     ) -> None:
         validate_norm_threshold(norm_threshold)
         validate_exchange_percentage(exchange_percentage)
@@ -195,70 +388,59 @@ class LayerSelectionFunctionConstructor:
         self.exchange_percentage = exchange_percentage
         self.normalize = bool(normalize)
         self.select_drift_more = bool(select_drift_more)
+        self.measure = resolve_measure(measure, self.normalize)
 
-    def select_by_threshold(self) -> LayerSelectionFunction:
-        """A function ``(model, initial_model) -> (arrays, names)`` for the threshold rule."""
-        return functools.partial(
-            select_layers_by_threshold, self.norm_threshold, self.normalize, self.select_drift_more
-        )
+    def select_by_threshold(self) -> ThresholdRule:
+        """The threshold rule: callable as ``(model, initial_model) -> (arrays, names)``."""
+        return ThresholdRule(self.norm_threshold, self.measure, self.select_drift_more)
 
-    def select_by_percentage(self) -> LayerSelectionFunction:
-        """A function ``(model, initial_model) -> (arrays, names)`` for the percentage rule."""
-        return functools.partial(
-            select_layers_by_percentage, self.exchange_percentage, self.normalize, self.select_drift_more
-        )
+    def select_by_percentage(self) -> PercentageRule:
+        """The percentage rule: callable as ``(model, initial_model) -> (arrays, names)``."""
+        return PercentageRule(self.exchange_percentage, self.measure, self.select_drift_more)
+
+    def select_by_budget(self, byte_fraction: float) -> BudgetRule:
+        """The budget rule: at most ``byte_fraction`` of the model's bytes, the layers that
+        moved most per byte first (see the module docstring).
+
+        Raises:
+          ValueError: ``byte_fraction`` outside ``(0, 1]``, or ``select_drift_more=False``
+            (the budget always spends its bytes on the layers that moved most).
+        """
+        if not self.select_drift_more:
+            raise ValueError(
+                "select_by_budget sends the layers that moved most per byte; it has no form for "
+                "select_drift_more=False"
+            )
+        return BudgetRule(byte_fraction)
 
 
 # The jitted mask functions take the layer names (static) and two lists of arrays: a
 # list dispatches about twice as fast as an OrderedDict of the same arrays.
 
 
-@functools.partial(jax.jit, static_argnames=("names", "normalize", "select_drift_more"))
-def _threshold_mask_vector(names, current, initial, threshold, *, normalize, select_drift_more):
-    norms = drift_norms(_named(names, current), _named(names, initial), normalize=normalize)
+@functools.partial(jax.jit, static_argnames=("names", "measure", "select_drift_more"))
+def _threshold_mask_vector(names, current, initial, threshold, *, measure, select_drift_more):
+    norms = drift_norms(_named(names, current), _named(names, initial), measure=measure)
     return _stack(threshold_mask(norms, threshold, select_drift_more=select_drift_more))
 
 
-@functools.partial(jax.jit, static_argnames=("names", "exchange_percentage", "normalize", "select_drift_more"))
-def _percentage_mask_vector(names, current, initial, *, exchange_percentage, normalize, select_drift_more):
-    norms = drift_norms(_named(names, current), _named(names, initial), normalize=normalize)
+@functools.partial(jax.jit, static_argnames=("names", "exchange_percentage", "measure", "select_drift_more"))
+def _percentage_mask_vector(names, current, initial, *, exchange_percentage, measure, select_drift_more):
+    norms = drift_norms(_named(names, current), _named(names, initial), measure=measure)
     return _stack(percentage_mask(norms, exchange_percentage, select_drift_more=select_drift_more))
 
 
-def _named(names: tuple[str, ...], arrays: list[jax.Array]) -> collections.OrderedDict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("names", "byte_fraction"))
+def _budget_mask_vector(names, current, initial, *, byte_fraction):
+    return _stack(budget_mask(_named(names, current), _named(names, initial), byte_fraction))
+
+
+def _named(names: tuple[str, ...], arrays: list[Any]) -> FlatView:
     return collections.OrderedDict(zip(names, arrays))
 
 
 def _stack(mask: Mapping[str, jax.Array]) -> jax.Array:
     return jnp.stack(list(mask.values())) if mask else jnp.zeros((0,), dtype=bool)
-
-
-def _select(mask_vector: Callable[..., jax.Array], model: Any, initial_model: Any, *args: Any, **static: Any):
-    """Flattens both models, runs the jitted mask (which checks their layers), gathers the chosen ones."""
-    current, initial = _flat_pair(model, initial_model)
-    if current.keys() != initial.keys():
-        check_matching_layers(current, initial)  # raises, naming the layer
-    names = tuple(current)
-    arrays = list(current.values())
-    mask = mask_vector(names, arrays, [initial[name] for name in names], *args, **static)
-    return _gather(names, arrays, mask)
-
-
-def _flat_pair(model: Any, initial_model: Any):
-    if initial_model is None:
-        raise ValueError(
-            "dynamic layer selection needs initial_model: the model as it was at the start "
-            "of the round (pass initial_model=...)"
-        )
-    # The shapes are checked by drift_norms while the mask function traces: a mismatch
-    # changes the jit cache key, so it is always traced, and raises, before use.
-    return flatten(model), flatten(initial_model)
-
-
-def _gather(names: tuple[str, ...], arrays: list[jax.Array], mask: jax.Array) -> tuple[list[np.ndarray], list[str]]:
-    selected = np.asarray(mask).tolist()  # the one device-to-host sync of the selection
-    chosen = [position for position, keep in enumerate(selected) if keep]
-    return to_numpy([arrays[position] for position in chosen]), [names[position] for position in chosen]
 
 
 def _float32_floor(threshold: Any) -> Any:
@@ -275,15 +457,27 @@ def _float32_floor(threshold: Any) -> Any:
     return floor
 
 
+def _validate_real(value: Any, what: str) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{what} must be a real number, got {value!r}")
+
+
 def validate_norm_threshold(norm_threshold: Any) -> None:
-    if not isinstance(norm_threshold, numbers.Real) or isinstance(norm_threshold, bool):
-        raise TypeError(f"norm_threshold must be a real number, got {norm_threshold!r}")
+    """Raises ``TypeError`` unless a real number, ``ValueError`` unless ``> 0``."""
+    _validate_real(norm_threshold, "norm_threshold")
     if not norm_threshold > 0:
         raise ValueError(f"norm_threshold must be > 0, got {norm_threshold}")
 
 
 def validate_exchange_percentage(exchange_percentage: Any) -> None:
-    if not isinstance(exchange_percentage, numbers.Real) or isinstance(exchange_percentage, bool):
-        raise TypeError(f"exchange_percentage must be a real number, got {exchange_percentage!r}")
+    """Raises ``TypeError`` unless a real number, ``ValueError`` unless in ``(0, 1]``."""
+    _validate_real(exchange_percentage, "exchange_percentage")
     if not 0 < exchange_percentage <= 1:
         raise ValueError(f"exchange_percentage must be in (0, 1], got {exchange_percentage}")
+
+
+def validate_byte_fraction(byte_fraction: Any) -> None:
+    """Raises ``TypeError`` unless a real number, ``ValueError`` unless in ``(0, 1]``."""
+    _validate_real(byte_fraction, "byte_fraction")
+    if not 0 < byte_fraction <= 1:
+        raise ValueError(f"byte_fraction must be in (0, 1], got {byte_fraction}")

@@ -1,0 +1,106 @@
+"""Error feedback: drift measured against the last values a client pulled.
+
+Without it, a client measures drift from the round's ``initial_model``, so a layer (or a
+weight) that moves a little every round but never enough to be chosen is never sent: its
+movement is lost each round. With it, the exchanger remembers, per layer (per weight for
+sparse exchange), the last value the server holds for this client, which is what the
+client last pulled, and measures drift from there. What was not sent keeps accumulating
+until it is sent (the residual accumulation of DGC, Aji & Heafield 2017, and STC).
+
+The state is a flat view, ``reference``: ``name -> numpy array``, the value each pulled
+layer had right after its last pull. A layer never pulled falls back to ``initial_model``.
+For sparse exchange, a pull writes the pulled weights into the reference; a layer whose
+first pull is partial starts its reference from the whole layer as it stands after that
+pull (its other weights at the client's own values then). Save it with
+``numpy.savez(path, **exchanger.reference)`` and restore it by assigning
+``exchanger.reference = dict(numpy.load(path))``.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxlayerx.base import FlatView
+from jaxlayerx.packing import to_numpy
+from jaxlayerx.tree import as_flat_view, is_array_leaf
+
+
+class ErrorFeedback:
+    """The opt-in error-feedback state shared by the dynamic and sparse exchangers.
+
+    Attributes:
+      error_feedback: whether drift is measured against ``reference``.
+      reference: ``name -> numpy array``, the last value pulled of each layer.
+    """
+
+    def __init__(self, error_feedback: bool) -> None:
+        if not isinstance(error_feedback, (bool, np.bool_)):
+            raise TypeError(f"error_feedback must be True or False, got {error_feedback!r}")
+        self.error_feedback = bool(error_feedback)
+        self._reference: FlatView = collections.OrderedDict()
+
+    @property
+    def reference(self) -> FlatView:
+        """The last values pulled, by layer name (empty until a pull, or when error feedback is off)."""
+        return self._reference
+
+    @reference.setter
+    def reference(self, layers: Mapping[str, Any]) -> None:
+        if not isinstance(layers, Mapping) or not all(map(is_array_leaf, layers.values())):
+            raise TypeError("a reference is a name -> array mapping (as exchanger.reference holds)")
+        self._reference = collections.OrderedDict(
+            (str(name), np.array(value, copy=True)) for name, value in zip(layers, to_numpy(layers.values()))
+        )
+
+    def drift_reference(self, current: Mapping[str, Any], initial_model: Any) -> FlatView | None:
+        """What drift is measured against for the flat view ``current``.
+
+        ``initial_model`` itself (flattened) without error feedback; with it, the reference
+        of every layer pulled before and ``initial_model``'s layer for the others.
+
+        ``None`` when there is nothing to measure against: no ``initial_model`` and nothing
+        pulled yet.
+
+        Raises:
+          ValueError: error feedback has pulled values for some layers but not all, and no
+            ``initial_model`` for the others.
+        """
+        if not self.error_feedback or (initial_model is None and not self._reference):
+            return None if initial_model is None else as_flat_view(initial_model)
+        missing = [name for name in current if name not in self._reference]
+        if not missing:
+            return collections.OrderedDict((name, self._reference[name]) for name in current)
+        if initial_model is None:
+            raise ValueError(
+                f"error feedback has no pulled value for {len(missing)} layer(s), for example "
+                f"{missing[0]!r}, and no initial_model to fall back on: pass initial_model=..."
+            )
+        initial = as_flat_view(initial_model)
+        return collections.OrderedDict(
+            (name, self._reference[name] if name in self._reference else initial[name]) for name in current
+        )
+
+    def record_pull(self, pulled: Mapping[str, Any], names: Iterable[str]) -> None:
+        """Remembers the layers ``names`` of the flat view ``pulled`` (the model after a pull)."""
+        if self.error_feedback:
+            self._reference.update(_copies(pulled, names))
+
+    def record_sparse_pull(self, pulled: Mapping[str, Any], flat_indices: Mapping[str, np.ndarray]) -> None:
+        """Remembers, per layer, the weights at row-major ``flat_indices`` of the flat view ``pulled``."""
+        if not self.error_feedback:
+            return
+        for name, layer in _copies(pulled, flat_indices).items():
+            if name in self._reference:
+                entries = flat_indices[name]
+                self._reference[name].reshape(-1)[entries] = layer.reshape(-1)[entries]
+            else:
+                self._reference[name] = layer
+
+
+def _copies(flat: Mapping[str, Any], names: Iterable[str]) -> dict[str, np.ndarray]:
+    names = list(names)
+    return {name: np.array(array, copy=True) for name, array in zip(names, to_numpy(flat[name] for name in names))}
