@@ -34,7 +34,8 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
 
     def loop():
         outputs = [
-            client_step(state.global_layers, state.pull_mask, locals_[c], keys[c], *per_client[c]) for c in range(clients)
+            client_step(state.global_layers, state.pull_mask, locals_[c], state.references, keys[c], *per_client[c])
+            for c in range(clients)
         ]
         trained = jax.tree.map(lambda *v: jnp.stack(v), *[out[1] for out in outputs])
         masks = jax.tree.map(lambda *v: jnp.stack(v), *[out[2] for out in outputs])
@@ -45,7 +46,7 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
     # The training loop people write first: a jitted SGD step, called per client and per step.
     sgd_step = jax.jit(simulation.sgd_step)
     merge = jax.jit(lambda g, m, l: jax.tree.map(lambda gv, mv, lv: jnp.where(mv, gv, lv), g, m, l))
-    select = jax.jit(simulation._send_mask)
+    select = jax.jit(simulation.exchanger.send_mask)
 
     def step_loop():
         trained_all, masks_all = [], []

@@ -33,6 +33,14 @@ TINY = [
 ]
 ALL_EXCHANGERS = ["full", "exclude-bn", "dynamic-percentage", "dynamic-threshold", "fixed"]
 PERCENTAGE = 0.25  # ceil(10 * 0.25) = 3, where round() and floor() both give 2
+#: Each exchanger's label in the table and metrics.json, with the parameters of the compare run below.
+LABELS = {
+    "full": "full",
+    "exclude-bn": "exclude-bn",
+    "dynamic-percentage": "dynamic-percentage(0.25, l2/size)",
+    "dynamic-threshold": "dynamic-threshold(0.0001, l2/size)",
+    "fixed": "fixed",
+}
 OPTIONS = [
     "--exchangers", "--clients", "--rounds", "--local-steps", "--local-epochs", "--batch-size", "--learning-rate",
     "--momentum", "--beta", "--test-fraction", "--seed", "--unweighted", "--layers", "--norm-threshold",
@@ -179,12 +187,12 @@ def compare_run(tmp_path_factory):
 
 def test_compare_runs_every_exchanger_on_the_same_split(compare_run):
     folder, metrics, out = compare_run
-    assert list(metrics) == ALL_EXCHANGERS
+    assert list(metrics) == [LABELS[name] for name in ALL_EXCHANGERS]
     with (folder / "metrics.csv").open(newline="") as file:
         rows = list(csv.DictReader(file))
-    for name in ALL_EXCHANGERS:
+    for name in map(LABELS.get, ALL_EXCHANGERS):
         assert [int(r["round"]) for r in rows if r["exchanger"] == name] == list(range(1, ROUNDS + 1)), name
-        assert any(line.split()[:1] == [name] for line in out.splitlines()), name
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
         for record in metrics[name]:
             assert set(HISTORY_KEYS) <= set(record)
             assert len(record["local_accuracy"]) == CLIENTS
@@ -192,6 +200,7 @@ def test_compare_runs_every_exchanger_on_the_same_split(compare_run):
     config = json.loads((folder / "config.json").read_text())
     assert config["command"] == "compare"
     assert [e["kind"] for e in config["exchangers"]] == ALL_EXCHANGERS
+    assert [e["label"] for e in config["exchangers"]] == [LABELS[name] for name in ALL_EXCHANGERS]
 
 
 def test_compare_upload_bytes_full_fixed_and_fedbn(compare_run):
@@ -211,10 +220,10 @@ def test_compare_upload_bytes_full_fixed_and_fedbn(compare_run):
 def test_compare_dynamic_upload_is_consistent_with_layers_sent(compare_run):
     _, metrics, _ = compare_run
     assert len(LAYERS) == 10
-    for record in metrics["dynamic-percentage"]:
+    for record in metrics[LABELS["dynamic-percentage"]]:
         assert record["layers_sent"] == [math.ceil(10 * PERCENTAGE)] * CLIENTS
         assert record["upload_bytes"] in achievable_totals(record["layers_sent"])
-    for record in metrics["dynamic-threshold"]:
+    for record in metrics[LABELS["dynamic-threshold"]]:
         assert all(0 <= k <= 10 for k in record["layers_sent"])
         assert record["upload_bytes"] in achievable_totals(record["layers_sent"])
 
@@ -225,7 +234,7 @@ def test_dynamic_percentage_one_sends_every_layer_and_its_names(tmp_path):
         ["simulate", "--exchangers", "dynamic-percentage", "--exchange-percentage", "1.0", "--out", str(folder), *TINY]
     )
     assert code == 0
-    for record in json.loads((folder / "metrics.json").read_text())["dynamic-percentage"]:
+    for record in json.loads((folder / "metrics.json").read_text())["dynamic-percentage(1, l2/size)"]:
         assert record["layers_sent"] == [10] * CLIENTS
         assert record["upload_bytes"] == CLIENTS * (MODEL_BYTES + np.array(list(LAYERS)).nbytes)
 
@@ -245,7 +254,7 @@ def test_sparse_exchangers_send_weights_in_coo_form(tmp_path):
     assert code == 0
     metrics = json.loads((folder / "metrics.json").read_text())
     config = json.loads((folder / "config.json").read_text())
-    assert set(metrics) == set(SPARSE_EXCHANGERS)
+    assert set(metrics) == {f"{kind}(0.2)" for kind in SPARSE_EXCHANGERS}
     assert {spec["sparsity_level"] for spec in config["exchangers"]} == {0.2}
     ndims = layer_ndims()
     total = sum(nbytes // 4 for nbytes in LAYERS.values())  # float32 weights
@@ -255,9 +264,9 @@ def test_sparse_exchangers_send_weights_in_coo_form(tmp_path):
     smallest = kept * (4 + 8 * min(ndims.values())) + 8 * min(ndims.values())
     largest = total * (4 + 8 * max(ndims.values())) + 8 * sum(ndims.values()) + names_nbytes(LAYERS)
     for kind in SPARSE_EXCHANGERS:
-        first = metrics[kind][0]
+        first = metrics[f"{kind}(0.2)"][0]
         assert first["download_bytes"] == CLIENTS * MODEL_BYTES  # round 1: the whole model, dense
-        for record in metrics[kind]:
+        for record in metrics[f"{kind}(0.2)"]:
             assert CLIENTS * smallest <= record["upload_bytes"] <= CLIENTS * largest, kind
             assert all(1 <= k <= len(LAYERS) for k in record["layers_sent"]), kind
         assert kind in out

@@ -1,5 +1,6 @@
 """The vmapped simulation round against the packed path, and sharded against one device."""
 
+import copy
 import json
 import os
 import pathlib
@@ -38,22 +39,18 @@ def replay_pull(exchanger, server_payload, first, second, client, like):
     return client_model(second.trained_layers, client, like), client_model(second.start_layers, client, like)
 
 
-def packed_exchanger(spec):
-    rules = jlx.LayerSelectionFunctionConstructor(
-        spec.norm_threshold, spec.exchange_percentage, spec.normalize, spec.select_drift_more
-    )
-    select = rules.select_by_threshold() if spec.kind == "dynamic-threshold" else rules.select_by_percentage()
-    return jlx.DynamicLayerExchanger(select)
-
-
 @pytest.mark.parametrize(
     "spec",
     [
         ExchangerSpec("dynamic-percentage", exchange_percentage=0.5),
         ExchangerSpec("dynamic-percentage", exchange_percentage=0.3, normalize=False, select_drift_more=False),
         ExchangerSpec("dynamic-threshold", norm_threshold=2e-3),
+        ExchangerSpec("dynamic-percentage", exchange_percentage=0.4, measure="rms"),
+        ExchangerSpec("dynamic-threshold", norm_threshold=0.02, measure="relative"),
+        ExchangerSpec("dynamic-budget", byte_fraction=0.3),
+        ExchangerSpec("dynamic-budget", byte_fraction=0.6),
     ],
-    ids=["percentage", "percentage-less-unnormalized", "threshold"],
+    ids=["percentage", "percentage-less-unnormalized", "threshold", "percentage-rms", "threshold-relative", "budget-0.3", "budget-0.6"],
 )
 def test_masked_round_equals_packed_replay(data, spec):
     """Round 2 replayed client by client through push_parameters, FedAvgDynamicLayer and
@@ -62,7 +59,7 @@ def test_masked_round_equals_packed_replay(data, spec):
     like = simulation.initial_variables
     first = simulation.round(simulation.init_state(), 1)
     second = simulation.round(first.state, 2)
-    exchanger = packed_exchanger(spec)
+    exchanger = simulation.exchanger  # the very object whose send_mask ran inside the round
 
     # The start of round 2: each client pulls the server's packed round-1 layers into its own model.
     sent_round_1 = [name for name, flag in first.state.pull_mask.items() if bool(flag)]
@@ -104,7 +101,7 @@ def test_masked_sparse_round_equals_packed_replay(data, spec):
     like = simulation.initial_variables
     first = simulation.round(simulation.init_state(), 1)
     second = simulation.round(first.state, 2)
-    exchanger = jlx.SparseCooParameterExchanger(spec.sparsity_level, spec.score_function)
+    exchanger = simulation.exchanger
 
     # The server's round-1 payload: exactly the weights some client sent, in COO form.
     server_payload = coo_payload(first.state.global_layers, first.state.pull_mask)
@@ -129,6 +126,83 @@ def test_masked_sparse_round_equals_packed_replay(data, spec):
     record = simulation._record(2, second, np.array([np.count_nonzero(m) for m in first.state.pull_mask.values()]))
     assert record["upload_bytes"] == sum(upload)
     assert record["download_bytes"] == data.num_clients * jlx.payload_nbytes(server_payload)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ExchangerSpec("dynamic-threshold", norm_threshold=2e-3, error_feedback=True),
+        ExchangerSpec("dynamic-percentage", exchange_percentage=0.3, measure="rms", error_feedback=True),
+        ExchangerSpec("dynamic-budget", byte_fraction=0.5, error_feedback=True),  # differs from no feedback by round 3
+        ExchangerSpec("sparse-largest-magnitude-change", sparsity_level=0.1, error_feedback=True),
+    ],
+    ids=["threshold", "percentage-rms", "budget", "sparse"],
+)
+def test_error_feedback_rounds_equal_a_packed_replay(data, spec):
+    """Three rounds replayed with one exchanger object per client (its own reference),
+    through pull_parameters, push_parameters and the core servers: every start, every
+    selection, every reference and every global model equals the vmapped rounds'."""
+    simulation = Simulation(spec, SimulationConfig(rounds=3, local_steps=3, batch_size=8, seed=5), data)
+    like = simulation.initial_variables
+    outputs = [output for _, output in simulation.iterate()]
+    clients = [copy.deepcopy(simulation.exchanger) for _ in range(data.num_clients)]
+    sparse = simulation.exchanger.payload_kind == "sparse"
+    everything = {name: np.ones(np.shape(v), bool) for name, v in jlx.flatten(like).items()}
+    global_layers = jlx.flatten(like)
+    server_payload = coo_payload(global_layers, everything) if sparse else jlx.pack_layers(list(global_layers.values()), list(global_layers))
+    own = [like] * data.num_clients
+    sent_any = []
+    for output in outputs:
+        results = []
+        for client, exchanger in enumerate(clients):
+            start = exchanger.pull_parameters(server_payload, own[client])
+            for name, value in jlx.flatten(start).items():
+                np.testing.assert_array_equal(np.asarray(value), np.asarray(output.start_layers[name][client]), err_msg=name)
+            # The exchanger's reference is the simulation's per-client reference.
+            assert list(exchanger.reference) == simulation.layer_names
+            for name, value in exchanger.reference.items():
+                np.testing.assert_array_equal(value, np.asarray(output.state.references[name][client]), err_msg=name)
+            trained = client_model(output.trained_layers, client, like)
+            payload = exchanger.push_parameters(trained, initial_model=start)
+            assert_selection_equals_mask(payload, sparse, output.send_masks, client, trained)
+            sent_any.append(any(bool(np.any(output.send_masks[n][client])) for n in simulation.layer_names))
+            results.append((payload, int(data.n_train[client])))
+            own[client] = trained
+        if sparse:
+            averaged = jlx.FedAvgSparseCooTensor().aggregate(results)
+            merged = jlx.merge_sparse_layers(jlx.unflatten(global_layers, like=like), averaged)
+            server_payload = jlx.write_coo(averaged)
+        else:
+            averaged = jlx.FedAvgDynamicLayer().aggregate(results)
+            merged = jlx.merge_layers(jlx.unflatten(global_layers, like=like), averaged)
+            server_payload = jlx.pack_layers(list(averaged.values()), list(averaged))
+        global_layers = jlx.flatten(merged)
+        for name, value in global_layers.items():
+            np.testing.assert_allclose(np.asarray(output.state.global_layers[name]), value, rtol=1e-6, atol=1e-7, err_msg=name)
+        # The replay goes on from the simulation's own global model (float rounding aside).
+        global_layers = jlx.flatten(jlx.unflatten(output.state.global_layers, like=like))
+        server_payload = coo_payload(global_layers, output.state.pull_mask) if sparse else named_payload(global_layers, output.state.pull_mask)
+    assert any(sent_any) and not all(
+        all(bool(np.all(o.send_masks[n])) for n in simulation.layer_names) for o in outputs
+    ), "the rule must send something, and not everything"
+
+
+def assert_selection_equals_mask(payload, sparse, send_masks, client, trained):
+    if sparse:
+        kept = {name: np.zeros(np.shape(value), bool) for name, value in jlx.flatten(trained).items()}
+        for name, layer in jlx.read_coo(payload).items():
+            kept[name].reshape(-1)[layer.flat_indices] = True
+        for name, mask in send_masks.items():
+            np.testing.assert_array_equal(kept[name], np.asarray(mask[client]), err_msg=name)
+    else:
+        _, names = jlx.unpack_layers(payload)
+        assert names == [name for name, mask in send_masks.items() if bool(mask[client])]
+
+
+def named_payload(layers, masks):
+    """The named payload of the layers ``masks`` marks (the server's answer)."""
+    names = [name for name, flag in masks.items() if bool(flag)]
+    return jlx.pack_layers([np.asarray(layers[name]) for name in names], names)
 
 
 def coo_payload(layers, masks):

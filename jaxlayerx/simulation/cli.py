@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from jaxlayerx.selection import MEASURES
 from jaxlayerx.simulation.exchange import DEFAULT_FIXED_LAYERS, EXCHANGER_KINDS, ExchangerSpec
 
 COMPARE_DEFAULT = "full,fixed,exclude-bn,dynamic-threshold,dynamic-percentage"
@@ -68,8 +69,22 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
     )
     exchange.add_argument("--norm-threshold", type=float, default=1e-4, help="dynamic-threshold: drift threshold, > 0 (default: 1e-4)")
     exchange.add_argument("--exchange-percentage", type=float, default=0.5, help="dynamic-percentage: share of layers sent, in (0, 1] (default: 0.5)")
-    exchange.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True, help="divide each drift by the layer's size (default: on)")
+    exchange.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True, help="fl4health's measure switch when --measure is not given: l2/size if on, l2 if off (default: on)")
+    exchange.add_argument(
+        "--measure", choices=MEASURES, default=None,
+        help="drift measure of dynamic-threshold and dynamic-percentage: l2/size (fl4health's normalize), l2, "
+        "rms (l2 / sqrt(size)) or relative (l2 / l2 of the start) (default: set by --normalize)",
+    )
+    exchange.add_argument(
+        "--budget", default="0.5", metavar="F[,F...]",
+        help="dynamic-budget: share of the model's bytes a client may send, in (0, 1]; a comma-separated "
+        "list runs one line per value (default: 0.5)",
+    )
     exchange.add_argument("--select-drift-less", action="store_true", help="send the layers that drifted least instead of most")
+    exchange.add_argument(
+        "--error-feedback", action="store_true",
+        help="dynamic-* and sparse-*: measure drift from the last values pulled, so what was not sent accumulates",
+    )
     exchange.add_argument(
         "--sparsity-level", type=float, default=0.1,
         help="sparse-*: fraction of all weights sent each round, in (0, 1]; bytes count the COO indices (default: 0.1)",
@@ -80,25 +95,47 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
 
 
 def specs_from_args(args: argparse.Namespace) -> list[ExchangerSpec]:
-    """One :class:`ExchangerSpec` per name in ``--exchangers`` (ValueError on a bad one)."""
+    """One :class:`ExchangerSpec` per name in ``--exchangers``, ``dynamic-budget`` once per
+    value of ``--budget`` (ValueError on a bad one)."""
     names = [name.strip() for name in args.exchangers.split(",") if name.strip()]
     if not names:
         raise ValueError("--exchangers is empty")
     if len(set(names)) != len(names):
         raise ValueError(f"--exchangers repeats a name: {args.exchangers}")
     layers = tuple(glob.strip() for glob in args.layers.split(",") if glob.strip())
-    return [
-        ExchangerSpec(
-            kind=name,
-            layers=layers,
-            norm_threshold=args.norm_threshold,
-            exchange_percentage=args.exchange_percentage,
-            normalize=args.normalize,
-            select_drift_more=not args.select_drift_less,
-            sparsity_level=args.sparsity_level,
-        )
-        for name in names
-    ]
+    specs = []
+    for name in names:
+        for byte_fraction in _budgets(args.budget) if name == "dynamic-budget" else [0.5]:
+            adaptive = name.startswith(("dynamic-", "sparse-"))
+            specs.append(ExchangerSpec(
+                kind=name,
+                layers=layers,
+                norm_threshold=args.norm_threshold,
+                exchange_percentage=args.exchange_percentage,
+                normalize=args.normalize,
+                select_drift_more=not args.select_drift_less,
+                sparsity_level=args.sparsity_level,
+                measure=args.measure,
+                byte_fraction=byte_fraction,
+                error_feedback=args.error_feedback and adaptive,
+            ))
+    return specs
+
+
+def _budgets(text: str) -> list[float]:
+    """The values of ``--budget``: comma-separated numbers in ``(0, 1]``, none repeated."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--budget must be numbers separated by commas, got {text!r}") from None
+    if not values:
+        raise ValueError("--budget is empty")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--budget repeats a value: {text}")
+    for value in values:
+        if not 0 < value <= 1:
+            raise ValueError(f"--budget values must be in (0, 1], got {value:g}")
+    return values
 
 
 def run_command(args: argparse.Namespace) -> pathlib.Path:
@@ -122,12 +159,12 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
     folder = args.out or pathlib.Path("runs") / f"{args.command}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     folder.mkdir(parents=True, exist_ok=True)
     histories: dict[str, list[dict[str, Any]]] = {}
-    for spec, simulation in zip(specs, simulations):
-        histories[spec.kind] = simulation.run(_progress_bar(spec.kind, config.rounds, disabled=args.no_progress))
+    for simulation in simulations:
+        histories[simulation.label] = simulation.run(_progress_bar(simulation.label, config.rounds, disabled=args.no_progress))
     run_config = {
         "command": args.command, "num_clients": args.clients, "beta": args.beta, "test_fraction": args.test_fraction,
         "data": "sklearn digits", **dataclasses.asdict(config), "local_steps_run": simulation.local_steps,
-        "exchangers": [dataclasses.asdict(spec) for spec in specs],
+        "exchangers": [{"label": spec.label, **dataclasses.asdict(spec)} for spec in specs],
     }
     paths = write_run(folder, run_config, histories)
     print(summary_table(histories))
@@ -138,7 +175,7 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
 def _progress_bar(name: str, rounds: int, disabled: bool):
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=rounds, desc=f"{name:>18}", unit="round", disable=disabled, leave=True)
+    bar = tqdm(total=rounds, desc=f"{name:>26}", unit="round", disable=disabled, leave=True)
     uploaded = [0.0]
 
     def update(round_index: int, record: dict[str, Any]) -> None:

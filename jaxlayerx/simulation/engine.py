@@ -6,13 +6,17 @@ One round:
    layers in round 1; then the exchanged layers, so the others stay local as in FedBN and
    FedPer; for dynamic exchangers, the layers the server aggregated last round);
 2. it trains ``local_steps`` SGD steps (or ``local_epochs``) on batches of its own data;
-3. it picks what to send: the exchanger's fixed set, the core's drift masks
-   (:func:`jaxlayerx.drift_norms` with :func:`jaxlayerx.threshold_mask` or
-   :func:`jaxlayerx.percentage_mask`), or for sparse kinds single weights
-   (:func:`jaxlayerx.sparse_masks` over a score function): the same rules as the packed path;
-4. the server averages each layer (each weight, for sparse kinds) over its senders
+3. it picks what to send with the exchanger's pure ``send_mask`` (see
+   :class:`jaxlayerx.Exchanger`): the same rule as its packed path, a boolean per layer
+   or, for sparse exchangers, per weight. Drift is measured from the round's start, or
+   with error feedback from the last values the client pulled, carried per client in the
+   round state;
+4. the server averages each layer (each weight, for sparse exchangers) over its senders
    (:func:`jaxlayerx.masked_fedavg`); what nobody sent keeps its previous global value.
-   Sparse kinds then send back exactly the weights they averaged, in COO form.
+   Sparse exchangers then send back exactly the weights they averaged, in COO form.
+
+The simulation knows exchangers only through that interface: any object satisfying
+:class:`jaxlayerx.Exchanger` runs, and :class:`ExchangerSpec` names the built-in ones.
 
 With several JAX devices, the client axis is sharded across them.
 """
@@ -24,7 +28,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -35,9 +39,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlayerx.aggregation import masked_fedavg
+from jaxlayerx.base import Exchanger, check_exchanger
 from jaxlayerx.coo import coo_nbytes
-from jaxlayerx.selection import drift_norms, percentage_mask, threshold_mask
-from jaxlayerx.sparse_selection import sparse_masks
+from jaxlayerx.errors import unknown_layer
 from jaxlayerx.simulation.data import ClientData
 from jaxlayerx.simulation.exchange import ExchangerSpec
 from jaxlayerx.simulation.models import MLP
@@ -96,11 +100,13 @@ class SimulationConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SimulationState:
-    """The server model, the clients' own models (stacked), and what the server sends next."""
+    """The server model, the clients' own models (stacked), what the server sends next,
+    and, with error feedback, each client's last pulled values (stacked; else empty)."""
 
     global_layers: Flat
     client_layers: Flat
     pull_mask: Flat
+    references: Flat
 
 
 @jax.tree_util.register_dataclass
@@ -119,27 +125,46 @@ class Simulation:
     """A federated run of one exchanger over stacked client data.
 
     Args:
-      spec: the exchanger (see :class:`ExchangerSpec`).
+      exchanger: an :class:`ExchangerSpec` (built for ``module``), or any exchanger
+        satisfying :class:`jaxlayerx.Exchanger` for the module's variables.
       config: training settings.
       data: per-client data (see :func:`jaxlayerx.simulation.make_client_data`).
       module: a Flax Linen module called as ``module(x, train=bool)``; default :class:`MLP`.
+      label: the run's name in tables and plots; default the spec's label, or the
+        exchanger's class name.
+
+    Raises:
+      TypeError, ValueError: the exchanger does not satisfy the interface, or its
+        ``send_mask`` does not give one boolean (or one of the layer's shape) per layer.
     """
 
-    def __init__(self, spec: ExchangerSpec, config: SimulationConfig, data: ClientData, module: nn.Module | None = None):
-        self.spec, self.config, self.data = spec, config, data
+    def __init__(
+        self,
+        exchanger: ExchangerSpec | Exchanger,
+        config: SimulationConfig,
+        data: ClientData,
+        module: nn.Module | None = None,
+        *,
+        label: str | None = None,
+    ):
+        self.config, self.data = config, data
         self.module = module if module is not None else MLP(num_classes=int(np.max(data.y_train)) + 1)
         self.local_steps = local_steps_for(config, data)
         example = jnp.asarray(data.x_train[0, :1])
         init_key, self._batch_key = jax.random.split(jax.random.key(config.seed))
         self.initial_variables = self.module.init(init_key, example, train=False)
         self.template = jax.eval_shape(lambda: self.initial_variables)
-        self.layer_names = list(flatten(self.initial_variables))
-        self.exchanger = spec.make_exchanger(self.module, self.initial_variables, example)
-        static = spec.static_layers(self.exchanger, self.initial_variables)
-        self.static_mask = None if static is None else Flat((n, n in static) for n in self.layer_names)
-        abstract_layers = list(flatten(self.template).values())
-        self.layer_shapes = [tuple(layer.shape) for layer in abstract_layers]
-        self.layer_itemsizes = [layer.dtype.itemsize for layer in abstract_layers]
+        if isinstance(exchanger, ExchangerSpec):
+            label = label or exchanger.label
+            exchanger = exchanger.make_exchanger(self.module, self.initial_variables, example)
+        check_exchanger(exchanger)
+        self.exchanger = exchanger
+        self.label = label or type(exchanger).__name__
+        abstract = flatten(self.template)
+        self.layer_names = list(abstract)
+        self.mask_shapes = _mask_shapes(exchanger, abstract)
+        self.layer_shapes = [tuple(layer.shape) for layer in abstract.values()]
+        self.layer_itemsizes = [layer.dtype.itemsize for layer in abstract.values()]
         self.layer_nbytes = np.array([math.prod(shape) * size for shape, size in zip(self.layer_shapes, self.layer_itemsizes)])
         self._client_sharding, self._replicated = _shardings(data.num_clients)
         self._arrays = self._device_data()
@@ -149,10 +174,13 @@ class Simulation:
         """Round 1's state: every client holds the initial model and pulls all layers."""
         global_layers = flatten(self.initial_variables)
         clients = self.data.num_clients
-        client_layers = Flat((n, jnp.broadcast_to(v, (clients, *v.shape))) for n, v in global_layers.items())
-        # Sparse kinds pull weight by weight: their masks have the layers' shapes from the start.
-        pull_mask = Flat((n, jnp.ones(v.shape if self.spec.sparse else (), bool)) for n, v in global_layers.items())
-        return SimulationState(global_layers, self._place_clients(client_layers), pull_mask)
+        client_layers = self._place_clients(
+            Flat((n, jnp.broadcast_to(v, (clients, *v.shape))) for n, v in global_layers.items())
+        )
+        # Per-weight masks (sparse exchangers) have the layers' shapes from the start.
+        pull_mask = Flat((n, jnp.ones(shape, bool)) for n, shape in self.mask_shapes.items())
+        references = client_layers if self.exchanger.error_feedback else Flat()
+        return SimulationState(global_layers, client_layers, pull_mask, references)
 
     def round(self, state: SimulationState, round_index: int) -> RoundOutput:
         """Runs round ``round_index`` (from 1) from ``state``."""
@@ -182,12 +210,13 @@ class Simulation:
     def _round_fn(self, state: SimulationState, keys, x_train, y_train, n_train, x_test, y_test, n_test, x_global, y_global):
         global_layers, pull_mask = state.global_layers, state.pull_mask
         client = functools.partial(self.client_update, global_layers, pull_mask)
-        starts, trained, masks = jax.vmap(client)(state.client_layers, keys, x_train, y_train, n_train)
+        starts, trained, masks, references = jax.vmap(client)(
+            state.client_layers, state.references, keys, x_train, y_train, n_train
+        )
         trained = self._replicate(trained)
         masks = self._replicate(masks)
         counts = n_train.astype(jnp.float32)
-        averages, sent = masked_fedavg(trained, masks, counts, weighted=self.config.weighted, fallback=global_layers)
-        next_pull = sent if self.static_mask is None else self._static_mask_arrays()
+        averages, next_pull = masked_fedavg(trained, masks, counts, weighted=self.config.weighted, fallback=global_layers)
         personal = jax.vmap(lambda own: Flat((n, jnp.where(next_pull[n], averages[n], own[n])) for n in own))(trained)
         global_loss, global_accuracy = self._evaluate(averages, x_global, y_global, jnp.asarray(len(y_global)))
         _, local_accuracy = jax.vmap(self._evaluate)(personal, x_test, y_test, n_test)
@@ -197,17 +226,24 @@ class Simulation:
             "local_accuracy": local_accuracy,
             "send_counts": jnp.stack([masks[n].reshape(masks[n].shape[0], -1).sum(axis=1) for n in masks], axis=1),
         }
-        new_state = SimulationState(averages, trained, next_pull)
+        new_state = SimulationState(averages, trained, next_pull, references)
         return RoundOutput(new_state, starts, trained, masks, metrics)
 
-    def client_update(self, global_layers: Flat, pull_mask: Flat, local: Flat, key, x, y, n) -> tuple[Flat, Flat, Flat]:
+    def client_update(
+        self, global_layers: Flat, pull_mask: Flat, local: Flat, reference: Flat, key, x, y, n
+    ) -> tuple[Flat, Flat, Flat, Flat]:
         """One client's round (pure): merge the pulled layers, train, pick what to send.
 
-        Returns the round's starting layers, the trained layers and the send mask.
+        ``reference`` holds the client's last pulled values (error feedback; else empty).
+        Returns the round's starting layers, the trained layers, the send mask and the
+        updated reference.
         """
-        start = Flat((name, jnp.where(pull_mask[name], global_layers[name], local[name])) for name in local)
+        start = _merged(pull_mask, global_layers, local)
+        if self.exchanger.error_feedback:
+            reference = _merged(pull_mask, global_layers, reference)
         trained = self._train(start, key, x, y, n)
-        return start, trained, self._send_mask(trained, start)
+        mask = self.exchanger.send_mask(trained, reference if self.exchanger.error_feedback else start)
+        return start, trained, Flat((name, jnp.asarray(mask[name], bool)) for name in trained), reference
 
     def _train(self, start: Flat, key, x, y, n) -> Flat:
         variables = unflatten(start, like=self.template)
@@ -242,20 +278,6 @@ class Simulation:
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_state, opt_state
 
-    def _send_mask(self, trained: Flat, start: Flat) -> Flat:
-        if self.static_mask is not None:
-            return self._static_mask_arrays()
-        if self.spec.sparse:
-            return sparse_masks(self.spec.score_function(trained, start), trained, self.spec.sparsity_level)
-        norms = drift_norms(trained, start, normalize=self.spec.normalize)
-        if self.spec.kind == "dynamic-threshold":
-            return threshold_mask(norms, self.spec.norm_threshold, select_drift_more=self.spec.select_drift_more)
-        return percentage_mask(norms, self.spec.exchange_percentage, select_drift_more=self.spec.select_drift_more)
-
-    def _static_mask_arrays(self) -> Flat:
-        """The fixed set of exchanged layers as per-layer boolean arrays."""
-        return Flat((n, jnp.asarray(v)) for n, v in self.static_mask.items())
-
     def _evaluate(self, layers: Flat, x, y, n):
         logits = self.module.apply(unflatten(layers, like=self.template), x, train=False)
         valid = jnp.arange(y.shape[0]) < n
@@ -285,18 +307,18 @@ class Simulation:
 
     def _upload_bytes(self, counts: np.ndarray) -> int:
         """Exact bytes of one client's payload, as :func:`jaxlayerx.payload_nbytes` counts them."""
-        if self.spec.sparse:
-            return self._coo_bytes(counts)
-        return self._dense_bytes(counts > 0, names=self.spec.dynamic)
+        return self._payload_bytes(counts, self.exchanger.payload_kind)
 
     def _download_bytes(self, pulled: np.ndarray, round_index: int) -> int:
         """Exact bytes of the server's payload to one client: the whole model, unnamed, in
         round 1; then what the exchanger sends back."""
-        if round_index == 1:
-            return self._dense_bytes(pulled > 0, names=False)
-        if self.spec.sparse:
-            return self._coo_bytes(pulled)
-        return self._dense_bytes(pulled > 0, names=self.spec.dynamic)
+        return self._payload_bytes(pulled, "positional" if round_index == 1 else self.exchanger.payload_kind)
+
+    def _payload_bytes(self, counts: np.ndarray, kind: str) -> int:
+        """Bytes of a payload of ``kind`` holding ``counts[i]`` values of layer ``i``."""
+        if kind == "sparse":
+            return self._coo_bytes(counts)
+        return self._dense_bytes(counts > 0, names=kind == "named")
 
     def _dense_bytes(self, mask: np.ndarray, names: bool) -> int:
         """The masked layers, plus their names array when ``names``."""
@@ -333,6 +355,41 @@ class Simulation:
         return jax.lax.with_sharding_constraint(tree, self._replicated)
 
 
+def _merged(pull_mask: Flat, pulled: Flat, own: Flat) -> Flat:
+    """``pulled`` where the mask is set (per layer or per weight), else ``own``."""
+    return Flat((name, jnp.where(pull_mask[name], pulled[name], own[name])) for name in own)
+
+
+def _mask_shapes(exchanger: Exchanger, layers: Flat) -> Flat:
+    """The shape of each layer's send mask: ``()`` or the layer's shape, checked once.
+
+    Raises:
+      KeyError: the mask misses a layer or names an unknown one.
+      TypeError, ValueError: a mask that is not boolean, or of another shape.
+    """
+    what = type(exchanger).__name__
+    masks = jax.eval_shape(exchanger.send_mask, layers, layers)
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"{what}.send_mask must return a name -> bool mapping, got {type(masks).__name__}")
+    for name in masks:
+        if name not in layers:
+            raise unknown_layer(name, layers, what=f"the model ({what}.send_mask names it)")
+    shapes = Flat()
+    for name, layer in layers.items():
+        if name not in masks:
+            raise unknown_layer(name, masks, what=f"the send mask of {what}")
+        mask = masks[name]
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"{what}.send_mask: layer {name!r} has a mask of dtype {mask.dtype}, expected bool")
+        if mask.shape not in ((), tuple(layer.shape)):
+            raise ValueError(
+                f"{what}.send_mask: layer {name!r} has a mask of shape {mask.shape}; expected () (the "
+                f"whole layer) or the layer's shape {tuple(layer.shape)} (weight by weight)"
+            )
+        shapes[name] = mask.shape
+    return shapes
+
+
 def local_steps_for(config: SimulationConfig, data: ClientData) -> int:
     """``config.local_steps``, or the steps that make ``config.local_epochs`` epochs."""
     if config.local_epochs is None:
@@ -354,11 +411,11 @@ def _shardings(num_clients: int) -> tuple[NamedSharding | None, NamedSharding | 
 
 
 def simulate(
-    spec: ExchangerSpec,
+    exchanger: ExchangerSpec | Exchanger,
     config: SimulationConfig,
     data: ClientData,
     module: nn.Module | None = None,
     progress: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs a federated simulation; returns one metrics dict per round."""
-    return Simulation(spec, config, data, module).run(progress)
+    return Simulation(exchanger, config, data, module).run(progress)

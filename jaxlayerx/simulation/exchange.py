@@ -1,4 +1,4 @@
-"""Which exchanger a simulation runs, chosen by name, and the layers it exchanges."""
+"""Which exchanger a simulation runs, chosen by name, with its parameters and its label."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from jaxlayerx.base import Exchanger, ScoreGenFunction
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.exchangers import (
     DynamicLayerExchanger,
@@ -16,14 +17,21 @@ from jaxlayerx.exchangers import (
     LayerExchangerWithExclusions,
     SparseCooParameterExchanger,
 )
-from jaxlayerx.scores import SCORE_FUNCTIONS, ScoreGenFunction
-from jaxlayerx.selection import LayerSelectionFunctionConstructor, validate_exchange_percentage, validate_norm_threshold
+from jaxlayerx.scores import SCORE_FUNCTIONS
+from jaxlayerx.selection import (
+    LayerSelectionFunctionConstructor,
+    resolve_measure,
+    validate_byte_fraction,
+    validate_exchange_percentage,
+    validate_norm_threshold,
+)
 from jaxlayerx.sparse_selection import validate_sparsity_level
 from jaxlayerx.tree import flatten
 
 #: Sparse COO exchange, one kind per score function: ``sparse-largest-magnitude-change``...
 SPARSE_KINDS = tuple(f"sparse-{score}" for score in SCORE_FUNCTIONS)
-EXCHANGER_KINDS = ("full", "fixed", "exclude-bn", "dynamic-threshold", "dynamic-percentage", *SPARSE_KINDS)
+DYNAMIC_KINDS = ("dynamic-threshold", "dynamic-percentage", "dynamic-budget")
+EXCHANGER_KINDS = ("full", "fixed", "exclude-bn", *DYNAMIC_KINDS, *SPARSE_KINDS)
 
 #: For the default MLP: every layer but the classification head (FedPer-style).
 DEFAULT_FIXED_LAYERS = ("*/Dense_0/*", "*/BatchNorm_0/*", "*/Dense_1/*")
@@ -35,13 +43,16 @@ class ExchangerSpec:
 
     Attributes:
       kind: one of ``full``, ``fixed``, ``exclude-bn``, ``dynamic-threshold``,
-        ``dynamic-percentage``, or ``sparse-<score>`` for a score of
+        ``dynamic-percentage``, ``dynamic-budget``, or ``sparse-<score>`` for a score of
         :data:`jaxlayerx.SCORE_FUNCTIONS` (``sparse-largest-magnitude-change``...).
       layers: for ``fixed``: layer names or ``fnmatch`` globs (``*/Dense_0/*``).
-      norm_threshold, exchange_percentage, normalize, select_drift_more: the drift rule of
-        the dynamic kinds (see :class:`jaxlayerx.LayerSelectionFunctionConstructor`).
+      norm_threshold, exchange_percentage, normalize, select_drift_more, measure: the drift
+        rule of the dynamic kinds (see :class:`jaxlayerx.LayerSelectionFunctionConstructor`).
+      byte_fraction: for ``dynamic-budget``, the share of the model's bytes a client may send.
       sparsity_level: for the sparse kinds, the fraction of all weights sent (see
         :class:`jaxlayerx.SparseCooParameterExchanger`).
+      error_feedback: for the dynamic and sparse kinds, measure drift from the last values
+        pulled (see :mod:`jaxlayerx.feedback`).
     """
 
     kind: str = "full"
@@ -51,32 +62,50 @@ class ExchangerSpec:
     normalize: bool = True
     select_drift_more: bool = True
     sparsity_level: float = 0.1
+    measure: str | None = None
+    byte_fraction: float = 0.5
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in EXCHANGER_KINDS:
             raise ValueError(f"unknown exchanger {self.kind!r}; choose from {', '.join(EXCHANGER_KINDS)}")
         validate_norm_threshold(self.norm_threshold)
         validate_exchange_percentage(self.exchange_percentage)
+        validate_byte_fraction(self.byte_fraction)
         validate_sparsity_level(self.sparsity_level)
+        resolve_measure(self.measure, self.normalize)
         if self.kind == "fixed" and not self.layers:
             raise ValueError("the fixed exchanger needs at least one layer name or glob")
+        if self.error_feedback and not self.adaptive:
+            raise ValueError(f"error feedback needs a dynamic or sparse exchanger; {self.kind} always sends the same layers")
+        if self.kind == "dynamic-budget" and not self.select_drift_more:
+            raise ValueError("dynamic-budget sends the layers that moved most per byte; it has no select-drift-less form")
 
     @property
-    def dynamic(self) -> bool:
-        """Whether the layers sent are chosen each round (packed with their names)."""
-        return self.kind.startswith("dynamic")
-
-    @property
-    def sparse(self) -> bool:
-        """Whether single weights are sent, in COO form."""
-        return self.kind in SPARSE_KINDS
+    def adaptive(self) -> bool:
+        """Whether what is sent is chosen each round (the dynamic and sparse kinds)."""
+        return self.kind in DYNAMIC_KINDS or self.kind in SPARSE_KINDS
 
     @property
     def score_function(self) -> ScoreGenFunction:
         """The score function of a sparse kind."""
         return SCORE_FUNCTIONS[self.kind.removeprefix("sparse-")]
 
-    def make_exchanger(self, module: nn.Module, variables: Any, *example_args: Any) -> Any:
+    @property
+    def label(self) -> str:
+        """The kind with the parameters that matter for it: ``dynamic-budget(0.25, ef)``."""
+        parameters = {
+            "dynamic-threshold": [f"{self.norm_threshold:g}", resolve_measure(self.measure, self.normalize)],
+            "dynamic-percentage": [f"{self.exchange_percentage:g}", resolve_measure(self.measure, self.normalize)],
+            "dynamic-budget": [f"{self.byte_fraction:g}"],
+        }.get(self.kind, [f"{self.sparsity_level:g}"] if self.kind in SPARSE_KINDS else [])
+        if self.kind in ("dynamic-threshold", "dynamic-percentage") and not self.select_drift_more:
+            parameters.append("less")
+        if self.error_feedback:
+            parameters.append("ef")
+        return f"{self.kind}({', '.join(parameters)})" if parameters else self.kind
+
+    def make_exchanger(self, module: nn.Module, variables: Any, *example_args: Any) -> Exchanger:
         """The core exchanger this spec names, for ``module`` and its ``variables``."""
         if self.kind == "full":
             return FullParameterExchanger()
@@ -84,23 +113,17 @@ class ExchangerSpec:
             return FixedLayerExchanger(match_layers(self.layers, flatten(variables)))
         if self.kind == "exclude-bn":
             return LayerExchangerWithExclusions(module, {nn.BatchNorm}, *example_args)
-        if self.sparse:
-            return SparseCooParameterExchanger(self.sparsity_level, self.score_function)
+        if self.kind in SPARSE_KINDS:
+            return SparseCooParameterExchanger(self.sparsity_level, self.score_function, self.error_feedback)
         rules = LayerSelectionFunctionConstructor(
-            self.norm_threshold, self.exchange_percentage, self.normalize, self.select_drift_more
+            self.norm_threshold, self.exchange_percentage, self.normalize, self.select_drift_more, measure=self.measure
         )
-        select = rules.select_by_threshold() if self.kind == "dynamic-threshold" else rules.select_by_percentage()
-        return DynamicLayerExchanger(select)
-
-    def static_layers(self, exchanger: Any, variables: Any) -> list[str] | None:
-        """The layers every client exchanges every round, or ``None`` for dynamic and sparse kinds."""
-        if isinstance(exchanger, FullParameterExchanger):
-            return list(flatten(variables))
-        if isinstance(exchanger, FixedLayerExchanger):
-            return list(exchanger.layers_to_transfer)
-        if isinstance(exchanger, LayerExchangerWithExclusions):
-            return exchanger.get_layers_to_transfer(variables)
-        return None
+        select = {
+            "dynamic-threshold": rules.select_by_threshold,
+            "dynamic-percentage": rules.select_by_percentage,
+            "dynamic-budget": lambda: rules.select_by_budget(self.byte_fraction),
+        }[self.kind]()
+        return DynamicLayerExchanger(select, self.error_feedback)
 
 
 def match_layers(patterns: tuple[str, ...] | list[str], names: Any) -> list[str]:
