@@ -12,12 +12,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
 from jaxlayerx.aggregation import is_example_count
-from jaxlayerx.exchangers import SparseCooParameterExchanger
+from jaxlayerx.base import Config, Exchanger, NDArrays, check_exchanger
 from jaxlayerx.flower.payloads import conform_payload, named_payload
-from jaxlayerx.packing import NDArrays, is_packed, pack_layers, payload_nbytes, to_numpy
+from jaxlayerx.packing import is_packed, pack_layers, payload_nbytes, to_numpy, unpack_layers
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, merge_layers
 
-Config = dict[str, Any]
 Metrics = dict[str, Any]
 #: ``(model, config) -> (trained model, num_examples, metrics)``.
 TrainFn = Callable[[Any, Config], tuple[Any, int, Metrics]]
@@ -27,6 +26,7 @@ EvaluateFn = Callable[[Any, Config], tuple[float, int, Metrics]]
 #: Keys of the client's saved state in a Flower ``Context.state``.
 STATE_LAYERS = "jaxlayerx.layers"
 STATE_FLAGS = "jaxlayerx.flags"
+STATE_REFERENCE = "jaxlayerx.reference"
 
 
 class ExchangerClient(NumPyClient):
@@ -36,21 +36,26 @@ class ExchangerClient(NumPyClient):
     drift reference of a :class:`~jaxlayerx.DynamicLayerExchanger`), train with
     ``train_fn``, and send ``exchanger.push_parameters(model, initial_model, config)``.
 
-    What the client receives is applied whole or not at all (every layer is validated
-    first). The first payload must hold every layer of the model: packed with names (what
+    The client knows its exchanger only through :class:`jaxlayerx.Exchanger`. What it
+    receives is applied whole or not at all (every layer is validated first). The first
+    payload must hold every layer of the model: packed with names (what
     :class:`FedAvgDynamicLayerStrategy` sends a new client) or, fl4health's initial
     parameters, one unnamed array per layer in flatten order. Later payloads hold named
-    layers, or (from a plain fl4health ``FedAvg`` server) the exchanger's layers unnamed, in
-    its order; a fixed or exclusions exchanger applies only its own layers and keeps the
-    others local (FedBN, FedPer).
+    layers, or (from a plain fl4health ``FedAvg`` server) unnamed ones: a positional
+    exchanger's layers in its own order, else every layer in flatten order. A positional
+    exchanger (fixed, exclusions) applies only the layers its ``send_mask`` marks and keeps
+    the others local (FedBN, FedPer); a named one pulls through its ``pull_parameters``,
+    which also moves its error-feedback reference.
 
-    What the client sends always carries the layer names: a dynamic exchanger's packed
-    payload as is, another exchanger's layers packed with their names, so one server can
-    average any mix of exchangers layer by layer.
+    What the client sends always carries the layer names: a named exchanger's packed
+    payload as is, a positional exchanger's layers packed with their names, so one server
+    can average any mix of exchangers layer by layer. With error feedback, the
+    exchanger's reference is saved with the model (see :func:`stateful_client_fn`).
 
     Args:
       model: Linen variables, an ``nnx.Module`` (updated in place) or any pytree.
-      exchanger: any jaxlayerx exchanger.
+      exchanger: any exchanger with whole-layer payloads (``payload_kind`` ``"positional"``
+        or ``"named"``).
       train_fn: ``(model, config) -> (trained model, num_examples, metrics)``; return a new
         pytree (or the same ``nnx.Module``); never mutate the pytree passed in.
       evaluate_fn: ``(model, config) -> (loss, num_examples, metrics)``; optional.
@@ -63,7 +68,7 @@ class ExchangerClient(NumPyClient):
     def __init__(
         self,
         model: Any,
-        exchanger: Any,
+        exchanger: Exchanger,
         train_fn: TrainFn,
         evaluate_fn: EvaluateFn | None = None,
         *,
@@ -73,10 +78,8 @@ class ExchangerClient(NumPyClient):
             raise TypeError("train_fn must be callable: (model, config) -> (model, num_examples, metrics)")
         if evaluate_fn is not None and not callable(evaluate_fn):
             raise TypeError("evaluate_fn must be callable: (model, config) -> (loss, num_examples, metrics)")
-        for method in ("push_parameters", "pull_parameters"):
-            if not callable(getattr(exchanger, method, None)):
-                raise TypeError(f"exchanger must have a {method} method, got {type(exchanger).__name__}")
-        if isinstance(exchanger, SparseCooParameterExchanger):
+        check_exchanger(exchanger)
+        if exchanger.payload_kind == "sparse":
             raise TypeError(
                 "ExchangerClient exchanges whole layers; sparse COO payloads need a sparse server "
                 "strategy, which jaxlayerx.flower does not provide yet (use SparseCooParameterExchanger "
@@ -122,39 +125,30 @@ class ExchangerClient(NumPyClient):
           ValueError: the first payload does not hold every layer; a malformed payload.
           KeyError, TypeError: an unknown layer, a lossy dtype.
         """
-        layers = self._layers()
-        expected = _exchanged_layers(self.exchanger, self.model, layers) if self.initialized else list(layers)
         parameters = list(parameters)
-        if not is_packed(parameters):  # fl4health's unnamed payloads: the expected layers in order
-            parameters = named_payload(parameters, expected)
-        received = conform_payload(parameters, layers)
-        if not self.initialized:
-            missing = [name for name in layers if name not in received]
-            if missing:
-                raise ValueError(
-                    f"the first payload must hold every layer of the model; {len(missing)} missing, "
-                    f"for example {missing[:3]}"
-                )
+        layers = self._layers()
+        if self.initialized and not is_packed(parameters) and self.exchanger.payload_kind == "positional":
+            self.model = self.exchanger.pull_parameters(parameters, self.model)  # its own layers, its own order
         else:
-            keep = set(expected)
-            received = {name: value for name, value in received.items() if name in keep}
-        self.model = merge_layers(self.model, received, nnx_filter=self.nnx_filter)
+            payload = named_payload(parameters, list(layers))  # unnamed: every layer, in flatten order
+            if not self.initialized:
+                _check_whole_model(payload, layers)
+            self.model = self._pull_named(payload, layers)
         self.initialized = True
 
     def payload(self, config: Config | None = None) -> NDArrays:
-        """What the exchanger pushes for the current model, packed with names."""
+        """What the exchanger sends for the current model, packed with names."""
         pushed = self.exchanger.push_parameters(self.model, initial_model=self.initial_model, config=config)
-        if is_packed(pushed):
+        if self.exchanger.payload_kind == "named":
             return list(pushed)
-        return named_payload(to_numpy(pushed), _exchanged_layers(self.exchanger, self.model, self._layers()))
+        return named_payload(to_numpy(pushed), self._exchanged_layers(self._layers()))
 
     def save_state(self, state: Any) -> None:
         """Writes the model's layers and the client's flags into a Flower ``RecordDict``."""
-        layers = self._layers()
-        state[STATE_LAYERS] = ArrayRecord(
-            array_dict={name: Array(np.ascontiguousarray(array)) for name, array in zip(layers, to_numpy(layers.values()))}
-        )
+        state[STATE_LAYERS] = _array_record(self._layers())
         state[STATE_FLAGS] = ConfigRecord({"initialized": self.initialized})
+        if self.exchanger.error_feedback:
+            state[STATE_REFERENCE] = _array_record(self.exchanger.reference)
 
     def load_state(self, state: Any) -> None:
         """Restores what :meth:`save_state` wrote (nothing happens for an empty state)."""
@@ -164,9 +158,28 @@ class ExchangerClient(NumPyClient):
         saved = {name: record[name].numpy() for name in record.keys()}
         self.model = merge_layers(self.model, saved, nnx_filter=self.nnx_filter)
         self.initialized = bool(state[STATE_FLAGS]["initialized"])
+        if self.exchanger.error_feedback and STATE_REFERENCE in state:
+            reference = state[STATE_REFERENCE]
+            self.exchanger.reference = {name: reference[name].numpy() for name in reference.keys()}
 
     def _layers(self) -> Mapping[str, Any]:
         return flatten(self.model, nnx_filter=self.nnx_filter)
+
+    def _exchanged_layers(self, layers: Mapping[str, Any]) -> list[str]:
+        """The layers a positional exchanger sends and applies: those its send mask marks,
+        in the mask's order (the order of its payloads)."""
+        return [name for name, sends in self.exchanger.send_mask(layers, layers).items() if bool(sends)]
+
+    def _pull_named(self, payload: NDArrays, layers: Mapping[str, Any]) -> Any:
+        """Applies a packed payload: a named exchanger pulls it; a positional one takes the
+        layers it exchanges (all of them on the first payload) and keeps the others."""
+        if self.exchanger.payload_kind == "named":
+            return self.exchanger.pull_parameters(payload, self.model)
+        received = conform_payload(payload, layers)
+        if self.initialized:
+            keep = set(self._exchanged_layers(layers))
+            received = {name: value for name, value in received.items() if name in keep}
+        return merge_layers(self.model, received, nnx_filter=self.nnx_filter)
 
 
 def stateful_client_fn(make_client: Callable[[Context], ExchangerClient]) -> Callable[[Context], Client]:
@@ -218,13 +231,20 @@ class _Persisting(NumPyClient):
         return result
 
 
-def _exchanged_layers(exchanger: Any, model: Any, layers: Mapping[str, Any]) -> list[str]:
-    """The layers ``exchanger`` sends and applies: its own list, else every layer."""
-    if callable(getattr(exchanger, "get_layers_to_transfer", None)):
-        return list(exchanger.get_layers_to_transfer(model))
-    if hasattr(exchanger, "layers_to_transfer"):
-        return list(exchanger.layers_to_transfer)
-    return list(layers)
+def _check_whole_model(payload: NDArrays, layers: Mapping[str, Any]) -> None:
+    _, names = unpack_layers(payload)
+    received = set(names)
+    missing = [name for name in layers if name not in received]
+    if missing:
+        raise ValueError(
+            f"the first payload must hold every layer of the model; {len(missing)} missing, "
+            f"for example {missing[:3]}"
+        )
+
+
+def _array_record(layers: Mapping[str, Any]) -> ArrayRecord:
+    arrays = to_numpy(layers.values())
+    return ArrayRecord(array_dict={name: Array(np.ascontiguousarray(array)) for name, array in zip(layers, arrays)})
 
 
 def _snapshot(model: Any) -> Any:
