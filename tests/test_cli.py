@@ -45,7 +45,7 @@ OPTIONS = [
     "--exchangers", "--clients", "--rounds", "--local-steps", "--local-epochs", "--batch-size", "--learning-rate",
     "--momentum", "--beta", "--test-fraction", "--seed", "--unweighted", "--layers", "--norm-threshold",
     "--exchange-percentage", "--normalize", "--no-normalize", "--select-drift-less", "--sparsity-level", "--out",
-    "--no-progress",
+    "--no-progress", "--measure", "--budget", "--error-feedback",
 ]
 SPARSE_EXCHANGERS = [
     "sparse-largest-final-magnitude", "sparse-smallest-final-magnitude", "sparse-largest-magnitude-change",
@@ -239,6 +239,59 @@ def test_dynamic_percentage_one_sends_every_layer_and_its_names(tmp_path):
         assert record["upload_bytes"] == CLIENTS * (MODEL_BYTES + np.array(list(LAYERS)).nbytes)
 
 
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "budget"
+    argv = [
+        "compare", "--exchangers", "full,dynamic-budget,dynamic-percentage,sparse-largest-magnitude-change",
+        "--budget", "0.3,0.7", "--measure", "rms", "--error-feedback", "--out", str(folder), *TINY,
+    ]
+    code, out, _ = run_in_process(argv)
+    assert code == 0
+    return folder, json.loads((folder / "metrics.json").read_text()), out
+
+
+BUDGET_LABELS = [
+    "full",
+    "dynamic-budget(0.3, ef)",
+    "dynamic-budget(0.7, ef)",
+    "dynamic-percentage(0.5, rms, ef)",
+    "sparse-largest-magnitude-change(0.1, ef)",
+]
+
+
+def test_budget_sweep_runs_one_line_per_value_and_labels_carry_the_parameters(budget_run):
+    folder, metrics, out = budget_run
+    assert list(metrics) == BUDGET_LABELS  # error feedback reaches the adaptive kinds only
+    for label in BUDGET_LABELS:
+        assert any(line.startswith(label + " ") for line in out.splitlines()), label
+    config = json.loads((folder / "config.json").read_text())
+    assert [e["label"] for e in config["exchangers"]] == BUDGET_LABELS
+    assert [e["byte_fraction"] for e in config["exchangers"]][1:3] == [0.3, 0.7]
+    assert [e["error_feedback"] for e in config["exchangers"]] == [False, True, True, True, True]
+    assert {e["measure"] for e in config["exchangers"]} == {"rms"}
+
+
+def test_budget_uploads_stay_within_the_budget(budget_run):
+    _, metrics, _ = budget_run
+    for fraction in (0.3, 0.7):
+        capacity = math.floor(fraction * MODEL_BYTES)  # bytes of arrays a client may send
+        for record in metrics[f"dynamic-budget({fraction}, ef)"]:
+            assert record["upload_bytes"] in achievable_totals(record["layers_sent"])
+            assert record["upload_bytes"] <= CLIENTS * (capacity + names_nbytes(LAYERS))
+    # The larger budget sends more over the run.
+    low, high = (sum(r["upload_bytes"] for r in metrics[f"dynamic-budget({f}, ef)"]) for f in (0.3, 0.7))
+    assert low < high
+
+
+def test_measure_and_error_feedback_options_reach_simulate(tmp_path):
+    folder = tmp_path / "run"
+    argv = ["simulate", "--exchangers", "dynamic-threshold", "--measure", "relative", "--error-feedback", "--out", str(folder), *TINY]
+    code, _, _ = run_in_process(argv)
+    assert code == 0
+    assert list(json.loads((folder / "metrics.json").read_text())) == ["dynamic-threshold(0.0001, relative, ef)"]
+
+
 def layer_ndims() -> dict[str, int]:
     variables = MLP(num_classes=10).init(jax.random.key(0), jnp.ones((1, 64)))
     leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
@@ -324,10 +377,17 @@ def test_console_script_simulate(tmp_path):
         (["--exchangers", "full,fixed", "--layers", "params/Dense_9/*"], ["params/Dense_9/*"]),
         (["--sparsity-level", "0", "--exchangers", "sparse-largest-magnitude-change"], ["sparsity_level", "(0, 1]"]),
         (["--sparsity-level", "1.5"], ["sparsity_level", "1.5"]),
+        (["--budget", "0", "--exchangers", "dynamic-budget"], ["--budget", "(0, 1]"]),
+        (["--budget", "0.5,1.5", "--exchangers", "dynamic-budget"], ["--budget", "1.5"]),
+        (["--budget", "half", "--exchangers", "dynamic-budget"], ["--budget", "half"]),
+        (["--budget", "0.5,0.5", "--exchangers", "dynamic-budget"], ["--budget", "repeats"]),
+        (["--budget", ",", "--exchangers", "dynamic-budget"], ["--budget", "empty"]),
+        (["--exchangers", "dynamic-budget", "--select-drift-less"], ["dynamic-budget", "select-drift-less"]),
     ],
     ids=[
         "percentage-0", "percentage-1.5", "threshold-neg", "threshold-0", "clients-0", "rounds-0", "beta-0",
-        "layers-glob", "sparsity-0", "sparsity-1.5",
+        "layers-glob", "sparsity-0", "sparsity-1.5", "budget-0", "budget-1.5", "budget-word", "budget-repeat",
+        "budget-empty", "budget-less",
     ],
 )
 def test_bad_option_in_process(args, needles, tmp_path, capsys):
