@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxlayerx.base import FlatView
 from jaxlayerx.packing import to_numpy
-from jaxlayerx.tree import as_flat_view, is_array_leaf
+from jaxlayerx.tree import as_flat_view, conform_dtype, is_array_leaf
 
 
 class ErrorFeedback:
@@ -72,17 +72,21 @@ class ErrorFeedback:
         if not self.error_feedback or (initial_model is None and not self._reference):
             return None if initial_model is None else as_flat_view(initial_model)
         missing = [name for name in current if name not in self._reference]
-        if not missing:
-            return collections.OrderedDict((name, self._reference[name]) for name in current)
-        if initial_model is None:
+        if missing and initial_model is None:
             raise ValueError(
                 f"error feedback has no pulled value for {len(missing)} layer(s), for example "
                 f"{missing[0]!r}, and no initial_model to fall back on: pass initial_model=..."
             )
-        initial = as_flat_view(initial_model)
+        initial = as_flat_view(initial_model) if missing else {}
         return collections.OrderedDict(
-            (name, self._reference[name] if name in self._reference else initial[name]) for name in current
+            (name, self._pulled(name, layer) if name in self._reference else initial[name])
+            for name, layer in current.items()
         )
+
+    def _pulled(self, name: str, layer: Any) -> np.ndarray:
+        """The reference of ``name`` in the dtype of ``layer``: a restored bfloat16 reference
+        comes back from ``numpy.load`` or Flower as raw ``|V2`` bytes."""
+        return conform_dtype(name, self._reference[name], layer.dtype)
 
     def record_pull(self, pulled: Mapping[str, Any], names: Iterable[str]) -> None:
         """Remembers the layers ``names`` of the flat view ``pulled`` (the model after a pull)."""
