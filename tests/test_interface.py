@@ -1,0 +1,784 @@
+"""The one exchanger interface (``jaxlayerx.Exchanger``): every built-in satisfies it, and
+the simulation and the Flower client run any exchanger through it, user-written ones too.
+
+Expectations come from hand-written values or independent references written here in
+plain numpy (layer names and their order, drift measures, the top-k rule, the kept
+weights of a sparse case), never from the library's own results. The two user exchangers
+below inherit from nothing: they only have the members the protocol names.
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlayerx as jlx
+from jaxlayerx import (
+    DynamicLayerExchanger,
+    FixedLayerExchanger,
+    FullParameterExchanger,
+    LayerExchangerWithExclusions,
+    LayerSelectionFunctionConstructor,
+    SparseCooParameterExchanger,
+)
+from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig, load_digits_data, make_client_data
+
+Flat = collections.OrderedDict
+
+# ---------------------------------------------------------------------------------------
+# A tiny Linen model, its layer names written by hand (JAX's sorted-dict-key order)
+# ---------------------------------------------------------------------------------------
+
+X = jnp.zeros((1, 4), jnp.float32)
+
+
+class TinyNet(nn.Module):
+    """Dense(3) -> BatchNorm -> Dense(2): params and batch_stats."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(3)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(2)(x)
+
+
+TINY_SHAPES = {
+    "batch_stats/BatchNorm_0/mean": (3,),
+    "batch_stats/BatchNorm_0/var": (3,),
+    "params/BatchNorm_0/bias": (3,),
+    "params/BatchNorm_0/scale": (3,),
+    "params/Dense_0/bias": (3,),
+    "params/Dense_0/kernel": (4, 3),
+    "params/Dense_1/bias": (2,),
+    "params/Dense_1/kernel": (3, 2),
+}
+TINY_NAMES = list(TINY_SHAPES)
+TINY_BN = [name for name in TINY_NAMES if "BatchNorm" in name]
+
+# The default simulation MLP (Dense_0 -> BatchNorm_0 -> Dense_1 -> Dense_2), by hand.
+MLP_NAMES = [
+    "batch_stats/BatchNorm_0/mean",
+    "batch_stats/BatchNorm_0/var",
+    "params/BatchNorm_0/bias",
+    "params/BatchNorm_0/scale",
+    "params/Dense_0/bias",
+    "params/Dense_0/kernel",
+    "params/Dense_1/bias",
+    "params/Dense_1/kernel",
+    "params/Dense_2/bias",
+    "params/Dense_2/kernel",
+]
+
+
+def tiny_variables(seed: int = 0) -> dict[str, Any]:
+    return TinyNet().init(jax.random.key(seed), X)
+
+
+def random_layers(shapes: Mapping[str, tuple[int, ...]], seed: int, offset: float = 0.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: (rng.standard_normal(shape) + offset).astype(np.float32) for name, shape in shapes.items()}
+
+
+def flat_view(layers: Mapping[str, np.ndarray]) -> Flat:
+    """A flat view in TINY_NAMES order (as the engine passes them: an OrderedDict of arrays)."""
+    return Flat((name, jnp.asarray(layers[name])) for name in layers)
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The nested variables dict whose layers are ``flat``."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(value)
+    return tree
+
+
+def layers_of(model: Any) -> dict[str, np.ndarray]:
+    """``name -> numpy copy`` of a nested dict, keys in sorted order at every level."""
+    out: dict[str, np.ndarray] = {}
+
+    def walk(tree, prefix):
+        if isinstance(tree, Mapping):
+            for key in sorted(tree):
+                walk(tree[key], f"{prefix}{key}/")
+        else:
+            out[prefix[:-1]] = np.array(tree)
+
+    walk(model, "")
+    return out
+
+
+def assert_layers_equal(actual: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(actual[name]), np.asarray(value), err_msg=name)
+
+
+def unpack_by_hand(payload: list[np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
+    """A named payload, read by hand: arrays, then one 1-D Unicode names array."""
+    names = payload[-1]
+    assert names.ndim == 1 and (names.dtype.kind == "U" or names.size == 0)
+    assert len(payload) == names.size + 1
+    return [str(n) for n in names.tolist()], [np.asarray(a) for a in payload[:-1]]
+
+
+# ---------------------------------------------------------------------------------------
+# Two user-written exchangers: plain classes, no base class, only the protocol's members
+# ---------------------------------------------------------------------------------------
+
+
+class DriftedKernels:
+    """Named: sends the layers whose name matches ``pattern`` and whose L2 drift from the
+    reference exceeds ``threshold``; applies named payloads as they come."""
+
+    payload_kind = "named"
+    error_feedback = False
+
+    def __init__(self, pattern: str = "*/kernel", threshold: float = 0.2) -> None:
+        self.pattern = pattern
+        self.threshold = threshold
+        self.pulls: list[list[str]] = []
+
+    def send_mask(self, current, reference):
+        mask = Flat()
+        for name, value in current.items():
+            if fnmatch.fnmatchcase(name, self.pattern):
+                diff = jnp.asarray(value, jnp.float32) - jnp.asarray(reference[name], jnp.float32)
+                mask[name] = jnp.sqrt(jnp.sum(diff * diff)) > self.threshold
+            else:
+                mask[name] = jnp.zeros((), bool)
+        return mask
+
+    def push_parameters(self, model, initial_model=None, config=None):
+        current = jlx.flatten(model)
+        reference = current if initial_model is None else jlx.flatten(initial_model)
+        names = [name for name, sends in self.send_mask(current, reference).items() if bool(sends)]
+        return [np.asarray(current[name]) for name in names] + [np.array(names, dtype=np.str_)]
+
+    def pull_parameters(self, parameters, model, config=None):
+        names = [str(name) for name in np.asarray(parameters[-1]).tolist()]
+        self.pulls.append(names)
+        return jlx.merge_layers(model, dict(zip(names, parameters[:-1])))
+
+
+class HeadOnly:
+    """Positional: sends the layers of module ``head``, kernel before bias (reverse name
+    order, so the payload's order is not flatten order); Python bools as its mask."""
+
+    payload_kind = "positional"
+    error_feedback = False
+
+    def __init__(self, head: str = "Dense_2") -> None:
+        self.head = head
+        self.pulls = 0
+
+    def _order(self, names):
+        heads = sorted((name for name in names if f"/{self.head}/" in name), reverse=True)
+        return heads + [name for name in names if name not in heads]
+
+    def send_mask(self, current, reference):
+        return Flat((name, f"/{self.head}/" in name) for name in self._order(list(current)))
+
+    def _sent(self, names):
+        return [name for name in self._order(list(names)) if f"/{self.head}/" in name]
+
+    def push_parameters(self, model, initial_model=None, config=None):
+        flat = jlx.flatten(model)
+        return [np.asarray(flat[name]) for name in self._sent(flat)]
+
+    def pull_parameters(self, parameters, model, config=None):
+        names = self._sent(jlx.flatten(model))
+        if len(parameters) != len(names):
+            raise ValueError(f"expected {len(names)} arrays, got {len(parameters)}")
+        self.pulls += 1
+        return jlx.merge_layers(model, dict(zip(names, parameters)))
+
+
+# ---------------------------------------------------------------------------------------
+# 1. The built-ins satisfy the interface
+# ---------------------------------------------------------------------------------------
+
+
+def percentage_rule(p: float, measure: str = "l2/size"):
+    return LayerSelectionFunctionConstructor(1.0, p, measure=measure).select_by_percentage()
+
+
+BUILTINS = {
+    "full": (lambda: FullParameterExchanger(), "positional", False),
+    "fixed": (lambda: FixedLayerExchanger(["params/Dense_1/kernel", "params/Dense_0/bias"]), "positional", False),
+    "exclusions": (lambda: LayerExchangerWithExclusions(TinyNet(), {nn.BatchNorm}, X), "positional", False),
+    "dynamic": (lambda: DynamicLayerExchanger(percentage_rule(0.5)), "named", False),
+    "dynamic-ef": (lambda: DynamicLayerExchanger(percentage_rule(0.5), error_feedback=True), "named", True),
+    "sparse": (lambda: SparseCooParameterExchanger(0.3, jlx.largest_magnitude_change_scores), "sparse", False),
+    "sparse-ef": (
+        lambda: SparseCooParameterExchanger(0.3, jlx.largest_magnitude_change_scores, error_feedback=True),
+        "sparse",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("which", list(BUILTINS))
+def test_builtins_satisfy_the_protocol(which):
+    make, kind, feedback = BUILTINS[which]
+    exchanger = make()
+    assert isinstance(exchanger, jlx.Exchanger)
+    assert jlx.check_exchanger(exchanger) is None
+    assert exchanger.payload_kind == kind
+    assert exchanger.error_feedback is feedback
+    for method in ("push_parameters", "pull_parameters", "send_mask"):
+        assert callable(getattr(exchanger, method))
+    if feedback:
+        assert isinstance(exchanger.reference, Mapping)
+
+
+def tiny_pair(seed: int = 0) -> tuple[Flat, Flat]:
+    return flat_view(random_layers(TINY_SHAPES, seed)), flat_view(random_layers(TINY_SHAPES, seed + 100))
+
+
+def as_bools(mask: Mapping[str, Any]) -> dict[str, bool]:
+    for name, value in mask.items():
+        assert np.ndim(value) == 0, name
+        assert np.asarray(value).dtype == np.bool_, name
+    return {name: bool(value) for name, value in mask.items()}
+
+
+def test_full_send_mask_is_every_layer_in_flatten_order():
+    current, reference = tiny_pair()
+    mask = FullParameterExchanger().send_mask(current, reference)
+    assert list(mask) == TINY_NAMES
+    assert as_bools(mask) == {name: True for name in TINY_NAMES}
+
+
+def test_fixed_send_mask_lists_its_layers_first_in_list_order():
+    current, reference = tiny_pair()
+    layers = ["params/Dense_1/kernel", "params/Dense_0/bias"]
+    mask = FixedLayerExchanger(layers).send_mask(current, reference)
+    rest = [
+        "batch_stats/BatchNorm_0/mean",
+        "batch_stats/BatchNorm_0/var",
+        "params/BatchNorm_0/bias",
+        "params/BatchNorm_0/scale",
+        "params/Dense_0/kernel",
+        "params/Dense_1/bias",
+    ]
+    assert list(mask) == layers + rest
+    assert as_bools(mask) == {**{name: True for name in layers}, **{name: False for name in rest}}
+
+
+def test_fedbn_send_mask_keeps_batchnorm_layers():
+    current, reference = tiny_pair()
+    mask = LayerExchangerWithExclusions(TinyNet(), {nn.BatchNorm}, X).send_mask(current, reference)
+    assert list(mask) == TINY_NAMES
+    assert as_bools(mask) == {name: name not in TINY_BN for name in TINY_NAMES}
+
+
+def numpy_drifts(current, reference, measure):
+    drifts = {}
+    for name in current:
+        diff = np.asarray(current[name], np.float64) - np.asarray(reference[name], np.float64)
+        norm = math.sqrt(float(np.sum(diff * diff)))
+        drifts[name] = {"l2/size": norm / diff.size, "l2": norm, "rms": norm / math.sqrt(diff.size)}[measure]
+    return drifts
+
+
+@pytest.mark.parametrize("p, measure", [(0.5, "l2/size"), (0.25, "rms"), (0.75, "l2")])
+def test_dynamic_percentage_send_mask_equals_numpy(p, measure):
+    current, reference = tiny_pair(seed=3)
+    drifts = numpy_drifts(current, reference, measure)
+    count = math.ceil(len(TINY_NAMES) * p)
+    top = sorted(TINY_NAMES, key=lambda name: -drifts[name])[:count]
+    mask = DynamicLayerExchanger(percentage_rule(p, measure)).send_mask(current, reference)
+    assert list(mask) == TINY_NAMES
+    assert as_bools(mask) == {name: name in top for name in TINY_NAMES}
+    assert sum(as_bools(mask).values()) == count
+
+
+def test_dynamic_threshold_send_mask_equals_numpy():
+    current, reference = tiny_pair(seed=4)
+    drifts = numpy_drifts(current, reference, "l2/size")
+    ordered = sorted(drifts.values())
+    threshold = math.sqrt(ordered[3] * ordered[4])  # between the 4th and 5th smallest
+    rule = LayerSelectionFunctionConstructor(threshold, 0.5).select_by_threshold()
+    mask = DynamicLayerExchanger(rule).send_mask(current, reference)
+    assert as_bools(mask) == {name: drifts[name] > threshold for name in TINY_NAMES}
+    assert sum(as_bools(mask).values()) == 4
+
+
+SPARSE_CURRENT = {
+    "a": np.array([1.0, -2.0, 3.0, 0.5], np.float32),
+    "b": np.array([[0.0, 4.0], [-1.0, 2.5]], np.float32),
+    "c": np.array([0.0, 0.0], np.float32),
+}
+SPARSE_REFERENCE = {
+    "a": np.array([1.0, 0.0, 0.0, 0.0], np.float32),
+    "b": np.zeros((2, 2), np.float32),
+    "c": np.array([5.0, -5.0], np.float32),
+}
+# |current - reference|: a [0, 2, 3, .5], b [[0, 4], [1, 2.5]], c [5, 5]; 10 weights.
+SPARSE_CASES = {
+    # k = 4: 5, 5, 4, 3 -> threshold 3; c's kept weights are all zero: c is not sent.
+    0.4: {"a": [False, False, True, False], "b": [[False, True], [False, False]], "c": [False, False]},
+    # k = 5: 5, 5, 4, 3, 2.5 -> threshold 2.5.
+    0.5: {"a": [False, False, True, False], "b": [[False, True], [False, True]], "c": [False, False]},
+}
+
+
+@pytest.mark.parametrize("level", sorted(SPARSE_CASES))
+def test_sparse_send_mask_hand_computed(level):
+    exchanger = SparseCooParameterExchanger(level, jlx.largest_magnitude_change_scores)
+    mask = exchanger.send_mask(flat_view(SPARSE_CURRENT), flat_view(SPARSE_REFERENCE))
+    assert list(mask) == ["a", "b", "c"]
+    for name, expected in SPARSE_CASES[level].items():
+        value = np.asarray(mask[name])
+        assert value.dtype == np.bool_ and value.shape == SPARSE_CURRENT[name].shape, name
+        np.testing.assert_array_equal(value, np.array(expected), err_msg=name)
+    # The packed path sends exactly those weights: values + indices + shapes + [names].
+    payload = exchanger.push_parameters(SPARSE_CURRENT, initial_model=SPARSE_REFERENCE)
+    k = (len(payload) - 1) // 3
+    names = [str(n) for n in payload[-1].tolist()]
+    assert names == ["a", "b"] and len(payload) == 3 * k + 1
+    for i, name in enumerate(names):
+        expected = np.array(SPARSE_CASES[level][name])
+        np.testing.assert_array_equal(payload[2 * k + i], SPARSE_CURRENT[name].shape)
+        np.testing.assert_array_equal(payload[k + i], np.argwhere(expected))
+        np.testing.assert_array_equal(payload[i], SPARSE_CURRENT[name][expected])
+
+
+@pytest.mark.parametrize("which", list(BUILTINS))
+def test_send_mask_under_jit_vmap_equals_per_client(which):
+    exchanger = BUILTINS[which][0]()
+    clients = [tiny_pair(seed) for seed in range(3)]
+    currents = Flat((n, jnp.stack([c[n] for c, _ in clients])) for n in TINY_NAMES)
+    references = Flat((n, jnp.stack([r[n] for _, r in clients])) for n in TINY_NAMES)
+    batched = jax.jit(jax.vmap(exchanger.send_mask))(currents, references)
+    for client, (current, reference) in enumerate(clients):
+        single = exchanger.send_mask(current, reference)
+        assert list(batched) == list(single)
+        for name, value in single.items():
+            got = np.asarray(batched[name])
+            assert got.dtype == np.bool_ and got.shape == (3, *np.shape(value)), name
+            np.testing.assert_array_equal(got[client], np.asarray(value), err_msg=f"{name} client {client}")
+
+
+# ---------------------------------------------------------------------------------------
+# 2. check_exchanger names what is wrong
+# ---------------------------------------------------------------------------------------
+
+
+class NoPull:
+    payload_kind = "named"
+    error_feedback = False
+
+    def push_parameters(self, model, initial_model=None, config=None):
+        return []
+
+    def send_mask(self, current, reference):
+        return Flat()
+
+
+class Complete(NoPull):
+    def pull_parameters(self, parameters, model, config=None):
+        return model
+
+
+class DenseKind(Complete):
+    payload_kind = "dense"
+
+
+class IntFeedback(Complete):
+    error_feedback = 1
+
+
+class FeedbackWithoutReference(Complete):
+    error_feedback = True
+
+
+class FeedbackWithReference(Complete):
+    error_feedback = True
+
+    def __init__(self):
+        self.reference = {}
+
+
+@pytest.mark.parametrize(
+    "candidate, pattern",
+    [
+        (object(), r"push_parameters.*object"),
+        (NoPull(), r"pull_parameters.*NoPull"),
+        (DenseKind(), r"payload_kind.*'positional'.*'named'.*'sparse'.*DenseKind.*'dense'"),
+        (IntFeedback(), r"error_feedback must be True or False; IntFeedback has 1"),
+        (FeedbackWithoutReference(), r"FeedbackWithoutReference.*error_feedback=True.*reference"),
+    ],
+    ids=["object", "no-pull", "dense-kind", "int-feedback", "no-reference"],
+)
+def test_check_exchanger_names_the_problem(candidate, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        jlx.check_exchanger(candidate)
+
+
+def test_protocol_isinstance_needs_every_member():
+    assert not isinstance(object(), jlx.Exchanger)
+    assert not isinstance(NoPull(), jlx.Exchanger)
+    assert isinstance(Complete(), jlx.Exchanger)
+    jlx.check_exchanger(Complete())
+    jlx.check_exchanger(FeedbackWithReference())
+
+
+# ---------------------------------------------------------------------------------------
+# 3. User exchangers: the protocol, the simulation, the Flower client
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exchanger", [DriftedKernels(), HeadOnly()], ids=["named", "positional"])
+def test_user_exchangers_satisfy_the_protocol(exchanger):
+    assert isinstance(exchanger, jlx.Exchanger)
+    jlx.check_exchanger(exchanger)
+
+
+CONFIG = SimulationConfig(rounds=2, local_steps=2, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = load_digits_data()
+    return make_client_data(x[:400], y[:400], num_clients=3, beta=0.5, seed=0)
+
+
+def run_two_rounds(exchanger, data):
+    simulation = Simulation(exchanger, CONFIG, data)
+    records, outputs = zip(*simulation.iterate())
+    return simulation, records, outputs
+
+
+@pytest.fixture(scope="module")
+def named_run(data):
+    return run_two_rounds(DriftedKernels("*/kernel", threshold=0.2), data)
+
+
+@pytest.fixture(scope="module")
+def positional_run(data):
+    return run_two_rounds(HeadOnly("Dense_2"), data)
+
+
+def client_model(layers, client, like):
+    return jlx.unflatten({name: np.asarray(value[client]) for name, value in layers.items()}, like=like)
+
+
+HEAD = ["params/Dense_2/kernel", "params/Dense_2/bias"]  # HeadOnly's order: kernel first
+
+
+def test_simulation_layer_names_are_the_mlps(named_run):
+    simulation, _, _ = named_run
+    assert simulation.layer_names == MLP_NAMES
+    assert list(jlx.flatten(simulation.initial_variables)) == MLP_NAMES
+    assert simulation.label == "DriftedKernels"
+
+
+@pytest.mark.parametrize("run", ["named_run", "positional_run"])
+def test_simulation_runs_user_exchanger_as_a_packed_replay(run, request, data):
+    """Both rounds replayed client by client through the exchanger's own push/pull and
+    FedAvgDynamicLayer over named payloads: starts, selections, global models and bytes."""
+    simulation, records, outputs = request.getfixturevalue(run)
+    exchanger = simulation.exchanger
+    named = exchanger.payload_kind == "named"
+    like = simulation.initial_variables
+    initial = {name: np.asarray(value) for name, value in jlx.flatten(like).items()}
+    counts = [int(n) for n in data.n_train]
+    clients = data.num_clients
+    whole_model_bytes = sum(value.nbytes for value in initial.values())
+
+    pulls_before = getattr(exchanger, "pulls", None)
+    server_payload = None  # round 1: every client starts from the whole initial model
+    global_model = like
+    sent_per_round = []
+    for round_index, (record, output) in enumerate(zip(records, outputs), start=1):
+        results, upload, sent_names = [], 0, []
+        for client in range(clients):
+            if round_index == 1:
+                start = like
+            else:
+                own = client_model(outputs[round_index - 2].trained_layers, client, like)
+                start = exchanger.pull_parameters(server_payload, own)
+            for name, value in jlx.flatten(start).items():
+                np.testing.assert_array_equal(
+                    np.asarray(value), np.asarray(output.start_layers[name][client]), err_msg=f"start {name}"
+                )
+            trained = client_model(output.trained_layers, client, like)
+            pushed = exchanger.push_parameters(trained, initial_model=start)
+            upload += sum(np.asarray(array).nbytes for array in pushed)
+            if named:
+                names, arrays = unpack_by_hand(pushed)
+            else:
+                names, arrays = HEAD, list(pushed)
+                mask = exchanger.send_mask(jlx.flatten(trained), jlx.flatten(start))
+                assert [name for name, sends in mask.items() if bool(sends)] == HEAD
+            # What the client sent is what the round's mask marked.
+            marked = {name for name, mask in output.send_masks.items() if bool(mask[client])}
+            assert set(names) == marked
+            assert record["layers_sent"][client] == len(names)
+            sent_names.append(names)
+            results.append((jlx.pack_layers(arrays, names), counts[client]))
+
+        averaged = jlx.FedAvgDynamicLayer(weighted_aggregation=True).aggregate(results)
+        assert set(averaged) == set().union(*map(set, sent_names))
+        replayed = jlx.flatten(jlx.merge_layers(global_model, averaged))
+        for name, value in replayed.items():
+            np.testing.assert_allclose(
+                np.asarray(output.state.global_layers[name]), np.asarray(value), rtol=1e-6, atol=1e-7, err_msg=name
+            )
+        # Layers nobody sent keep their previous global value, exactly.
+        previous = jlx.flatten(global_model)
+        for name in MLP_NAMES:
+            if name not in averaged:
+                np.testing.assert_array_equal(
+                    np.asarray(output.state.global_layers[name]), np.asarray(previous[name]), err_msg=name
+                )
+
+        # Bytes: the real payloads' bytes (named: arrays + names; positional: arrays only).
+        assert record["upload_bytes"] == upload
+        if round_index == 1:
+            assert record["download_bytes"] == clients * whole_model_bytes
+        else:
+            assert record["download_bytes"] == clients * sum(np.asarray(a).nbytes for a in server_payload)
+
+        # The server's answer: the averaged layers, at the simulation's own global values.
+        answer = {name: np.asarray(output.state.global_layers[name]) for name in averaged}
+        if named:
+            order = sorted(answer)
+            server_payload = [answer[name] for name in order] + [np.array(order, dtype=np.str_)]
+        else:
+            assert list(averaged) == sorted(HEAD)
+            server_payload = [answer[name] for name in HEAD]
+        global_model = jlx.unflatten(output.state.global_layers, like=like)
+        sent_per_round.append(sent_names)
+
+    flat = [name for round_names in sent_per_round for names in round_names for name in names]
+    if named:
+        # A real selection: only kernels, some sent, not all of them by everyone.
+        assert flat and all(name.endswith("/kernel") for name in flat)
+        assert len(flat) < 3 * clients * len(records)
+    else:
+        assert all(names == HEAD for round_names in sent_per_round for names in round_names)
+        assert exchanger.pulls == pulls_before + clients  # the replay's round-2 pulls, through pull_parameters
+
+
+def test_simulation_positional_user_exchanger_keeps_other_layers_local(positional_run):
+    simulation, _, (first, second) = positional_run
+    for name in MLP_NAMES:
+        for client in range(3):
+            start = np.asarray(second.start_layers[name][client])
+            if name in HEAD:
+                np.testing.assert_array_equal(start, np.asarray(first.state.global_layers[name]))
+            else:
+                np.testing.assert_array_equal(start, np.asarray(first.trained_layers[name][client]))
+
+
+def shifting_train_fn(deltas, record):
+    def train_fn(model, config):
+        received = layers_of(model)
+        record.append(received)
+        trained = {name: value + np.float32(deltas.get(name, 0.0)) for name, value in received.items()}
+        return nest(trained), 7, {"seen": 1}
+
+    return train_fn
+
+
+def test_flower_client_runs_a_named_user_exchanger():
+    pytest.importorskip("flwr")
+    from jaxlayerx.flower import ExchangerClient
+
+    deltas = {"params/Dense_0/kernel": 1.0, "params/Dense_1/kernel": 1e-4, "params/Dense_0/bias": 1.0}
+    record: list = []
+    exchanger = DriftedKernels("*/kernel", threshold=0.01)
+    client = ExchangerClient(tiny_variables(), exchanger, shifting_train_fn(deltas, record))
+
+    first = random_layers(TINY_SHAPES, seed=1, offset=5.0)
+    payload, num_examples, metrics = client.fit(jlx.pack_layers([first[n] for n in TINY_NAMES], TINY_NAMES), {})
+    assert_layers_equal(record[0], first)  # the whole first payload was applied
+    assert exchanger.pulls == [TINY_NAMES]  # through the exchanger's pull_parameters
+    # Dense_0/kernel moved by sqrt(12) > 0.01; Dense_1/kernel by 1e-4 * sqrt(6) < 0.01;
+    # Dense_0/bias moved but is not a kernel.
+    names, arrays = unpack_by_hand(payload)
+    assert names == ["params/Dense_0/kernel"]
+    np.testing.assert_array_equal(arrays[0], first["params/Dense_0/kernel"] + np.float32(1.0))
+    assert num_examples == 7
+    assert metrics["seen"] == 1 and metrics["layers_sent"] == 1
+    assert metrics["payload_bytes"] == 4 * 3 * 4 + np.array(names).nbytes
+
+    trained = {name: value + np.float32(deltas.get(name, 0.0)) for name, value in first.items()}
+    new = random_layers(TINY_SHAPES, seed=2, offset=-5.0)
+    partial = ["params/Dense_1/kernel", "batch_stats/BatchNorm_0/mean"]
+    payload, _, metrics = client.fit(jlx.pack_layers([new[n] for n in partial], partial), {})
+    expected = {name: (new[name] if name in partial else trained[name]) for name in TINY_NAMES}
+    assert_layers_equal(record[1], expected)  # exactly the named layers applied, the rest kept
+    assert exchanger.pulls == [TINY_NAMES, partial]
+    names, arrays = unpack_by_hand(payload)
+    assert names == ["params/Dense_0/kernel"]
+    np.testing.assert_array_equal(arrays[0], expected["params/Dense_0/kernel"] + np.float32(1.0))
+    assert metrics["layers_sent"] == 1
+
+
+def test_flower_client_runs_a_positional_user_exchanger():
+    pytest.importorskip("flwr")
+    from jaxlayerx.flower import ExchangerClient
+
+    head = ["params/Dense_1/kernel", "params/Dense_1/bias"]  # HeadOnly("Dense_1")'s order
+    deltas = {name: 0.5 for name in TINY_NAMES}
+    record: list = []
+    exchanger = HeadOnly("Dense_1")
+    client = ExchangerClient(tiny_variables(), exchanger, shifting_train_fn(deltas, record))
+
+    first = random_layers(TINY_SHAPES, seed=3)
+    payload, _, metrics = client.fit(jlx.pack_layers([first[n] for n in TINY_NAMES[::-1]], TINY_NAMES[::-1]), {})
+    assert_layers_equal(record[0], first)  # the first payload is applied whole, BN included
+    trained = {name: value + np.float32(0.5) for name, value in first.items()}
+    # The pushes go out named with the mask's True names, in the mask's order.
+    names, arrays = unpack_by_hand(payload)
+    assert names == head
+    for name, array in zip(names, arrays):
+        np.testing.assert_array_equal(array, trained[name], err_msg=name)
+    assert metrics["layers_sent"] == 2
+    assert metrics["payload_bytes"] == (3 * 2 + 2) * 4 + np.array(head).nbytes
+
+    # A later named payload: only the head is applied; the rest stays local.
+    new = random_layers(TINY_SHAPES, seed=4, offset=3.0)
+    partial = ["params/Dense_0/kernel", "params/Dense_1/kernel", "batch_stats/BatchNorm_0/var"]
+    payload, _, _ = client.fit(jlx.pack_layers([new[n] for n in partial], partial), {})
+    expected = {name: (new[name] if name == "params/Dense_1/kernel" else trained[name]) for name in TINY_NAMES}
+    assert_layers_equal(record[1], expected)
+    names, arrays = unpack_by_hand(payload)
+    assert names == head
+    for name, array in zip(names, arrays):
+        np.testing.assert_array_equal(array, expected[name] + np.float32(0.5), err_msg=name)
+    assert exchanger.pulls == 0  # named payloads never needed its positional pull
+
+    # An unnamed payload (a plain FedAvg server): the exchanger's layers, in its order.
+    trained = {name: value + np.float32(0.5) for name, value in expected.items()}
+    unnamed = [np.full((3, 2), 7.0, np.float32), np.full((2,), -7.0, np.float32)]
+    client.fit(unnamed, {})
+    expected = {**trained, head[0]: unnamed[0], head[1]: unnamed[1]}
+    assert_layers_equal(record[2], expected)
+    assert exchanger.pulls == 1
+
+
+# ---------------------------------------------------------------------------------------
+# 4. The simulation refuses exchangers whose send_mask does not fit the model
+# ---------------------------------------------------------------------------------------
+
+
+class BadMask(Complete):
+    """A complete exchanger whose send_mask is ``make(current)``."""
+
+    payload_kind = "named"
+
+    def __init__(self, make):
+        self.make = make
+
+    def send_mask(self, current, reference):
+        return self.make(current)
+
+
+def float_mask(current):
+    return Flat((name, jnp.ones((), jnp.float32)) for name in current)
+
+
+def wrong_shape(current):
+    return Flat(
+        (name, jnp.ones((1,) if name == "params/Dense_1/kernel" else np.shape(value), bool))
+        for name, value in current.items()
+    )
+
+
+def missing_layer(current):
+    return Flat((name, jnp.ones((), bool)) for name in current if name != "params/Dense_2/bias")
+
+
+def unknown_name(current):
+    return Flat([*((name, jnp.ones((), bool)) for name in current), ("params/Dense_9/kernel", jnp.ones((), bool))])
+
+
+def not_a_mapping(current):
+    return [jnp.ones((), bool) for _ in current]
+
+
+@pytest.mark.parametrize(
+    "make, error, pattern",
+    [
+        (float_mask, TypeError, r"BadMask\.send_mask: layer 'batch_stats/BatchNorm_0/mean'.*float32.*bool"),
+        (wrong_shape, ValueError, r"BadMask\.send_mask: layer 'params/Dense_1/kernel'.*\(1,\).*\(64, 64\)"),
+        (missing_layer, KeyError, r"'params/Dense_2/bias' is not in the send mask of BadMask"),
+        (unknown_name, KeyError, r"'params/Dense_9/kernel'.*BadMask\.send_mask"),
+        (not_a_mapping, TypeError, r"BadMask\.send_mask must return a name -> bool mapping, got list"),
+    ],
+    ids=["float", "wrong-shape", "missing", "unknown", "not-mapping"],
+)
+def test_simulation_refuses_bad_masks(make, error, pattern, data):
+    with pytest.raises(error, match=pattern):
+        Simulation(BadMask(make), CONFIG, data)
+
+
+def test_simulation_refuses_a_dynamic_exchanger_without_mask_form(data):
+    def plain(model, initial_model):
+        return [], []
+
+    with pytest.raises(TypeError, match="mask"):
+        Simulation(DynamicLayerExchanger(plain), CONFIG, data)
+
+
+def test_simulation_refuses_objects_failing_the_protocol(data):
+    with pytest.raises(TypeError, match=r"pull_parameters.*NoPull"):
+        Simulation(NoPull(), CONFIG, data)
+    with pytest.raises(TypeError, match=r"payload_kind.*DenseKind"):
+        Simulation(DenseKind(), CONFIG, data)
+
+
+def test_flower_client_refuses_bad_and_sparse_exchangers():
+    pytest.importorskip("flwr")
+    from jaxlayerx.flower import ExchangerClient
+
+    def train(model, config):
+        return model, 1, {}
+
+    with pytest.raises(TypeError, match="pull_parameters"):
+        ExchangerClient(tiny_variables(), NoPull(), train)
+    with pytest.raises(TypeError, match="sparse"):
+        ExchangerClient(tiny_variables(), SparseCooParameterExchanger(0.1, jlx.largest_magnitude_change_scores), train)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Labels
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, label",
+    [
+        (ExchangerSpec("dynamic-budget", byte_fraction=0.25, error_feedback=True), "dynamic-budget(0.25, ef)"),
+        (ExchangerSpec("dynamic-percentage", exchange_percentage=0.5, measure="rms"), "dynamic-percentage(0.5, rms)"),
+        (ExchangerSpec("full"), "full"),
+        (ExchangerSpec("sparse-largest-magnitude-change", sparsity_level=0.1), "sparse-largest-magnitude-change(0.1)"),
+    ],
+    ids=["budget-ef", "percentage-rms", "full", "sparse"],
+)
+def test_simulation_label_of_a_spec(spec, label, data):
+    assert spec.label == label
+    assert Simulation(spec, CONFIG, data).label == label
+    assert Simulation(spec, CONFIG, data, label="mine").label == "mine"
+
+
+def test_simulation_label_of_a_user_exchanger(data):
+    assert Simulation(HeadOnly(), CONFIG, data).label == "HeadOnly"
+    assert Simulation(DriftedKernels(), CONFIG, data, label="kernels>0.2").label == "kernels>0.2"
