@@ -207,7 +207,7 @@ def _greedy_fill(energies: jax.Array, sizes: list[int], byte_fraction: float) ->
     bytes are counted in units of the sizes' greatest common divisor, in int32 (int64
     under x64), so the running total is exact.
     """
-    capacity = math.floor(fractions.Fraction(float(byte_fraction)) * sum(sizes))
+    capacity = math.floor(_exact(byte_fraction) * sum(sizes))
     unit = math.gcd(*sizes) or 1
     units, capacity = [size // unit for size in sizes], capacity // unit
     index_dtype = jax.dtypes.canonicalize_dtype(jnp.int64)
@@ -336,7 +336,7 @@ class BudgetRule(_LayerSelectionRule):
         return budget_mask(current, reference, self.byte_fraction)
 
     def _mask_vector(self, names, current, initial):
-        return _budget_mask_vector(names, current, initial, byte_fraction=float(self.byte_fraction))
+        return _budget_mask_vector(names, current, initial, byte_fraction=self.byte_fraction)
 
 
 def select_layers_by_threshold(
@@ -451,10 +451,21 @@ def _float32_floor(threshold: Any) -> Any:
     """
     if not isinstance(threshold, numbers.Real):
         return threshold
-    floor = np.float32(threshold)
-    if float(floor) > float(threshold):
+    exact = _exact(threshold)
+    floor = np.float32(float(threshold))
+    if np.isinf(floor):  # beyond float32's range: compare against its largest finite value
+        return floor if floor < 0 else np.finfo(np.float32).max
+    while _exact(floor) > exact:
         floor = np.nextafter(floor, np.float32(-np.inf))
     return floor
+
+
+def _exact(value: numbers.Real) -> fractions.Fraction:
+    """The exact rational value of a real number: ints and fractions as they are, floats bit
+    for bit."""
+    if isinstance(value, numbers.Rational):
+        return fractions.Fraction(int(value.numerator), int(value.denominator))
+    return fractions.Fraction(float(value))
 
 
 def _validate_real(value: Any, what: str) -> None:
