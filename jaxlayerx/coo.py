@@ -20,17 +20,16 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlayerx.base import Model, NDArrays
 from jaxlayerx.errors import unknown_layer
-from jaxlayerx.packing import NDArrays, read_names, to_numpy
+from jaxlayerx.packing import read_names, to_numpy
 from jaxlayerx.sparse_selection import unravel
 from jaxlayerx.tree import conform_dtype, flatten, merge_layers
-
-Model = TypeVar("Model")
 
 
 class SparseLayer(NamedTuple):

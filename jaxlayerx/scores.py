@@ -20,7 +20,6 @@ smallest_increase_in_magnitude    ``|w0| - |w|``
 
 from __future__ import annotations
 
-import collections
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -28,38 +27,37 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlayerx.base import ScoreGenFunction
+from jaxlayerx.base import FlatView, ScoreGenFunction
 from jaxlayerx.tree import as_flat_view, check_matching_layers
 
-Scores = collections.OrderedDict
 
 
-def largest_final_magnitude_scores(model: Any, initial_model: Any = None) -> Scores[str, jax.Array]:
+def largest_final_magnitude_scores(model: Any, initial_model: Any = None) -> FlatView:
     """``|w|``: keeps the largest weights (``initial_model`` is not used)."""
     return _final_magnitude(as_flat_view(model), negate=False)
 
 
-def smallest_final_magnitude_scores(model: Any, initial_model: Any = None) -> Scores[str, jax.Array]:
+def smallest_final_magnitude_scores(model: Any, initial_model: Any = None) -> FlatView:
     """``-|w|``: keeps the smallest weights (``initial_model`` is not used)."""
     return _final_magnitude(as_flat_view(model), negate=True)
 
 
-def largest_magnitude_change_scores(model: Any, initial_model: Any) -> Scores[str, jax.Array]:
+def largest_magnitude_change_scores(model: Any, initial_model: Any) -> FlatView:
     """``|w - w0|``: keeps the weights that moved most."""
     return _change(*_flat_pair(model, initial_model, "largest_magnitude_change_scores"), negate=False)
 
 
-def smallest_magnitude_change_scores(model: Any, initial_model: Any) -> Scores[str, jax.Array]:
+def smallest_magnitude_change_scores(model: Any, initial_model: Any) -> FlatView:
     """``-|w - w0|``: keeps the weights that moved least."""
     return _change(*_flat_pair(model, initial_model, "smallest_magnitude_change_scores"), negate=True)
 
 
-def largest_increase_in_magnitude_scores(model: Any, initial_model: Any) -> Scores[str, jax.Array]:
+def largest_increase_in_magnitude_scores(model: Any, initial_model: Any) -> FlatView:
     """``|w| - |w0|``: keeps the weights whose magnitude grew most."""
     return _increase(*_flat_pair(model, initial_model, "largest_increase_in_magnitude_scores"), negate=False)
 
 
-def smallest_increase_in_magnitude_scores(model: Any, initial_model: Any) -> Scores[str, jax.Array]:
+def smallest_increase_in_magnitude_scores(model: Any, initial_model: Any) -> FlatView:
     """``|w0| - |w|``: keeps the weights whose magnitude shrank most."""
     return _increase(*_flat_pair(model, initial_model, "smallest_increase_in_magnitude_scores"), negate=True)
 
@@ -93,19 +91,19 @@ def _signed(score: jax.Array, negate: bool) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="negate")
 def _final_magnitude(current, *, negate):
-    return Scores((name, _signed(jnp.abs(_as_float32(w)), negate)) for name, w in current.items())
+    return FlatView((name, _signed(jnp.abs(_as_float32(w)), negate)) for name, w in current.items())
 
 
 @functools.partial(jax.jit, static_argnames="negate")
 def _change(current, initial, *, negate):
-    return Scores(
+    return FlatView(
         (name, _signed(jnp.abs(_as_float32(w) - _as_float32(initial[name])), negate)) for name, w in current.items()
     )
 
 
 @functools.partial(jax.jit, static_argnames="negate")
 def _increase(current, initial, *, negate):
-    return Scores(
+    return FlatView(
         (name, _signed(jnp.abs(_as_float32(w)) - jnp.abs(_as_float32(initial[name])), negate))
         for name, w in current.items()
     )

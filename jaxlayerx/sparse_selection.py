@@ -25,8 +25,6 @@ which was measured faster there (``benchmarks/``, case ``sparse``).
 
 from __future__ import annotations
 
-import collections
-import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -36,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlayerx.base import FlatView
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.packing import in_host_memory, to_numpy
 
-Flat = collections.OrderedDict
 
 _HALF_BITS = 16
 _BUCKETS = 1 << _HALF_BITS
@@ -83,7 +81,7 @@ def sparse_masks(
     scores: Mapping[str, jax.Array],
     layers: Mapping[str, jax.Array],
     sparsity_level: float,
-) -> Flat[str, jax.Array]:
+) -> FlatView[str, jax.Array]:
     """Per-weight booleans: what a client sends at ``sparsity_level``; pure and jit/vmap-able.
 
     Args:
@@ -100,12 +98,12 @@ def sparse_masks(
 
 def masks_at_threshold(
     scores: Mapping[str, jax.Array], layers: Mapping[str, jax.Array], threshold: jax.Array
-) -> Flat[str, jax.Array]:
+) -> FlatView[str, jax.Array]:
     """Per-weight booleans ``score >= threshold``, cleared in layers whose kept values are all zero."""
     # Compared as sortable keys, bit for bit: XLA flushes subnormal floats to zero in
     # arithmetic and comparisons, and that must not merge distinct scores.
     threshold_key = _sortable_key(threshold)
-    masks = Flat()
+    masks = FlatView()
     for name, score in scores.items():
         kept = (_sortable_key(score) >= threshold_key) & ~_is_nan(score)
         masks[name] = kept & jnp.any(kept & _nonzero(layers[name]))
@@ -142,14 +140,14 @@ def select_sparse_coo(
     return values, (indices, shapes, names)
 
 
-def check_scores(scores: Mapping[str, Any], layers: Mapping[str, Any]) -> Flat[str, Any]:
+def check_scores(scores: Mapping[str, Any], layers: Mapping[str, Any]) -> FlatView[str, Any]:
     """``scores`` in the order of ``layers``, after checking they match name for name and shape for shape."""
     if not isinstance(scores, Mapping):
         raise TypeError(f"a score function must return a name -> array mapping, got {type(scores).__name__}")
     for name in scores:
         if name not in layers:
             raise unknown_layer(name, layers, what="the model (a score names it)")
-    ordered = Flat()
+    ordered = FlatView()
     for name, layer in layers.items():
         if name not in scores:
             raise unknown_layer(name, scores, what="the scores")

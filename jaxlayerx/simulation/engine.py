@@ -23,7 +23,6 @@ With several JAX devices, the client axis is sharded across them.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
@@ -39,7 +38,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlayerx.aggregation import masked_fedavg
-from jaxlayerx.base import Exchanger, check_exchanger
+from jaxlayerx.base import Exchanger, FlatView, check_exchanger
 from jaxlayerx.coo import coo_nbytes
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.simulation.data import ClientData
@@ -47,7 +46,6 @@ from jaxlayerx.simulation.exchange import ExchangerSpec
 from jaxlayerx.simulation.models import MLP
 from jaxlayerx.tree import flatten, unflatten
 
-Flat = collections.OrderedDict
 
 
 #: Local steps per round above this are refused (a typo, not a plan).
@@ -103,10 +101,10 @@ class SimulationState:
     """The server model, the clients' own models (stacked), what the server sends next,
     and, with error feedback, each client's last pulled values (stacked; else empty)."""
 
-    global_layers: Flat
-    client_layers: Flat
-    pull_mask: Flat
-    references: Flat
+    global_layers: FlatView
+    client_layers: FlatView
+    pull_mask: FlatView
+    references: FlatView
 
 
 @jax.tree_util.register_dataclass
@@ -115,9 +113,9 @@ class RoundOutput:
     """Everything one round computed (device arrays)."""
 
     state: SimulationState
-    start_layers: Flat
-    trained_layers: Flat
-    send_masks: Flat
+    start_layers: FlatView
+    trained_layers: FlatView
+    send_masks: FlatView
     metrics: dict[str, jax.Array]
 
 
@@ -175,11 +173,11 @@ class Simulation:
         global_layers = flatten(self.initial_variables)
         clients = self.data.num_clients
         client_layers = self._place_clients(
-            Flat((n, jnp.broadcast_to(v, (clients, *v.shape))) for n, v in global_layers.items())
+            FlatView((n, jnp.broadcast_to(v, (clients, *v.shape))) for n, v in global_layers.items())
         )
         # Per-weight masks (sparse exchangers) have the layers' shapes from the start.
-        pull_mask = Flat((n, jnp.ones(shape, bool)) for n, shape in self.mask_shapes.items())
-        references = client_layers if self.exchanger.error_feedback else Flat()
+        pull_mask = FlatView((n, jnp.ones(shape, bool)) for n, shape in self.mask_shapes.items())
+        references = client_layers if self.exchanger.error_feedback else FlatView()
         return SimulationState(global_layers, client_layers, pull_mask, references)
 
     def round(self, state: SimulationState, round_index: int) -> RoundOutput:
@@ -217,7 +215,7 @@ class Simulation:
         masks = self._replicate(masks)
         counts = n_train.astype(jnp.float32)
         averages, next_pull = masked_fedavg(trained, masks, counts, weighted=self.config.weighted, fallback=global_layers)
-        personal = jax.vmap(lambda own: Flat((n, jnp.where(next_pull[n], averages[n], own[n])) for n in own))(trained)
+        personal = jax.vmap(lambda own: FlatView((n, jnp.where(next_pull[n], averages[n], own[n])) for n in own))(trained)
         global_loss, global_accuracy = self._evaluate(averages, x_global, y_global, jnp.asarray(len(y_global)))
         _, local_accuracy = jax.vmap(self._evaluate)(personal, x_test, y_test, n_test)
         metrics = {
@@ -230,8 +228,8 @@ class Simulation:
         return RoundOutput(new_state, starts, trained, masks, metrics)
 
     def client_update(
-        self, global_layers: Flat, pull_mask: Flat, local: Flat, reference: Flat, key, x, y, n
-    ) -> tuple[Flat, Flat, Flat, Flat]:
+        self, global_layers: FlatView, pull_mask: FlatView, local: FlatView, reference: FlatView, key, x, y, n
+    ) -> tuple[FlatView, FlatView, FlatView, FlatView]:
         """One client's round (pure): merge the pulled layers, train, pick what to send.
 
         ``reference`` holds the client's last pulled values (error feedback; else empty).
@@ -243,9 +241,9 @@ class Simulation:
             reference = _merged(pull_mask, global_layers, reference)
         trained = self._train(start, key, x, y, n)
         mask = self.exchanger.send_mask(trained, reference if self.exchanger.error_feedback else start)
-        return start, trained, Flat((name, jnp.asarray(mask[name], bool)) for name in trained), reference
+        return start, trained, FlatView((name, jnp.asarray(mask[name], bool)) for name in trained), reference
 
-    def _train(self, start: Flat, key, x, y, n) -> Flat:
+    def _train(self, start: FlatView, key, x, y, n) -> FlatView:
         variables = unflatten(start, like=self.template)
         params = variables["params"]
         state = {k: v for k, v in variables.items() if k != "params"}
@@ -278,7 +276,7 @@ class Simulation:
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_state, opt_state
 
-    def _evaluate(self, layers: Flat, x, y, n):
+    def _evaluate(self, layers: FlatView, x, y, n):
         logits = self.module.apply(unflatten(layers, like=self.template), x, train=False)
         valid = jnp.arange(y.shape[0]) < n
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
@@ -355,12 +353,12 @@ class Simulation:
         return jax.lax.with_sharding_constraint(tree, self._replicated)
 
 
-def _merged(pull_mask: Flat, pulled: Flat, own: Flat) -> Flat:
+def _merged(pull_mask: FlatView, pulled: FlatView, own: FlatView) -> FlatView:
     """``pulled`` where the mask is set (per layer or per weight), else ``own``."""
-    return Flat((name, jnp.where(pull_mask[name], pulled[name], own[name])) for name in own)
+    return FlatView((name, jnp.where(pull_mask[name], pulled[name], own[name])) for name in own)
 
 
-def _mask_shapes(exchanger: Exchanger, layers: Flat) -> Flat:
+def _mask_shapes(exchanger: Exchanger, layers: FlatView) -> FlatView:
     """The shape of each layer's send mask: ``()`` or the layer's shape, checked once.
 
     Raises:
@@ -374,7 +372,7 @@ def _mask_shapes(exchanger: Exchanger, layers: Flat) -> Flat:
     for name in masks:
         if name not in layers:
             raise unknown_layer(name, layers, what=f"the model ({what}.send_mask names it)")
-    shapes = Flat()
+    shapes = FlatView()
     for name, layer in layers.items():
         if name not in masks:
             raise unknown_layer(name, masks, what=f"the send mask of {what}")
