@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import jax
@@ -27,6 +28,7 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
     client_step = jax.jit(simulation.client_update)
     server_step = jax.jit(functools.partial(jlx.masked_fedavg, weighted=True))
     keys = jax.random.split(jax.random.key(0), clients)
+    first_pull = jax.tree.map(lambda rounds: jnp.ones(rounds.shape, bool), state.updated_in)
     locals_ = [jax.tree.map(lambda v, c=c: v[c], state.client_layers) for c in range(clients)]
     arrays = [jnp.asarray(a) for a in (data.x_train, data.y_train, data.n_train)]
     per_client = [[a[c] for a in arrays] for c in range(clients)]
@@ -34,7 +36,7 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
 
     def loop():
         outputs = [
-            client_step(state.global_layers, state.pull_mask, locals_[c], state.references, keys[c], *per_client[c])
+            client_step(state.global_layers, (first_pull, locals_[c], state.references, keys[c], *per_client[c]))
             for c in range(clients)
         ]
         trained = jax.tree.map(lambda *v: jnp.stack(v), *[out[1] for out in outputs])
@@ -43,21 +45,21 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
 
     looped = median_time(loop, repeats)
 
-    # The training loop people write first: a jitted SGD step, called per client and per step.
-    sgd_step = jax.jit(simulation.sgd_step)
+    # The training loop people write first: a jitted local step, called per client and per step.
+    local_step = jax.jit(simulation.local_step)
     merge = jax.jit(lambda g, m, l: jax.tree.map(lambda gv, mv, lv: jnp.where(mv, gv, lv), g, m, l))
     select = jax.jit(simulation.exchanger.send_mask)
+    trainable = simulation.model.trainable
 
     def step_loop():
         trained_all, masks_all = [], []
         for c in range(clients):
-            start = merge(state.global_layers, state.pull_mask, locals_[c])
-            variables = jlx.unflatten(start, like=simulation.initial_variables)
-            params, other = variables["params"], {k: v for k, v in variables.items() if k != "params"}
-            carry = (params, other, simulation.optimizer.init(params))
+            start = merge(state.global_layers, first_pull, locals_[c])
+            params = collections.OrderedDict((name, start[name]) for name in trainable)
+            carry = (params, start, simulation.optimizer.init(params))
             for step_key in jax.random.split(keys[c], simulation.local_steps):
-                carry = sgd_step(carry, step_key, *per_client[c])
-            trained = jlx.flatten({"params": carry[0], **carry[1]})
+                carry = local_step(carry, step_key, *per_client[c])
+            trained = carry[1]
             trained_all.append(trained)
             masks_all.append(select(trained, start))
         stacked = jax.tree.map(lambda *v: jnp.stack(v), *trained_all)
@@ -68,12 +70,9 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
 
     # The compute floor: the training FLOPs (XLA's count for one SGD step, times steps and
     # clients; evaluation left out) at the rate of one large matmul on this machine.
-    carry = (
-        simulation.initial_variables["params"],
-        {k: v for k, v in simulation.initial_variables.items() if k != "params"},
-        simulation.optimizer.init(simulation.initial_variables["params"]),
-    )
-    step_flops = _flops(sgd_step.lower(carry, keys[0], *per_client[0]).compile())
+    params = collections.OrderedDict((name, simulation.initial_layers[name]) for name in trainable)
+    carry = (params, simulation.initial_layers, simulation.optimizer.init(params))
+    step_flops = _flops(local_step.lower(carry, keys[0], *per_client[0]).compile())
     compute_floor = step_flops * simulation.local_steps * clients / matmul_rate(repeats)
     return [
         row(f"simulation round, {clients} clients: vs loop", vmapped, compute_floor, looped),

@@ -1,24 +1,30 @@
-"""A federated run in which every client trains at once, under ``jax.vmap``, in one jitted round.
+"""A federated run in which the clients of a round train at once, under ``jax.vmap``, in one jitted round.
 
-One round:
+One round ``r``:
 
-1. each client starts from its own model with the layers the server sends merged in (all
-   layers in round 1; then the exchanged layers, so the others stay local as in FedBN and
-   FedPer; for dynamic exchangers, the layers the server aggregated last round);
-2. it trains ``local_steps`` SGD steps (or ``local_epochs``) on batches of its own data;
-3. it picks what to send with the exchanger's pure ``send_mask`` (see
-   :class:`jaxlayerx.Exchanger`): the same rule as its packed path, a boolean per layer
-   or, for sparse exchangers, per weight. Drift is measured from the round's start, or
-   with error feedback from the last values the client pulled, carried per client in the
-   round state;
-4. the server averages each layer (each weight, for sparse exchangers) over its senders
-   (:func:`jaxlayerx.masked_fedavg`); what nobody sent keeps its previous global value.
-   Sparse exchangers then send back exactly the weights they averaged, in COO form.
+1. ``clients_per_round`` of the ``num_clients`` clients are sampled (seeded, without
+   replacement; all of them by default);
+2. each starts from its own model with what the server changed since it last took part
+   merged in: all layers on its first round; then the layers (the weights, for sparse
+   exchangers) aggregated since, so that the others stay local as in FedBN and FedPer;
+3. it trains ``local_steps`` steps of its local optimizer (or ``local_epochs``) on batches
+   of its own data;
+4. it picks what to send with the exchanger's pure ``send_mask`` (see
+   :class:`jaxlayerx.Exchanger`): the same rule as its packed path, a boolean per layer or,
+   for sparse exchangers, per weight. Drift is measured from the round's start, or with
+   error feedback from the last values the client pulled, carried per client in the state;
+5. the server averages each layer (each weight) over its senders
+   (:func:`jaxlayerx.masked_fedavg`), and takes the average, or with a server optimizer a
+   step along ``global - average`` (:mod:`jaxlayerx.simulation.server`); what nobody sent
+   keeps its global value.
+
+The sampled clients train in chunks of ``chunk_size`` (``lax.map`` over a ``vmap`` of each
+chunk), so that a round's memory grows with the chunk, not with the federation: the
+federation itself is only each client's stored layers and data.
 
 The simulation knows exchangers only through that interface: any object satisfying
 :class:`jaxlayerx.Exchanger` runs, and :class:`ExchangerSpec` names the built-in ones.
-
-With several JAX devices, the client axis is sharded across them.
+With several JAX devices, the clients of an unchunked round are sharded across them.
 """
 
 from __future__ import annotations
@@ -35,21 +41,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlayerx.aggregation import masked_fedavg
 from jaxlayerx.base import Exchanger, FlatView, check_exchanger
 from jaxlayerx.coo import coo_nbytes
 from jaxlayerx.errors import unknown_layer
+from jaxlayerx.simulation.adapters import ModelAdapter
 from jaxlayerx.simulation.data import ClientData
 from jaxlayerx.simulation.exchange import ExchangerSpec
 from jaxlayerx.simulation.models import MLP
-from jaxlayerx.tree import flatten, unflatten
-
-
+from jaxlayerx.simulation.server import SERVER_OPTIMIZERS, init_server_state, server_optimizer, server_step
+from jaxlayerx.tree import unflatten
 
 #: Local steps per round above this are refused (a typo, not a plan).
 MAX_LOCAL_STEPS = 100_000
+
+#: The local optimizers by name.
+LOCAL_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +68,21 @@ class SimulationConfig:
 
     Attributes:
       rounds: federated rounds.
-      local_steps: SGD steps per client per round (a batch each, drawn with replacement
+      local_steps: local steps per client per round (a batch each, drawn with replacement
         from the client's own training data).
       local_epochs: if set, replaces ``local_steps`` by
         ``ceil(local_epochs * mean client training size / batch_size)`` (the same for every
-        client: they all train in one vmapped computation).
+        client: they train in one vmapped computation).
       batch_size: examples per local step.
-      learning_rate, momentum: of ``optax.sgd``; a fresh optimizer state each round.
+      learning_rate: of the local optimizer; a fresh optimizer state each round.
+      momentum: of ``sgd`` (0 for none); ``adam`` ignores it.
+      local_optimizer: ``sgd`` or ``adam``.
       weighted: weight the server average by each client's number of training examples.
-      seed: seeds the model initialisation and the batches.
+      seed: seeds the model initialisation, the client sampling and the batches.
+      clients_per_round: clients sampled each round; ``None`` for all of them.
+      chunk_size: clients trained at once inside a round; ``None`` for all sampled clients.
+      server_optimizer: ``avg`` (FedAvg), ``sgd``, ``adam``, ``yogi`` or ``adagrad`` (FedOpt).
+      server_lr: the server optimizer's learning rate; ``None`` for its default.
     """
 
     rounds: int = 20
@@ -75,14 +91,20 @@ class SimulationConfig:
     batch_size: int = 32
     learning_rate: float = 0.05
     momentum: float = 0.9
+    local_optimizer: str = "sgd"
     weighted: bool = True
     seed: int = 0
+    clients_per_round: int | None = None
+    chunk_size: int | None = None
+    server_optimizer: str = "avg"
+    server_lr: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("rounds", "local_steps", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            _check_positive_int(name, getattr(self, name))
+        for name in ("clients_per_round", "chunk_size"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
         if self.local_steps > MAX_LOCAL_STEPS:
             raise ValueError(f"local-steps must be at most {MAX_LOCAL_STEPS}, got {self.local_steps}")
         if self.local_epochs is not None and not (math.isfinite(self.local_epochs) and self.local_epochs > 0):
@@ -93,26 +115,74 @@ class SimulationConfig:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.local_optimizer not in LOCAL_OPTIMIZERS:
+            raise ValueError(f"unknown local optimizer {self.local_optimizer!r}; choose from {', '.join(LOCAL_OPTIMIZERS)}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"unknown server optimizer {self.server_optimizer!r}; choose from {', '.join(SERVER_OPTIMIZERS)}")
+        if self.server_lr is not None and self.server_optimizer == "avg":
+            raise ValueError("server-lr needs a server optimizer (sgd, adam, yogi or adagrad); avg takes the average")
+        server_optimizer(self.server_optimizer, self.server_lr)  # checks the learning rate
+
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        """The local optimizer."""
+        if self.local_optimizer == "adam":
+            return optax.adam(self.learning_rate)
+        return optax.sgd(self.learning_rate, momentum=self.momentum or None)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SimulationState:
-    """The server model, the clients' own models (stacked), what the server sends next,
-    and, with error feedback, each client's last pulled values (stacked; else empty)."""
+    """Everything a run carries from round to round (device arrays).
+
+    Attributes:
+      global_layers: the server's model.
+      client_layers: every client's own model, stacked on a leading client axis.
+      references: with error feedback, every client's last pulled values (stacked); else empty.
+      updated_in: per layer (per weight, for sparse exchangers), the round in which the
+        global value last changed (0: the initial model).
+      synced: ``(num_clients,)``, the round whose global model each client holds (``-1``:
+        it never took part).
+      server_state: the server optimizer's state, per layer (empty for ``avg``).
+      round_index: the last round run (0 before the first).
+    """
 
     global_layers: FlatView
     client_layers: FlatView
-    pull_mask: FlatView
     references: FlatView
+    updated_in: FlatView
+    synced: jax.Array
+    server_state: FlatView
+    round_index: jax.Array
+
+    @property
+    def pull_mask(self) -> FlatView:
+        """What the last round changed in the global model: what a client that took part in
+        it pulls next (a scalar per layer, or per weight)."""
+        return FlatView((name, rounds == self.round_index) for name, rounds in self.updated_in.items())
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RoundOutput:
-    """Everything one round computed (device arrays)."""
+    """Everything one round computed (device arrays); client-stacked values follow ``clients``.
+
+    Attributes:
+      state: the state after the round.
+      clients: ``(clients_per_round,)`` the sampled clients, ascending.
+      start_layers, trained_layers, send_masks: each sampled client's.
+      metrics: global loss and accuracy, each sampled client's local accuracy, and the
+        values each client sent and pulled per layer.
+    """
 
     state: SimulationState
+    clients: jax.Array
     start_layers: FlatView
     trained_layers: FlatView
     send_masks: FlatView
@@ -127,13 +197,15 @@ class Simulation:
         satisfying :class:`jaxlayerx.Exchanger` for the module's variables.
       config: training settings.
       data: per-client data (see :func:`jaxlayerx.simulation.make_client_data`).
-      module: a Flax Linen module called as ``module(x, train=bool)``; default :class:`MLP`.
+      module: a Flax Linen module called as ``module(x, train=bool)``, or an ``nnx.Module``
+        called as ``module(x)`` (see :mod:`jaxlayerx.simulation.adapters`); default :class:`MLP`.
       label: the run's name in tables and plots; default the spec's label, or the
         exchanger's class name.
 
     Raises:
       TypeError, ValueError: the exchanger does not satisfy the interface, or its
-        ``send_mask`` does not give one boolean (or one of the layer's shape) per layer.
+        ``send_mask`` does not give one boolean (or one of the layer's shape) per layer;
+        ``clients_per_round`` above the number of clients.
     """
 
     def __init__(
@@ -141,49 +213,72 @@ class Simulation:
         exchanger: ExchangerSpec | Exchanger,
         config: SimulationConfig,
         data: ClientData,
-        module: nn.Module | None = None,
+        module: nn.Module | nnx.Module | None = None,
         *,
         label: str | None = None,
     ):
         self.config, self.data = config, data
+        self.clients_per_round = config.clients_per_round or data.num_clients
+        if self.clients_per_round > data.num_clients:
+            raise ValueError(
+                f"clients-per-round ({self.clients_per_round}) is more than the {data.num_clients} clients"
+            )
         self.module = module if module is not None else MLP(num_classes=int(np.max(data.y_train)) + 1)
         self.local_steps = local_steps_for(config, data)
         example = jnp.asarray(data.x_train[0, :1])
         init_key, self._batch_key = jax.random.split(jax.random.key(config.seed))
-        self.initial_variables = self.module.init(init_key, example, train=False)
-        self.template = jax.eval_shape(lambda: self.initial_variables)
+        self.model = ModelAdapter(self.module, example, init_key)
+        self.initial_layers = self.model.initial_layers
+        self.initial_variables = self._variables_like_module()
         if isinstance(exchanger, ExchangerSpec):
             label = label or exchanger.label
             exchanger = exchanger.make_exchanger(self.module, self.initial_variables, example)
         check_exchanger(exchanger)
         self.exchanger = exchanger
         self.label = label or type(exchanger).__name__
-        abstract = flatten(self.template)
+        abstract = jax.eval_shape(lambda: self.initial_layers)
         self.layer_names = list(abstract)
         self.mask_shapes = _mask_shapes(exchanger, abstract)
         self.layer_shapes = [tuple(layer.shape) for layer in abstract.values()]
         self.layer_itemsizes = [layer.dtype.itemsize for layer in abstract.values()]
         self.layer_nbytes = np.array([math.prod(shape) * size for shape, size in zip(self.layer_shapes, self.layer_itemsizes)])
-        self._client_sharding, self._replicated = _shardings(data.num_clients)
-        self._arrays = self._device_data()
+        self.optimizer = config.optimizer
+        self.server_optimizer = server_optimizer(config.server_optimizer, config.server_lr)
+        chunked = config.chunk_size is not None and config.chunk_size < self.clients_per_round
+        self._client_sharding, self._replicated = (None, None) if chunked else _shardings(self.clients_per_round)
+        self._arrays = tuple(jnp.asarray(a) for a in _client_arrays(data))
         self._round = jax.jit(self._round_fn)
 
     def init_state(self) -> SimulationState:
-        """Round 1's state: every client holds the initial model and pulls all layers."""
-        global_layers = flatten(self.initial_variables)
+        """Before round 1: every client holds the initial model and has never taken part."""
+        global_layers = self.initial_layers
         clients = self.data.num_clients
-        client_layers = self._place_clients(
-            FlatView((n, jnp.broadcast_to(v, (clients, *v.shape))) for n, v in global_layers.items())
-        )
-        # Per-weight masks (sparse exchangers) have the layers' shapes from the start.
-        pull_mask = FlatView((n, jnp.ones(shape, bool)) for n, shape in self.mask_shapes.items())
+        client_layers = FlatView((n, jnp.broadcast_to(v, (clients, *v.shape))) for n, v in global_layers.items())
         references = client_layers if self.exchanger.error_feedback else FlatView()
-        return SimulationState(global_layers, client_layers, pull_mask, references)
+        updated_in = FlatView((n, jnp.zeros(shape, jnp.int32)) for n, shape in self.mask_shapes.items())
+        return SimulationState(
+            global_layers=global_layers,
+            client_layers=client_layers,
+            references=references,
+            updated_in=updated_in,
+            synced=jnp.full(clients, -1, jnp.int32),
+            server_state=init_server_state(self.server_optimizer, global_layers),
+            round_index=jnp.zeros((), jnp.int32),
+        )
+
+    def sample_clients(self, round_index: int) -> np.ndarray:
+        """The clients of round ``round_index``, ascending: all of them, or
+        ``clients_per_round`` drawn without replacement from ``default_rng([seed, 2, round])``."""
+        if self.clients_per_round == self.data.num_clients:
+            return np.arange(self.data.num_clients, dtype=np.int32)
+        rng = np.random.default_rng([self.config.seed, 2, round_index])
+        return np.sort(rng.choice(self.data.num_clients, self.clients_per_round, replace=False)).astype(np.int32)
 
     def round(self, state: SimulationState, round_index: int) -> RoundOutput:
         """Runs round ``round_index`` (from 1) from ``state``."""
-        keys = jax.random.split(jax.random.fold_in(self._batch_key, round_index), self.data.num_clients)
-        return self._round(state, self._place_clients(keys), *self._arrays)
+        clients = self.sample_clients(round_index)
+        keys = jax.random.split(jax.random.fold_in(self._batch_key, round_index), self.data.num_clients)[clients]
+        return self._round(state, jnp.asarray(round_index, jnp.int32), jnp.asarray(clients), keys, *self._arrays)
 
     def run(self, progress: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """Runs every round; returns one metrics dict per round (see ``report.py``)."""
@@ -194,9 +289,8 @@ class Simulation:
         state = self.init_state()
         for round_index in range(1, self.config.rounds + 1):
             start = time.perf_counter()
-            pulled = np.array([np.count_nonzero(mask) for mask in jax.device_get(list(state.pull_mask.values()))])
             output = self.round(state, round_index)
-            record = self._record(round_index, output, pulled)
+            record = self._record(round_index, output)
             record["wall_seconds"] = time.perf_counter() - start
             if progress is not None:
                 progress(round_index, record)
@@ -205,37 +299,58 @@ class Simulation:
 
     # -- the jitted round ------------------------------------------------------------------
 
-    def _round_fn(self, state: SimulationState, keys, x_train, y_train, n_train, x_test, y_test, n_test, x_global, y_global):
-        global_layers, pull_mask = state.global_layers, state.pull_mask
-        client = functools.partial(self.client_update, global_layers, pull_mask)
-        starts, trained, masks, references = jax.vmap(client)(
-            state.client_layers, state.references, keys, x_train, y_train, n_train
+    def _round_fn(self, state: SimulationState, round_index, clients, keys, x_train, y_train, n_train, x_test, y_test, n_test, x_global, y_global):
+        take = functools.partial(_take, clients)
+        synced = state.synced[clients]
+        pull_masks = FlatView(
+            (name, rounds[None] > synced.reshape(-1, *(1,) * rounds.ndim)) for name, rounds in state.updated_in.items()
         )
-        trained = self._replicate(trained)
-        masks = self._replicate(masks)
-        counts = n_train.astype(jnp.float32)
-        averages, next_pull = masked_fedavg(trained, masks, counts, weighted=self.config.weighted, fallback=global_layers)
-        personal = jax.vmap(lambda own: FlatView((n, jnp.where(next_pull[n], averages[n], own[n])) for n in own))(trained)
-        global_loss, global_accuracy = self._evaluate(averages, x_global, y_global, jnp.asarray(len(y_global)))
-        _, local_accuracy = jax.vmap(self._evaluate)(personal, x_test, y_test, n_test)
+        inputs = (pull_masks, take(state.client_layers), take(state.references), keys, *map(take, (x_train, y_train, n_train)))
+        starts, trained, masks, references = self._map_clients(
+            functools.partial(self.client_update, state.global_layers), self._shard(inputs)
+        )
+        trained, masks = self._replicate(trained), self._replicate(masks)
+        counts = take(n_train).astype(jnp.float32)
+        averages, sent = masked_fedavg(trained, masks, counts, weighted=self.config.weighted, fallback=state.global_layers)
+        global_layers, server_state = server_step(self.server_optimizer, state.global_layers, averages, sent, state.server_state)
+        personal = FlatView((n, jnp.where(sent[n], global_layers[n], trained[n])) for n in trained)
+        global_loss, global_accuracy = self._evaluate(global_layers, x_global, y_global, jnp.asarray(len(y_global)))
+        evaluated = self._map_clients(lambda args: self._evaluate(*args), (personal, *map(take, (x_test, y_test, n_test))))
+        new_state = SimulationState(
+            global_layers=global_layers,
+            client_layers=_put(state.client_layers, clients, trained),
+            references=_put(state.references, clients, references),
+            updated_in=FlatView((n, jnp.where(sent[n], round_index, rounds)) for n, rounds in state.updated_in.items()),
+            synced=state.synced.at[clients].set(round_index - 1),
+            server_state=server_state,
+            round_index=round_index,
+        )
         metrics = {
             "global_loss": global_loss,
             "global_accuracy": global_accuracy,
-            "local_accuracy": local_accuracy,
-            "send_counts": jnp.stack([masks[n].reshape(masks[n].shape[0], -1).sum(axis=1) for n in masks], axis=1),
+            "local_accuracy": evaluated[1],
+            "send_counts": _counts(masks),
+            "pull_counts": _counts(pull_masks),
+            "first_contact": synced < 0,
         }
-        new_state = SimulationState(averages, trained, next_pull, references)
-        return RoundOutput(new_state, starts, trained, masks, metrics)
+        return RoundOutput(new_state, clients, starts, trained, masks, metrics)
 
-    def client_update(
-        self, global_layers: FlatView, pull_mask: FlatView, local: FlatView, reference: FlatView, key, x, y, n
-    ) -> tuple[FlatView, FlatView, FlatView, FlatView]:
-        """One client's round (pure): merge the pulled layers, train, pick what to send.
+    def _map_clients(self, function: Callable[[Any], Any], inputs: Any) -> Any:
+        """``function`` over the leading client axis of ``inputs``: one ``vmap``, or
+        ``lax.map`` over chunks of ``chunk_size`` clients."""
+        chunk = self.config.chunk_size
+        if chunk is None or chunk >= self.clients_per_round:
+            return jax.vmap(lambda args: function(args))(inputs)
+        return jax.lax.map(function, inputs, batch_size=chunk)
 
-        ``reference`` holds the client's last pulled values (error feedback; else empty).
-        Returns the round's starting layers, the trained layers, the send mask and the
-        updated reference.
+    def client_update(self, global_layers: FlatView, inputs: tuple[Any, ...]) -> tuple[FlatView, FlatView, FlatView, FlatView]:
+        """One client's round (pure): merge what it pulls, train, pick what to send.
+
+        ``inputs`` is ``(pull_mask, own layers, reference, key, x, y, n)``; ``reference``
+        holds the client's last pulled values (error feedback; else empty). Returns the
+        round's starting layers, the trained layers, the send mask and the updated reference.
         """
+        pull_mask, local, reference, key, x, y, n = inputs
         start = _merged(pull_mask, global_layers, local)
         if self.exchanger.error_feedback:
             reference = _merged(pull_mask, global_layers, reference)
@@ -244,40 +359,33 @@ class Simulation:
         return start, trained, FlatView((name, jnp.asarray(mask[name], bool)) for name in trained), reference
 
     def _train(self, start: FlatView, key, x, y, n) -> FlatView:
-        variables = unflatten(start, like=self.template)
-        params = variables["params"]
-        state = {k: v for k, v in variables.items() if k != "params"}
-        carry = (params, state, self.optimizer.init(params))
-        step = lambda carry, step_key: (self.sgd_step(carry, step_key, x, y, n), None)  # noqa: E731
-        (params, state, _), _ = jax.lax.scan(step, carry, jax.random.split(key, self.local_steps))
-        return flatten({"params": params, **state})
+        params = FlatView((name, start[name]) for name in self.model.trainable)
+        carry = (params, start, self.optimizer.init(params))
+        step = lambda carry, step_key: (self.local_step(carry, step_key, x, y, n), None)  # noqa: E731
+        (params, layers, _), _ = jax.lax.scan(step, carry, jax.random.split(key, self.local_steps))
+        return FlatView((name, params[name] if name in params else value) for name, value in layers.items())
 
-    @property
-    def optimizer(self) -> optax.GradientTransformation:
-        return optax.sgd(self.config.learning_rate, momentum=self.config.momentum or None)
-
-    def sgd_step(self, carry: tuple[Any, Any, Any], key, x, y, n) -> tuple[Any, Any, Any]:
+    def local_step(self, carry: tuple[Any, Any, Any], key, x, y, n) -> tuple[Any, Any, Any]:
         """One local step (pure): a batch drawn from the client's ``n`` examples, one update.
 
-        ``carry`` is ``(params, other collections, optimizer state)``.
+        ``carry`` is ``(trainable layers, all layers, optimizer state)``; the untrainable
+        layers (BatchNorm statistics) move as the forward pass moves them.
         """
-        params, state, opt_state = carry
+        params, layers, opt_state = carry
         index = jax.random.randint(key, (self.config.batch_size,), 0, n)
         xb, yb = x[index], y[index]
 
         def loss_fn(params):
-            if state:
-                logits, new_state = self.module.apply({"params": params, **state}, xb, train=True, mutable=list(state))
-            else:
-                logits, new_state = self.module.apply({"params": params}, xb, train=True), {}
-            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), new_state
+            logits, moved = self.model.apply(_with(layers, params), xb, train=True)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), moved
 
-        (_, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, moved), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_state, opt_state
+        params = optax.apply_updates(params, updates)
+        return params, _with(moved, params), opt_state
 
     def _evaluate(self, layers: FlatView, x, y, n):
-        logits = self.module.apply(unflatten(layers, like=self.template), x, train=False)
+        logits, _ = self.model.apply(layers, x, train=False)
         valid = jnp.arange(y.shape[0]) < n
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         correct = jnp.argmax(logits, axis=-1) == y
@@ -286,34 +394,34 @@ class Simulation:
 
     # -- host side -------------------------------------------------------------------------
 
-    def _record(self, round_index: int, output: RoundOutput, pulled: np.ndarray) -> dict[str, Any]:
-        """The round's metrics; ``pulled`` counts the values each layer's download holds."""
+    def _record(self, round_index: int, output: RoundOutput) -> dict[str, Any]:
+        """The round's metrics: accuracies, and the exact bytes of the payloads."""
         metrics = jax.device_get(output.metrics)
+        clients = np.asarray(output.clients)
         send_counts = np.asarray(metrics["send_counts"])  # (clients, layers): values sent
-        upload = [self._upload_bytes(row) for row in send_counts]
-        download = self._download_bytes(pulled, round_index)
+        pull_counts = np.asarray(metrics["pull_counts"])  # (clients, layers): values pulled
+        upload = [self._payload_bytes(row, self.exchanger.payload_kind) for row in send_counts]
+        download = [
+            self._payload_bytes(row, "positional" if first else self.exchanger.payload_kind)
+            for row, first in zip(pull_counts, metrics["first_contact"])
+        ]
+        has_test = self.data.n_test[clients] > 0
+        local = [float(a) if tested else None for a, tested in zip(metrics["local_accuracy"], has_test)]
         return {
             "round": round_index,
+            "clients": clients.tolist(),
             "global_accuracy": float(metrics["global_accuracy"]),
             "global_loss": float(metrics["global_loss"]),
-            "local_accuracy_mean": float(np.mean(metrics["local_accuracy"])),
-            "local_accuracy": [float(a) for a in metrics["local_accuracy"]],
+            "local_accuracy_mean": float(np.mean([a for a in local if a is not None])) if any(has_test) else float("nan"),
+            "local_accuracy": local,
             "upload_bytes": int(sum(upload)),
-            "download_bytes": int(download * self.data.num_clients),
+            "download_bytes": int(sum(download)),
             "layers_sent": [int(np.count_nonzero(row)) for row in send_counts],
         }
 
-    def _upload_bytes(self, counts: np.ndarray) -> int:
-        """Exact bytes of one client's payload, as :func:`jaxlayerx.payload_nbytes` counts them."""
-        return self._payload_bytes(counts, self.exchanger.payload_kind)
-
-    def _download_bytes(self, pulled: np.ndarray, round_index: int) -> int:
-        """Exact bytes of the server's payload to one client: the whole model, unnamed, in
-        round 1; then what the exchanger sends back."""
-        return self._payload_bytes(pulled, "positional" if round_index == 1 else self.exchanger.payload_kind)
-
     def _payload_bytes(self, counts: np.ndarray, kind: str) -> int:
-        """Bytes of a payload of ``kind`` holding ``counts[i]`` values of layer ``i``."""
+        """Exact bytes of a payload of ``kind`` holding ``counts[i]`` values of layer ``i``,
+        as :func:`jaxlayerx.payload_nbytes` counts them."""
         if kind == "sparse":
             return self._coo_bytes(counts)
         return self._dense_bytes(counts > 0, names=kind == "named")
@@ -336,16 +444,25 @@ class Simulation:
             [self.layer_names[i] for i in sent],
         )
 
-    def _device_data(self) -> tuple[jax.Array, ...]:
-        data = self.data
-        clients = [data.x_train, data.y_train, data.n_train, data.x_test, data.y_test, data.n_test]
-        placed = [self._place_clients(jnp.asarray(a)) for a in clients]
-        return (*placed, jnp.asarray(data.x_global_test), jnp.asarray(data.y_global_test))
+    def _variables_like_module(self) -> Any:
+        """The initial model in the module's own form: Linen variables, or the NNX module."""
+        if isinstance(self.module, nnx.Module):
+            return self.module
+        return unflatten(self.initial_layers, like=self.model.template)
 
-    def _place_clients(self, tree):
+    @property
+    def personalized(self) -> bool:
+        """Whether some layers never leave the clients (a positional exchanger that does not
+        send every layer, as FedBN): the global model is then not meant to be used alone."""
+        if self.exchanger.payload_kind != "positional":
+            return False
+        masks = self.exchanger.send_mask(self.initial_layers, self.initial_layers)
+        return not all(bool(np.all(mask)) for mask in masks.values())
+
+    def _shard(self, tree):
         if self._client_sharding is None:
             return tree
-        return jax.device_put(tree, self._client_sharding)
+        return jax.lax.with_sharding_constraint(tree, self._client_sharding)
 
     def _replicate(self, tree):
         if self._replicated is None:
@@ -353,9 +470,30 @@ class Simulation:
         return jax.lax.with_sharding_constraint(tree, self._replicated)
 
 
+def _take(clients: jax.Array, tree: Any) -> Any:
+    return jax.tree.map(lambda value: value[clients], tree)
+
+
+def _put(stacked: FlatView, clients: jax.Array, values: FlatView) -> FlatView:
+    return FlatView((name, stacked[name].at[clients].set(values[name])) for name in stacked)
+
+
+def _with(layers: FlatView, replacements: Mapping[str, Any]) -> FlatView:
+    return FlatView((name, replacements[name] if name in replacements else value) for name, value in layers.items())
+
+
+def _counts(masks: FlatView) -> jax.Array:
+    """``(clients, layers)``: how many values of each layer each client's mask marks."""
+    return jnp.stack([mask.reshape(mask.shape[0], -1).sum(axis=1) for mask in masks.values()], axis=1)
+
+
 def _merged(pull_mask: FlatView, pulled: FlatView, own: FlatView) -> FlatView:
     """``pulled`` where the mask is set (per layer or per weight), else ``own``."""
     return FlatView((name, jnp.where(pull_mask[name], pulled[name], own[name])) for name in own)
+
+
+def _client_arrays(data: ClientData) -> tuple[np.ndarray, ...]:
+    return (data.x_train, data.y_train, data.n_train, data.x_test, data.y_test, data.n_test, data.x_global_test, data.y_global_test)
 
 
 def _mask_shapes(exchanger: Exchanger, layers: FlatView) -> FlatView:
@@ -412,7 +550,7 @@ def simulate(
     exchanger: ExchangerSpec | Exchanger,
     config: SimulationConfig,
     data: ClientData,
-    module: nn.Module | None = None,
+    module: nn.Module | nnx.Module | None = None,
     progress: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs a federated simulation; returns one metrics dict per round."""

@@ -7,6 +7,7 @@ import fnmatch
 from typing import Any
 
 import flax.linen as nn
+from flax import nnx
 
 from jaxlayerx.base import Exchanger, ScoreGenFunction
 from jaxlayerx.errors import unknown_layer
@@ -105,12 +106,15 @@ class ExchangerSpec:
             parameters.append("ef")
         return f"{self.kind}({', '.join(parameters)})" if parameters else self.kind
 
-    def make_exchanger(self, module: nn.Module, variables: Any, *example_args: Any) -> Exchanger:
-        """The core exchanger this spec names, for ``module`` and its ``variables``."""
+    def make_exchanger(self, module: nn.Module | nnx.Module, variables: Any, *example_args: Any) -> Exchanger:
+        """The core exchanger this spec names, for ``module`` (Linen, traced on
+        ``example_args``, or NNX) and its ``variables``."""
         if self.kind == "full":
             return FullParameterExchanger()
         if self.kind == "fixed":
             return FixedLayerExchanger(match_layers(self.layers, flatten(variables)))
+        if self.kind == "exclude-bn" and isinstance(module, nnx.Module):
+            return LayerExchangerWithExclusions(module, {nnx.BatchNorm})
         if self.kind == "exclude-bn":
             return LayerExchangerWithExclusions(module, {nn.BatchNorm}, *example_args)
         if self.kind in SPARSE_KINDS:

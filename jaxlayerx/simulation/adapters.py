@@ -1,0 +1,84 @@
+"""A Flax model seen by the simulation: pure functions over flat views.
+
+The simulation trains, evaluates and exchanges flat views (``name -> array``, see
+:func:`jaxlayerx.flatten`); a :class:`ModelAdapter` turns one back into a model to call it.
+
+* Linen: ``module(x, train=bool)``; the layers are every collection of its variables
+  (``params/...``, ``batch_stats/...``), the trainable ones those of ``params``.
+* NNX: ``module(x)``, switched between ``module.train()`` and ``module.eval()``; the layers
+  are everything ``nnx.state`` holds but RNG state (:data:`jaxlayerx.DEFAULT_NNX_FILTER`),
+  the trainable ones its ``nnx.Param`` variables. RNG state is kept as it was when the
+  simulation started, so a dropout layer draws the same masks every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax import nnx
+
+from jaxlayerx.base import FlatView
+from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, unflatten
+
+
+class ModelAdapter:
+    """A Linen module or an ``nnx.Module`` as pure functions over flat views.
+
+    Args:
+      model: a Linen module (initialised here on ``example`` with ``key``) or an
+        ``nnx.Module`` (its current state is the initial model).
+      example: one batch of inputs, ``(batch, *feature_shape)``.
+      key: the Linen initialisation key.
+
+    Attributes:
+      initial_layers: the initial model's flat view.
+      trainable: the names of the layers gradient descent updates, in flatten order.
+      template: the abstract model (Linen variables or ``nnx.State`` of
+        ``jax.ShapeDtypeStruct``) that flat views unflatten into.
+    """
+
+    def __init__(self, model: nn.Module | nnx.Module, example: jax.Array, key: jax.Array) -> None:
+        if isinstance(model, nnx.Module):
+            self._nnx = True
+            self._graphs = {mode: _nnx_graph(model, mode) for mode in (True, False)}
+            _, state, self._rest = nnx.split(model, DEFAULT_NNX_FILTER, ...)
+            self.template = jax.eval_shape(lambda: state)
+            self.initial_layers = flatten(state)
+            trainable = set(flatten(model, nnx_filter=nnx.Param))
+        elif isinstance(model, nn.Module):
+            self._nnx = False
+            self._module = model
+            variables = model.init(key, example, train=False)
+            self.template = jax.eval_shape(lambda: variables)
+            self.initial_layers = flatten(variables)
+            trainable = {name for name in self.initial_layers if name.startswith("params/")}
+        else:
+            raise TypeError(f"the simulation takes a Linen module or an nnx.Module, got {type(model).__name__}")
+        self.trainable = [name for name in self.initial_layers if name in trainable]
+
+    def apply(self, layers: FlatView, x: jax.Array, train: bool) -> tuple[jax.Array, FlatView]:
+        """The logits of ``x``, and the layers as the call left them (BatchNorm statistics
+        move in training); pure."""
+        if self._nnx:
+            model = nnx.merge(self._graphs[train], unflatten(layers, like=self.template), self._rest)
+            logits = model(x)
+            return logits, flatten(nnx.state(model, DEFAULT_NNX_FILTER))
+        variables = unflatten(layers, like=self.template)
+        if not train:
+            return self._module.apply(variables, x, train=False), layers
+        mutable = [collection for collection in variables if collection != "params"]
+        if not mutable:
+            return self._module.apply(variables, x, train=True), layers
+        logits, updates = self._module.apply(variables, x, train=True, mutable=mutable)
+        moved = flatten({"params": variables["params"], **updates})
+        return logits, FlatView((name, moved[name]) for name in layers)
+
+
+def _nnx_graph(model: nnx.Module, train: bool) -> Any:
+    """The graph of ``model`` in training or evaluation mode (BatchNorm, Dropout)."""
+    copy = nnx.clone(model)
+    copy.train() if train else copy.eval()
+    graph, _, _ = nnx.split(copy, DEFAULT_NNX_FILTER, ...)
+    return graph
