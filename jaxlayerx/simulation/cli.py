@@ -1,4 +1,4 @@
-"""The ``jaxlayerx`` command: ``simulate`` and ``compare`` federated runs on digits."""
+"""The ``jaxlayerx`` command: ``simulate`` and ``compare`` federated runs, and ``--version``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from jaxlayerx import __version__
 from jaxlayerx.selection import MEASURES
+from jaxlayerx.simulation.datasets import DATASETS
 from jaxlayerx.simulation.exchange import DEFAULT_FIXED_LAYERS, EXCHANGER_KINDS, ExchangerSpec
+from jaxlayerx.simulation.models import MODELS
+from jaxlayerx.simulation.server import SERVER_OPTIMIZERS
+
+#: The note of an exchanger whose global model is not meant to be used on its own.
+PERSONALIZED = "personalized: read local_acc"
 
 COMPARE_DEFAULT = "full,fixed,exclude-bn,dynamic-threshold,dynamic-percentage"
 
@@ -25,11 +32,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxlayerx", description="Partial parameter exchange for federated learning with JAX/Flax.")
+    parser.add_argument("--version", action="version", version=f"jaxlayerx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     simulate = commands.add_parser(
         "simulate",
-        help="a federated run on the bundled digits data",
-        description="Federated simulation: all clients train at once under jax.vmap in one jitted round; "
+        help="a federated run (default: the bundled digits)",
+        description="Federated simulation: the clients of a round train at once under jax.vmap in one jitted round; "
         "the exchanger decides which layers cross the wire.",
     )
     _add_options(simulate, default_exchangers="full")
@@ -43,29 +51,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data", default="digits", metavar="NAME|PATH.npz",
+        help=f"{', '.join(DATASETS)}, or a .npz file with arrays x and y (and optionally x_test, y_test) (default: digits)",
+    )
+    data.add_argument("--model", choices=MODELS, default=None, help="mlp or cnn (default: mlp for digits and .npz, cnn for mnist1d)")
+    data.add_argument(
+        "--beta", type=float, default=None,
+        help="Dirichlet concentration of the label split; smaller is more non-IID (default: 0.5, or IID labels with --shift)",
+    )
+    data.add_argument("--shift", action="store_true", help="feature shift: each client sees its inputs through its own fixed transform")
+    data.add_argument("--test-fraction", type=float, default=0.2, help="share of each client's data held out for testing, when the data has no test split (default: 0.2)")
     run = parser.add_argument_group("run")
     run.add_argument(
         "--exchangers", default=default_exchangers, metavar="LIST",
         help=f"comma-separated exchangers among {', '.join(EXCHANGER_KINDS)} (default: {default_exchangers})",
     )
     run.add_argument("--clients", type=int, default=8, help="number of clients (default: 8)")
+    run.add_argument("--clients-per-round", type=int, default=None, metavar="K", help="clients sampled each round, without replacement (default: all)")
+    run.add_argument("--chunk-size", type=int, default=None, metavar="C", help="clients trained at once within a round; bounds memory (default: all sampled clients)")
     run.add_argument("--rounds", type=int, default=20, help="federated rounds (default: 20)")
-    run.add_argument("--local-steps", type=int, default=20, help="SGD steps per client per round (default: 20)")
+    run.add_argument("--local-steps", type=int, default=20, help="local steps per client per round (default: 20)")
     run.add_argument(
         "--local-epochs", type=float, default=None, metavar="E",
         help="train about E epochs per round instead of --local-steps (steps = ceil(E * mean client size / batch size))",
     )
     run.add_argument("--batch-size", type=int, default=32, help="examples per local step (default: 32)")
-    run.add_argument("--learning-rate", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
+    run.add_argument("--local-optimizer", choices=("sgd", "adam"), default="sgd", help="the clients' optimizer (default: sgd)")
+    run.add_argument("--learning-rate", type=float, default=0.05, help="the local optimizer's learning rate (default: 0.05)")
     run.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    run.add_argument("--beta", type=float, default=0.5, help="Dirichlet concentration of the label split; smaller is more non-IID (default: 0.5)")
-    run.add_argument("--test-fraction", type=float, default=0.2, help="share of each client's data held out for testing (default: 0.2)")
-    run.add_argument("--seed", type=int, default=0, help="seeds the split, the model and the batches (default: 0)")
+    run.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="avg", help="avg (FedAvg) or FedOpt on the pseudo-gradient: sgd, adam, yogi, adagrad (default: avg)")
+    run.add_argument("--server-lr", type=float, default=None, help="the server optimizer's learning rate (default: sgd 1, adam and yogi 0.01, adagrad 0.1)")
+    run.add_argument("--seed", type=int, default=0, help="seeds the split, the model, the sampling and the batches (default: 0)")
+    run.add_argument("--repeat", type=int, default=1, metavar="S", help="run S seeds (seed, seed + 1, ...) and report their mean and spread (default: 1)")
     run.add_argument("--unweighted", action="store_true", help="average clients uniformly instead of by example count")
     exchange = parser.add_argument_group("exchangers")
     exchange.add_argument(
         "--layers", default=",".join(DEFAULT_FIXED_LAYERS), metavar="GLOBS",
-        help="fixed: comma-separated layer names or globs (default: every layer but the head)",
+        help="fixed: comma-separated layer names or globs (default: every layer but the MLP's head)",
     )
     exchange.add_argument("--norm-threshold", type=float, default=1e-4, help="dynamic-threshold: drift threshold, > 0 (default: 1e-4)")
     exchange.add_argument("--exchange-percentage", type=float, default=0.5, help="dynamic-percentage: share of layers sent, in (0, 1] (default: 0.5)")
@@ -138,37 +162,65 @@ def _budgets(text: str) -> list[float]:
     return values
 
 
+def config_from_args(args: argparse.Namespace, seed: int) -> Any:
+    """The :class:`SimulationConfig` of the parsed options, for ``seed`` (ValueError on a bad one)."""
+    from jaxlayerx.simulation.engine import SimulationConfig
+
+    return SimulationConfig(
+        rounds=args.rounds, local_steps=args.local_steps, local_epochs=args.local_epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, momentum=args.momentum, local_optimizer=args.local_optimizer,
+        weighted=not args.unweighted, seed=seed, clients_per_round=args.clients_per_round, chunk_size=args.chunk_size,
+        server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+    )
+
+
 def run_command(args: argparse.Namespace) -> pathlib.Path:
     """Runs the parsed command; returns the run folder."""
     # Heavy imports here, so that --help and option errors are instant.
-    from jaxlayerx.simulation.data import load_digits_data, make_client_data
-    from jaxlayerx.simulation.engine import Simulation, SimulationConfig
+    from jaxlayerx.simulation.data import make_client_data
+    from jaxlayerx.simulation.datasets import load_dataset
+    from jaxlayerx.simulation.engine import Simulation
+    from jaxlayerx.simulation.models import DEFAULT_MODEL, make_model
     from jaxlayerx.simulation.report import summary_table, write_run
 
     specs = specs_from_args(args)
-    config = SimulationConfig(
-        rounds=args.rounds, local_steps=args.local_steps, local_epochs=args.local_epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, momentum=args.momentum, weighted=not args.unweighted, seed=args.seed,
-    )
     if args.clients < 1:
         raise ValueError(f"--clients must be a positive integer, got {args.clients}")
-    x, y = load_digits_data()
-    data = make_client_data(x, y, args.clients, beta=args.beta, seed=args.seed, test_fraction=args.test_fraction)
-    # Everything that can be wrong is checked before any training: exchangers, globs, folder.
-    simulations = [Simulation(spec, config, data) for spec in specs]
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be a positive integer, got {args.repeat}")
+    seeds = [args.seed + offset for offset in range(args.repeat)]
+    configs = [config_from_args(args, seed) for seed in seeds]
+    dataset = load_dataset(args.data)
+    beta = args.beta if args.beta is not None or args.shift else 0.5
+    model_name = args.model or DEFAULT_MODEL.get(dataset.name, "mlp")
+    # Everything that can be wrong is checked before any training: data, exchangers, globs.
+    runs: dict[str, list[list[dict[str, Any]]]] = {spec.label: [] for spec in specs}
+    notes: dict[str, str] = {}
+    simulations_by_seed = []
+    for seed, config in zip(seeds, configs):
+        data = make_client_data(
+            dataset.x, dataset.y, args.clients, beta=beta, seed=seed, test_fraction=args.test_fraction,
+            x_test=dataset.x_test, y_test=dataset.y_test, shift=args.shift,
+        )
+        module = make_model(model_name, dataset.num_classes)
+        simulations_by_seed.append([Simulation(spec, config, data, module) for spec in specs])
     folder = args.out or pathlib.Path("runs") / f"{args.command}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     folder.mkdir(parents=True, exist_ok=True)
-    histories: dict[str, list[dict[str, Any]]] = {}
-    for simulation in simulations:
-        histories[simulation.label] = simulation.run(_progress_bar(simulation.label, config.rounds, disabled=args.no_progress))
+    for seed, simulations in zip(seeds, simulations_by_seed):
+        for simulation in simulations:
+            name = simulation.label if len(seeds) == 1 else f"{simulation.label} seed {seed}"
+            runs[simulation.label].append(simulation.run(_progress_bar(name, args.rounds, disabled=args.no_progress)))
+            if simulation.personalized:
+                notes[simulation.label] = PERSONALIZED
     run_config = {
-        "command": args.command, "num_clients": args.clients, "beta": args.beta, "test_fraction": args.test_fraction,
-        "data": "sklearn digits", **dataclasses.asdict(config), "local_steps_run": simulation.local_steps,
+        "command": args.command, "data": dataset.name, "model": model_name, "num_clients": args.clients,
+        "beta": beta, "shift": args.shift, "test_fraction": args.test_fraction, "seeds": seeds,
+        **dataclasses.asdict(configs[0]), "local_steps_run": simulations_by_seed[0][0].local_steps,
         "exchangers": [{"label": spec.label, **dataclasses.asdict(spec)} for spec in specs],
     }
-    paths = write_run(folder, run_config, histories)
-    print(summary_table(histories))
-    print(f"run folder: {folder} (plot: {paths['plot'].name})")
+    paths = write_run(folder, run_config, runs, notes)
+    print(summary_table(runs, notes))
+    print(f"run folder: {folder} (plots: {paths['plot'].name}, {paths['plot_total'].name})")
     return folder
 
 
