@@ -207,6 +207,8 @@ def make_client_data(
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if x_test is not None:
         x_test, y_test = _checked_examples(x_test, y_test, "x_test", "y_test")
+        if x_test.shape[1:] != x.shape[1:]:
+            raise ValueError(f"x_test examples have shape {x_test.shape[1:]}, x examples {x.shape[1:]}")
     if beta is None:
         _check_split_args(y, num_clients, 1.0, 2)
         rng = np.random.default_rng(seed)

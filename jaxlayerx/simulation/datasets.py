@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import random
 
 import numpy as np
 
@@ -91,7 +92,7 @@ def load_mnist1d() -> Dataset:
 
     ``(4000, 40, 1)`` training and ``(1000, 40, 1)`` test signals, standardized by the
     generator. Generated in about a second; nothing is read from the network or from disk.
-    numpy's global random state, which the generator reseeds, is restored afterwards.
+    numpy's and Python's global random states, which the generator reseeds, are restored.
 
     Raises:
       ImportError: ``mnist1d`` is not installed.
@@ -100,11 +101,12 @@ def load_mnist1d() -> Dataset:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as error:
         raise ImportError("the mnist1d data set needs the mnist1d package: pip install 'jaxlayerx[demo]'") from error
-    state = np.random.get_state()
+    numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
         data = make_dataset(get_dataset_args())
     finally:
-        np.random.set_state(state)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
     x, x_test = (np.asarray(data[key], np.float32)[..., None] for key in ("x", "x_test"))
     y, y_test = (np.asarray(data[key], np.int32) for key in ("y", "y_test"))
     return Dataset("mnist1d", x, y, x_test, y_test, 10)

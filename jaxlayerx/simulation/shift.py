@@ -57,6 +57,8 @@ def draw_shift(feature_shape: tuple[int, ...], seed: int, client: int) -> Client
         translation = tuple(int(rng.integers(-limit, limit + 1)) for limit in limits)
         return ClientShift(contrast, brightness, noise, translation, None)
     features = feature_shape[0] if feature_shape else 1
+    if features < 2:  # one value per example: nothing to permute
+        return ClientShift(contrast, brightness, noise, (), None)
     count = min(features, max(2, features // 10))
     order = np.arange(features)
     chosen = rng.choice(features, size=count, replace=False)
