@@ -31,6 +31,9 @@ import numpy as np
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.packing import NDArrays, unpack_layers
 
+#: What a masked average is taken over (see :func:`masked_fedavg`).
+AVERAGE_OVER: tuple[str, ...] = ("senders", "participants")
+
 #: How many leading elements order two contributions before their whole bytes are compared.
 _PREFIX_ELEMENTS = 16
 #: Elements of the scratch matrix that the clients' slices of a layer are copied into.
@@ -79,6 +82,7 @@ def masked_fedavg(
     *,
     weighted: bool = True,
     fallback: Mapping[str, jax.Array] | None = None,
+    over: str = "senders",
 ) -> tuple[collections.OrderedDict[str, jax.Array], collections.OrderedDict[str, jax.Array]]:
     """Per-layer FedAvg over stacked clients and masks; pure and jit/vmap-able.
 
@@ -90,7 +94,13 @@ def masked_fedavg(
       num_examples: ``(C,)`` example counts (ignored when not ``weighted``).
       weighted: weight each client by its example count (else uniformly).
       fallback: ``name -> array`` used for layers that no client sent (or whose weights
-        sum to zero); zeros when omitted.
+        sum to zero); zeros when omitted. The global model, for a server.
+      over: ``"senders"``: each layer (weight) is the mean of the values of the clients
+        that sent it (fl4health's layer rule). ``"participants"``: it moves from
+        ``fallback`` by the mean change over all the clients, a client that did not send it
+        counting as no change: ``fallback + sum_i w_i m_i (x_i - fallback) / sum_i w_i``,
+        the aggregation of sparse updates that error feedback (DGC, STC) assumes. Needs
+        ``fallback``.
 
     Returns:
       ``(averages, sent)``: ordered dicts of averaged layers (in their own dtypes) and of
@@ -99,19 +109,32 @@ def masked_fedavg(
 
     Raises:
       ValueError: a layer, mask, count or fallback without the shared leading client
-        axis (checked on static shapes, so also under ``jit``).
+        axis (checked on static shapes, so also under ``jit``); an unknown ``over``, or
+        ``"participants"`` without a fallback.
       KeyError: a layer without a mask (or without a fallback, when one is given).
     """
+    if over not in AVERAGE_OVER:
+        raise ValueError(f"over must be one of {', '.join(AVERAGE_OVER)}, got {over!r}")
+    if over == "participants" and fallback is None:
+        raise ValueError('over="participants" moves each layer from fallback (the global model): pass fallback=')
     counts = jnp.asarray(num_examples, jnp.float32)
     _check_stacked(client_layers, masks, counts, fallback)
+    weights = counts if weighted else jnp.ones_like(counts)
     averages: collections.OrderedDict[str, jax.Array] = collections.OrderedDict()
     sent: collections.OrderedDict[str, jax.Array] = collections.OrderedDict()
     for name, stacked in client_layers.items():
         stacked = jnp.asarray(stacked)
         mask = jnp.asarray(masks[name], bool)
         accumulate = _masked_accumulator(stacked.dtype)
-        summed, total = _masked_sums(stacked, mask, counts if weighted else jnp.ones_like(counts), accumulate)
-        mean = cast_mean(summed / jnp.where(total > 0, total, 1.0).astype(accumulate), stacked.dtype, jnp)
+        if over == "senders":
+            summed, total = _masked_sums(stacked, mask, weights, accumulate)
+            mean = summed / jnp.where(total > 0, total, 1.0).astype(accumulate)
+        else:
+            base = jnp.asarray(fallback[name]).astype(accumulate)
+            changes, total = _masked_sums(stacked.astype(accumulate) - base, mask, weights, accumulate)
+            everyone = jnp.sum(weights).astype(accumulate)
+            mean = base + changes / jnp.where(everyone > 0, everyone, 1.0)
+        mean = cast_mean(mean, stacked.dtype, jnp)
         default = jnp.zeros_like(mean) if fallback is None else jnp.asarray(fallback[name], mean.dtype)
         averages[name] = jnp.where(total > 0, mean, default)
         sent[name] = total > 0

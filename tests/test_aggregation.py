@@ -838,3 +838,61 @@ def test_masked_fedavg_a_layer_not_sent_never_reaches_the_sum_even_as_nan_or_inf
     averages, sent = masked_fedavg(layers, masks, jnp.array([1, 7, 3]))
     np.testing.assert_array_equal(np.asarray(averages["w"]), [4.0, 5.0])
     assert bool(sent["w"])
+
+
+# --------------------------------------------------------------------------------------
+# masked_fedavg over the participants: unsent counts as no change from the fallback.
+# --------------------------------------------------------------------------------------
+
+
+def ref_participants(stacked, masks, counts, fallback, weighted=True):
+    """fallback + sum_c w_c m_c (x_c - fallback) / sum_c w_c, per weight, in float64."""
+    w = np.asarray(counts, np.float64) if weighted else np.ones(len(counts))
+    x = np.asarray(stacked, np.float64)
+    m = np.asarray(masks, np.float64).reshape(masks.shape + (1,) * (x.ndim - masks.ndim))
+    g = np.asarray(fallback, np.float64)
+    return g + np.sum(w.reshape((-1,) + (1,) * (x.ndim - 1)) * m * (x - g), axis=0) / w.sum()
+
+
+def test_masked_fedavg_over_participants_hand_computed():
+    # 3 clients (10, 20, 30 examples), fallback 1.0. Layer "a" sent by clients 0 and 2 with
+    # values 3 and 5: 1 + (10 * 2 + 30 * 4) / 60 = 1 + 140 / 60 = 3.333...; over the senders it
+    # would be (10 * 3 + 30 * 5) / 40 = 4.5. Layer "b" sent by nobody: the fallback.
+    stacked = {"a": jnp.array([3.0, 9.0, 5.0]), "b": jnp.array([7.0, 7.0, 7.0])}
+    masks = {"a": jnp.array([True, False, True]), "b": jnp.array([False, False, False])}
+    fallback = {"a": jnp.array(1.0), "b": jnp.array(2.0)}
+    averages, sent = masked_fedavg(stacked, masks, jnp.array([10, 20, 30]), fallback=fallback, over="participants")
+    np.testing.assert_allclose(float(averages["a"]), 1 + 140 / 60, rtol=1e-6)
+    assert float(averages["b"]) == 2.0 and not bool(sent["b"]) and bool(sent["a"])
+    senders, _ = masked_fedavg(stacked, masks, jnp.array([10, 20, 30]), fallback=fallback)
+    np.testing.assert_allclose(float(senders["a"]), 4.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("per_weight", [True, False])
+def test_masked_fedavg_over_participants_matches_reference(weighted, per_weight):
+    rng = np.random.default_rng(7)
+    shapes = {"k": (3, 4), "b": (4,), "s": ()}
+    clients = 5
+    stacked = {n: rng.normal(size=(clients, *s)).astype(np.float32) for n, s in shapes.items()}
+    fallback = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+    masks = {n: rng.random((clients, *s) if per_weight else (clients,)) < 0.5 for n, s in shapes.items()}
+    counts = np.array([5, 1, 0, 8, 3])
+    averages, sent = jax.jit(functools.partial(masked_fedavg, weighted=weighted, over="participants"))(
+        stacked, masks, counts, fallback=fallback
+    )
+    for name in shapes:
+        want = ref_participants(stacked[name], masks[name], counts, fallback[name], weighted)
+        np.testing.assert_allclose(np.asarray(averages[name]), want, rtol=1e-5, atol=1e-6, err_msg=name)
+        w = counts if weighted else np.ones(clients)
+        m = masks[name].reshape(masks[name].shape + (1,) * (len(shapes[name]) + 1 - masks[name].ndim))
+        anyone = np.sum(w.reshape((-1,) + (1,) * len(shapes[name])) * m, axis=0) > 0
+        np.testing.assert_array_equal(np.asarray(sent[name]), anyone.reshape(np.shape(sent[name])), err_msg=name)
+
+
+def test_masked_fedavg_over_needs_a_known_rule_and_a_fallback():
+    stacked, masks = {"a": jnp.ones(2)}, {"a": jnp.array([True, True])}
+    with pytest.raises(ValueError, match="over must be one of senders, participants"):
+        masked_fedavg(stacked, masks, jnp.ones(2), over="everyone")
+    with pytest.raises(ValueError, match="pass fallback="):
+        masked_fedavg(stacked, masks, jnp.ones(2), over="participants")

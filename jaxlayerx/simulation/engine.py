@@ -44,7 +44,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlayerx.aggregation import masked_fedavg
+from jaxlayerx.aggregation import AVERAGE_OVER, masked_fedavg
 from jaxlayerx.base import Exchanger, FlatView, check_exchanger
 from jaxlayerx.coo import coo_nbytes
 from jaxlayerx.errors import unknown_layer
@@ -83,6 +83,9 @@ class SimulationConfig:
       chunk_size: clients trained at once inside a round; ``None`` for all sampled clients.
       server_optimizer: ``avg`` (FedAvg), ``sgd``, ``adam``, ``yogi`` or ``adagrad`` (FedOpt).
       server_lr: the server optimizer's learning rate; ``None`` for its default.
+      average_over: ``senders`` (each layer, or weight, averaged over the clients that
+        sent it) or ``participants`` (moved by the mean change over the round's clients, a
+        client that did not send it counting as no change); see :func:`jaxlayerx.masked_fedavg`.
     """
 
     rounds: int = 20
@@ -98,6 +101,7 @@ class SimulationConfig:
     chunk_size: int | None = None
     server_optimizer: str = "avg"
     server_lr: float | None = None
+    average_over: str = "senders"
 
     def __post_init__(self) -> None:
         for name in ("rounds", "local_steps", "batch_size"):
@@ -122,6 +126,8 @@ class SimulationConfig:
         if self.server_lr is not None and self.server_optimizer == "avg":
             raise ValueError("server-lr needs a server optimizer (sgd, adam, yogi or adagrad); avg takes the average")
         server_optimizer(self.server_optimizer, self.server_lr)  # checks the learning rate
+        if self.average_over not in AVERAGE_OVER:
+            raise ValueError(f"unknown average-over {self.average_over!r}; choose from {', '.join(AVERAGE_OVER)}")
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
@@ -311,7 +317,9 @@ class Simulation:
         )
         trained, masks = self._replicate(trained), self._replicate(masks)
         counts = take(n_train).astype(jnp.float32)
-        averages, sent = masked_fedavg(trained, masks, counts, weighted=self.config.weighted, fallback=state.global_layers)
+        averages, sent = masked_fedavg(
+            trained, masks, counts, weighted=self.config.weighted, fallback=state.global_layers, over=self.config.average_over
+        )
         global_layers, server_state = server_step(self.server_optimizer, state.global_layers, averages, sent, state.server_state)
         personal = FlatView((n, jnp.where(sent[n], global_layers[n], trained[n])) for n in trained)
         global_loss, global_accuracy = self._evaluate(global_layers, x_global, y_global, jnp.asarray(len(y_global)))
