@@ -58,8 +58,8 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
     )
     data.add_argument("--model", choices=MODELS, default=None, help="mlp or cnn (default: mlp for digits and .npz, cnn for mnist1d)")
     data.add_argument(
-        "--beta", type=float, default=None,
-        help="Dirichlet concentration of the label split; smaller is more non-IID (default: 0.5, or IID labels with --shift)",
+        "--beta", type=_beta, default=None, metavar="BETA|iid",
+        help="Dirichlet concentration of the label split, smaller is more non-IID; or iid (default: 0.5, or iid with --shift)",
     )
     data.add_argument("--shift", action="store_true", help="feature shift: each client sees its inputs through its own fixed transform")
     data.add_argument("--test-fraction", type=float, default=0.2, help="share of each client's data held out for testing, when the data has no test split (default: 0.2)")
@@ -82,6 +82,11 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
     run.add_argument("--learning-rate", type=float, default=0.05, help="the local optimizer's learning rate (default: 0.05)")
     run.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     run.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="avg", help="avg (FedAvg) or FedOpt on the pseudo-gradient: sgd, adam, yogi, adagrad (default: avg)")
+    run.add_argument(
+        "--average-over", choices=("senders", "participants"), default="senders",
+        help="senders: each layer (weight) averaged over the clients that sent it; participants: moved by the mean "
+        "change over the round's clients, unsent counting as no change (default: senders)",
+    )
     run.add_argument("--server-lr", type=float, default=None, help="the server optimizer's learning rate (default: sgd 1, adam and yogi 0.01, adagrad 0.1)")
     run.add_argument("--seed", type=int, default=0, help="seeds the split, the model, the sampling and the batches (default: 0)")
     run.add_argument("--repeat", type=int, default=1, metavar="S", help="run S seeds (seed, seed + 1, ...) and report their mean and spread (default: 1)")
@@ -116,6 +121,16 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=pathlib.Path, default=None, help="run folder (default: runs/<command>-<timestamp>)")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _beta(text: str) -> float | str:
+    """``--beta``: a number, or ``iid``."""
+    if text == "iid":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or iid, got {text!r}") from None
 
 
 def specs_from_args(args: argparse.Namespace) -> list[ExchangerSpec]:
@@ -170,7 +185,7 @@ def config_from_args(args: argparse.Namespace, seed: int) -> Any:
         rounds=args.rounds, local_steps=args.local_steps, local_epochs=args.local_epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, momentum=args.momentum, local_optimizer=args.local_optimizer,
         weighted=not args.unweighted, seed=seed, clients_per_round=args.clients_per_round, chunk_size=args.chunk_size,
-        server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+        server_optimizer=args.server_optimizer, server_lr=args.server_lr, average_over=args.average_over,
     )
 
 
@@ -191,7 +206,7 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
     seeds = [args.seed + offset for offset in range(args.repeat)]
     configs = [config_from_args(args, seed) for seed in seeds]
     dataset = load_dataset(args.data)
-    beta = args.beta if args.beta is not None or args.shift else 0.5
+    beta = {None: None if args.shift else 0.5, "iid": None}.get(args.beta, args.beta)
     model_name = args.model or DEFAULT_MODEL.get(dataset.name, "mlp")
     # Everything that can be wrong is checked before any training: data, exchangers, globs.
     runs: dict[str, list[list[dict[str, Any]]]] = {spec.label: [] for spec in specs}
