@@ -13,8 +13,8 @@ from typing import Any, NoReturn
 from jaxlayerx import __version__
 from jaxlayerx.selection import MEASURES
 from jaxlayerx.simulation.datasets import DATASETS
-from jaxlayerx.simulation.exchange import DEFAULT_FIXED_LAYERS, EXCHANGER_KINDS, ExchangerSpec
-from jaxlayerx.simulation.models import MODELS
+from jaxlayerx.simulation.exchange import EXCHANGER_KINDS, ExchangerSpec
+from jaxlayerx.simulation.models import BODY_LAYERS, DEFAULT_MODEL, MODELS
 from jaxlayerx.simulation.server import SERVER_OPTIMIZERS
 
 #: The note of an exchanger whose global model is not meant to be used on its own.
@@ -93,8 +93,8 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
     run.add_argument("--unweighted", action="store_true", help="average clients uniformly instead of by example count")
     exchange = parser.add_argument_group("exchangers")
     exchange.add_argument(
-        "--layers", default=",".join(DEFAULT_FIXED_LAYERS), metavar="GLOBS",
-        help="fixed: comma-separated layer names or globs (default: every layer but the MLP's head)",
+        "--layers", default=None, metavar="GLOBS",
+        help="fixed: comma-separated layer names or globs (default: every layer but the model's head)",
     )
     exchange.add_argument("--norm-threshold", type=float, default=1e-4, help="dynamic-threshold: drift threshold, > 0 (default: 1e-4)")
     exchange.add_argument("--exchange-percentage", type=float, default=0.5, help="dynamic-percentage: share of layers sent, in (0, 1] (default: 0.5)")
@@ -141,7 +141,8 @@ def specs_from_args(args: argparse.Namespace) -> list[ExchangerSpec]:
         raise ValueError("--exchangers is empty")
     if len(set(names)) != len(names):
         raise ValueError(f"--exchangers repeats a name: {args.exchangers}")
-    layers = tuple(glob.strip() for glob in args.layers.split(",") if glob.strip())
+    model = args.model or DEFAULT_MODEL.get(str(args.data), "mlp")
+    layers = BODY_LAYERS[model] if args.layers is None else tuple(glob.strip() for glob in args.layers.split(",") if glob.strip())
     specs = []
     for name in names:
         for byte_fraction in _budgets(args.budget) if name == "dynamic-budget" else [0.5]:
@@ -195,7 +196,7 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
     from jaxlayerx.simulation.data import make_client_data
     from jaxlayerx.simulation.datasets import load_dataset
     from jaxlayerx.simulation.engine import Simulation
-    from jaxlayerx.simulation.models import DEFAULT_MODEL, make_model
+    from jaxlayerx.simulation.models import make_model
     from jaxlayerx.simulation.report import summary_table, write_run
 
     specs = specs_from_args(args)

@@ -26,6 +26,7 @@ from jaxlayerx.selection import (
     validate_exchange_percentage,
     validate_norm_threshold,
 )
+from jaxlayerx.simulation.models import BODY_LAYERS
 from jaxlayerx.sparse_selection import validate_sparsity_level
 from jaxlayerx.tree import flatten
 
@@ -35,7 +36,7 @@ DYNAMIC_KINDS = ("dynamic-threshold", "dynamic-percentage", "dynamic-budget")
 EXCHANGER_KINDS = ("full", "fixed", "exclude-bn", *DYNAMIC_KINDS, *SPARSE_KINDS)
 
 #: For the default MLP: every layer but the classification head (FedPer-style).
-DEFAULT_FIXED_LAYERS = ("*/Dense_0/*", "*/BatchNorm_0/*", "*/Dense_1/*")
+DEFAULT_FIXED_LAYERS = BODY_LAYERS["mlp"]
 
 
 @dataclasses.dataclass(frozen=True)

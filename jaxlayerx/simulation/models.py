@@ -13,6 +13,9 @@ import jax
 MODELS: tuple[str, ...] = ("mlp", "cnn")
 DEFAULT_MODEL = {"digits": "mlp", "mnist1d": "cnn"}
 
+#: Every layer of each model but its classification head (``fixed``'s default, FedPer-style).
+BODY_LAYERS = {"mlp": ("*/Dense_0/*", "*/BatchNorm_0/*", "*/Dense_1/*"), "cnn": ("*/Conv_*/*", "*/BatchNorm_*/*")}
+
 
 class MLP(nn.Module):
     """Dense -> BatchNorm -> ReLU -> Dense -> ReLU -> Dense: a digits classifier with
