@@ -232,6 +232,8 @@ def _checked_examples(x: np.ndarray, y: np.ndarray, x_name: str, y_name: str) ->
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 1 or y.ndim < 1 or len(x) != len(y):
         raise ValueError(f"{x_name} and {y_name} must have the same length, got shapes {x.shape} and {y.shape}")
+    if len(x) == 0:
+        raise ValueError(f"{x_name} holds no examples")
     if y.ndim == 1 and y.dtype.kind not in "iu":
         raise ValueError(f"{y_name} must hold integer labels, got dtype {y.dtype}")
     return x.astype(np.float32, copy=False), y.astype(np.int32, copy=False)

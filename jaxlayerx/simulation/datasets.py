@@ -17,6 +17,7 @@ import dataclasses
 import os
 import pathlib
 import random
+import zipfile
 
 import numpy as np
 
@@ -119,13 +120,21 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     per example. ``num_classes`` is the largest label plus one.
 
     Raises:
-      OSError: the file cannot be read. KeyError: ``x`` or ``y`` is missing, or only one of
-      ``x_test``/``y_test`` is there. ValueError: labels that are not integers (or
-      integer-valued), negative labels, a label array that is not 1-D, or lengths that differ.
+      FileNotFoundError: no such file. KeyError: ``x`` or ``y`` is missing, or only one of
+      ``x_test``/``y_test`` is there. ValueError: not an ``.npz`` archive, or one that cannot be
+      read; an array without examples; labels that are not integers (or integer-valued),
+      negative labels, a label array that is not 1-D, or lengths that differ.
     """
     path = pathlib.Path(path)
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
+    if not path.is_file():
+        raise FileNotFoundError(f"no such .npz file: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path.name} is not an .npz archive (a zip of .npy arrays, as numpy.savez writes)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path.name}: cannot read its arrays ({type(error).__name__}: {error})") from error
     for key in ("x", "y"):
         if key not in arrays:
             raise KeyError(f"{path.name}: no array {key!r} (found {sorted(arrays) or 'none'}); expected x and y")
@@ -143,6 +152,8 @@ def load_npz(path: str | os.PathLike) -> Dataset:
 
 
 def _examples(file: str, x: np.ndarray, y: np.ndarray, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
+    if x.ndim >= 1 and len(x) == 0:
+        raise ValueError(f"{file}: {x_key!r} holds no examples")
     if x.ndim < 1 or x.dtype.kind not in "biuf":
         raise ValueError(f"{file}: {x_key!r} must be a numeric array with one example per row, got dtype {x.dtype} and shape {x.shape}")
     if y.ndim != 1:
