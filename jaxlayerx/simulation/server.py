@@ -14,6 +14,7 @@ correction). ``sgd`` with ``server_lr=1`` is plain FedAvg.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +46,7 @@ def server_optimizer(name: str, learning_rate: float | None = None) -> optax.Gra
     if name == "avg":
         return None
     rate = DEFAULT_SERVER_LR[name] if learning_rate is None else learning_rate
-    if not (isinstance(rate, (int, float)) and rate > 0 and rate < float("inf")):
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate < float("inf"):
         raise ValueError(f"server-lr must be a finite number > 0, got {rate!r}")
     if name == "sgd":
         return optax.sgd(rate)
