@@ -703,7 +703,7 @@ def client_data_cases(draw):
     n = draw(st.integers(12, 60))
     labels = draw(st.lists(st.integers(0, num_classes - 1), min_size=n, max_size=n))
     beta = draw(st.sampled_from([None, 0.3, 2.0]))
-    test_labels = draw(st.none() | st.lists(st.integers(0, num_classes - 1), min_size=0, max_size=30))
+    test_labels = draw(st.none() | st.lists(st.integers(0, num_classes - 1), min_size=1, max_size=30))  # an empty test split is refused
     seed = draw(st.integers(0, 2**31 - 1))
     test_fraction = draw(st.sampled_from([0.1, 0.25, 0.5]))
     shift = draw(st.booleans())
@@ -751,3 +751,9 @@ def test_test_split_with_another_example_shape_is_refused():
     x, y = np.zeros((20, 3), np.float32), np.arange(20) % 2
     with pytest.raises(ValueError, match=r"x_test examples have shape \(4,\), x examples \(3,\)"):
         make_client_data(x, y, 2, beta=None, x_test=np.zeros((8, 4), np.float32), y_test=np.arange(8) % 2)
+
+
+def test_an_empty_test_split_is_refused():
+    x, y = np.zeros((20, 3), np.float32), np.arange(20) % 2
+    with pytest.raises(ValueError, match="x_test holds no examples"):
+        make_client_data(x, y, 2, beta=None, x_test=np.zeros((0, 3), np.float32), y_test=np.zeros(0, np.int64))
