@@ -162,7 +162,7 @@ def scale_run(clients, folder):
 
 
 def test_bar_5_a_thousand_clients_fifty_a_round_and_memory_does_not_follow_n(tmp_path):
-    # Measured 2026-11-30: see docs/simulation.md for the peak memory and time per round.
+    # Measured with `python -m benchmarks.scale`; docs/simulation.md has the table.
     small_peak, _ = scale_run(250, tmp_path / "small")
     peak, history = scale_run(1000, tmp_path / "large")
     assert [len(record["clients"]) for record in history] == [50] * 5
