@@ -29,7 +29,8 @@ from jaxlayerx.base import Model, NDArrays
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.packing import read_names, to_numpy
 from jaxlayerx.sparse_selection import unravel
-from jaxlayerx.tree import conform_dtype, flatten, merge_layers
+from jaxlayerx.dtypes import conform_dtype
+from jaxlayerx.tree import flatten, merge_layers
 
 
 class SparseLayer(NamedTuple):

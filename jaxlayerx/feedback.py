@@ -26,7 +26,8 @@ import numpy as np
 
 from jaxlayerx.base import FlatView
 from jaxlayerx.packing import to_numpy
-from jaxlayerx.tree import as_flat_view, conform_dtype, is_array_leaf
+from jaxlayerx.dtypes import conform_dtype
+from jaxlayerx.tree import as_flat_view, is_array_leaf
 
 
 class ErrorFeedback:

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlayerx.base import FlatView, Model
+from jaxlayerx.dtypes import conform_dtype
 from jaxlayerx.errors import unknown_layer
 
 #: NNX variables that a flat view holds by default: everything ``nnx.state`` holds but
@@ -142,49 +143,22 @@ def merge_layers(
 def conform_layer(name: str, value: Any, like: Any) -> Any:
     """Checks ``value`` against the model's layer ``like`` and converts it to its dtype.
 
-    Rules: the shape must be equal. The dtype must be equal, or castable without loss
-    (``numpy.can_cast(..., "safe")``: float16 -> float32 is, float32 -> bfloat16 and
-    int32 -> float32 are not). A raw void array of the same item size (``|V2``: what
-    Flower's serialization makes of bfloat16) is reinterpreted as the model's dtype.
+    Rules: the shape must be equal; the dtype follows the policy of :mod:`jaxlayerx.dtypes`
+    (floating values of any width into a floating layer, rounded; integers in range into an
+    integer layer; ``|V2`` reinterpreted as bfloat16; a lossy change of kind refused).
 
     Returns:
       A new array (never an alias of ``value``), numpy if ``like`` is numpy, else a
       ``jax.Array`` on ``like``'s devices when ``like`` is committed to them.
 
     Raises:
-      ValueError: shapes differ. TypeError: the dtype cannot be cast without loss.
+      ValueError: shapes differ. TypeError: the layer does not accept the value's dtype.
     """
     shape, dtype = tuple(np.shape(like)), np.dtype(like.dtype)
     got_shape = tuple(np.shape(value))
     if got_shape != shape:
         raise ValueError(f"layer {name!r}: expected shape {shape}, got {got_shape}")
     return _place_like(conform_dtype(name, value, dtype), like)
-
-
-def conform_dtype(name: str, value: Any, dtype: Any) -> Any:
-    """``value`` checked against a layer's ``dtype``, by the rules of :func:`conform_layer`.
-
-    Returns ``value`` itself when its dtype is castable without loss (the cast is left to
-    the caller), or a numpy view of it as ``dtype`` for a raw void array of the same item
-    size (``|V2``, Flower's bfloat16).
-
-    Raises:
-      TypeError: the dtype cannot be cast without loss (naming ``name``).
-    """
-    dtype = np.dtype(dtype)
-    if not hasattr(value, "dtype"):
-        value = np.asarray(value)
-    got_dtype = np.dtype(value.dtype)
-    if got_dtype == dtype:
-        return value
-    if got_dtype.kind == "V" and got_dtype.fields is None and got_dtype.itemsize == dtype.itemsize:
-        return np.asarray(value).view(dtype)
-    if not np.can_cast(got_dtype, dtype, casting="safe"):
-        raise TypeError(
-            f"layer {name!r}: expected dtype {dtype} (or one that casts to it without loss), "
-            f"got {got_dtype}"
-        )
-    return value
 
 
 def _place_like(value: Any, like: Any) -> Any:

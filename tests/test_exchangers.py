@@ -470,8 +470,8 @@ def test_fixed_lossy_dtype_is_type_error(kind):
     assert b_before[name].dtype == np.float32
     ex = FixedLayerExchanger([CHOSEN[kind][0], name])
     payload = ex.push_parameters(a)
-    payload[1] = payload[1].astype(np.float64)
-    with pytest.raises(TypeError, match=re.escape(repr(name)) + r".*float32.*float64"):
+    payload[1] = payload[1].astype(np.complex64)  # a complex value into a real layer: lossy
+    with pytest.raises(TypeError, match=re.escape(repr(name)) + r".*float32.*complex64"):
         ex.pull_parameters(payload, b)
     assert_flat_equal(ref_flat(b), b_before)
 
@@ -1061,8 +1061,8 @@ def _bad_payload(kind_of_bad: str, payload: list, names: list[str], model_flat: 
     if kind_of_bad == "lossy_dtype":
         f32 = [i for i, n in enumerate(names) if model_flat[n].dtype == np.float32]
         i = f32[-1]
-        weights[i] = weights[i].astype(np.float64)
-        return weights + [np.array(names)], TypeError, re.escape(repr(names[i])) + r".*float64"
+        weights[i] = weights[i].astype(np.complex64)
+        return weights + [np.array(names)], TypeError, re.escape(repr(names[i])) + r".*complex64"
     raise AssertionError(kind_of_bad)
 
 
@@ -1261,14 +1261,19 @@ def test_bfloat16_special_bit_patterns_preserved(kind, name, as_void):
 
 
 @pytest.mark.parametrize("kind", ["bf16_nnx", "bf16_plain"])
-def test_bfloat16_lossy_float32_payload_is_type_error(kind):
+def test_bfloat16_layer_takes_float32_rounded_and_refuses_integers_out_of_kind(kind):
     b = make(kind, 2)
     b_before = ref_flat(b)
     name = next(n for n, v in b_before.items() if v.dtype == BF16)
-    bad = b_before[name].astype(np.float32)
-    with pytest.raises(TypeError, match=re.escape(repr(name)) + r".*bfloat16.*float32"):
+    # float32 values into a bfloat16 layer: accepted, rounded to nearest (as jnp.asarray does).
+    wide = (b_before[name].astype(np.float32) + np.float32(1e-3)).astype(np.float32)
+    pulled = ref_flat(FixedLayerExchanger([name]).pull_parameters([wide], make(kind, 2)))[name]
+    assert pulled.dtype == BF16 and pulled.tobytes() == wide.astype(BF16).tobytes()
+    bad = b_before[name].astype(np.complex64)
+    with pytest.raises(TypeError, match=re.escape(repr(name)) + r".*bfloat16.*complex64"):
         FixedLayerExchanger([name]).pull_parameters([bad], b)
     assert_flat_equal(ref_flat(b), b_before)
+    bad = b_before[name].astype(np.float32)
     # a void array of the wrong item size is not reinterpreted
     with pytest.raises(TypeError, match=re.escape(repr(name))):
         FixedLayerExchanger([name]).pull_parameters([bad.view("V4")], b)

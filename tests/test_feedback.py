@@ -526,8 +526,8 @@ BAD_DYNAMIC = {
     "unknown layer": ({"b/f": GOOD_B, "zz/nope": np.zeros(2, F32)}, KeyError),
     "wrong shape": ({"b/f": GOOD_B, "a/int": np.zeros((2, 3), np.int32)}, ValueError),
     "lossy float into int": ({"b/f": GOOD_B, "a/int": np.zeros((2, 2), F32)}, TypeError),
-    "lossy float64 into float32": ({"a/int": np.zeros((2, 2), np.int32), "b/f": np.zeros(2, np.float64)}, TypeError),
-    "lossy float32 into bf16": ({"b/f": GOOD_B, "a/bf": np.zeros(3, F32)}, TypeError),
+    "lossy complex into float32": ({"a/int": np.zeros((2, 2), np.int32), "b/f": np.zeros(2, np.complex64)}, TypeError),
+    "lossy int64 out of int32's range": ({"b/f": GOOD_B, "a/int": np.full((2, 2), 2**40, np.int64)}, TypeError),
 }
 
 
@@ -574,7 +574,7 @@ def _bad_sparse(case: str) -> list[np.ndarray]:
     if case == "wrong shape":
         return write_coo({"m/v": good, "l/w": SparseLayer(np.array([1.0], F32), np.array([0]), (3, 2))})
     if case == "lossy dtype":
-        return write_coo({"m/v": good, "l/w": SparseLayer(np.array([1.0]), np.array([0]), (2, 3))})
+        return write_coo({"m/v": good, "l/w": SparseLayer(np.array([1.0], np.complex64), np.array([0]), (2, 3))})
     if case == "out of bounds":
         payload = write_coo({"m/v": good, "l/w": SparseLayer(np.array([1.0], F32), np.array([0]), (2, 3))})
         payload[3] = np.array([[2, 0]], np.int64)  # row 2 of a 2-row layer

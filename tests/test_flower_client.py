@@ -702,10 +702,10 @@ def _bad_payloads(kind: str):
             KeyError,
             r"head/Dense_9/kernel",
         ),
-        "float64": (
-            [ok, value.astype(np.float64), np.array([good, target])],
+        "complex64": (
+            [ok, value.astype(np.complex64), np.array([good, target])],
             TypeError,
-            rf"{target}.*expected dtype float32.*got float64",
+            rf"{target}.*float32 layer does not accept complex64",
         ),
         "int-names": ([ok, value, np.array([1, 2])], ValueError, r"names.*int64"),
         "object-names": ([ok, value, np.array([good, target], dtype=object)], ValueError, r"names.*object"),

@@ -692,7 +692,7 @@ def test_merge_sparse_layers_bad_layers_change_nothing(kind):
     cases = [
         (KeyError, r"no/such", {good_name: good, "no/such": good}),
         (ValueError, rf"{good_name}.*shape", {good_name: good._replace(shape=(99,))}),
-        (TypeError, rf"{good_name}.*float64", {good_name: good._replace(values=np.array([9.0], np.float64))}),
+        (TypeError, rf"{good_name}.*complex64", {good_name: good._replace(values=np.array([9.0], np.complex64))}),
     ]
     for error, pattern, layers in cases:
         with pytest.raises(error, match=pattern):

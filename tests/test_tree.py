@@ -573,7 +573,7 @@ def test_merge_layers_unknown_name_linen(linen_vars):
 BAD_LAST = [
     ("unknown", lambda: ("layers/2/bias", np.zeros(1, np.float32)), KeyError, r"layers/2/bias"),
     ("shape", lambda: ("layers/1/bias", np.zeros(2, np.float32)), ValueError, r"layers/1/bias.*\(1,\).*\(2,\)"),
-    ("dtype", lambda: ("layers/1/bias", np.zeros(1, np.float64)), TypeError, r"layers/1/bias.*float32.*float64"),
+    ("dtype", lambda: ("layers/1/bias", np.zeros(1, np.complex64)), TypeError, r"layers/1/bias.*float32.*complex64"),
 ]
 
 
@@ -639,35 +639,68 @@ def test_conform_same_dtype(kind, dtype):
 @pytest.mark.parametrize("kind", LIKE_KINDS)
 @pytest.mark.parametrize(
     "src,dst",
-    [(np.float16, np.float32), (ml_dtypes.bfloat16, np.float32), (np.int8, np.int32)],
-    ids=["f16->f32", "bf16->f32", "i8->i32"],
+    [
+        (np.float16, np.float32),
+        (ml_dtypes.bfloat16, np.float32),
+        (np.int8, np.int32),
+        (np.float64, np.float32),
+        (np.float32, ml_dtypes.bfloat16),
+        (ml_dtypes.bfloat16, np.float16),
+        (np.int32, np.float32),
+        (np.int64, np.float16),
+        (np.bool_, np.float32),
+        (np.int64, np.int32),
+        (np.uint8, np.int8),
+        (np.float32, np.complex64),
+    ],
+    ids=["f16->f32", "bf16->f32", "i8->i32", "f64->f32", "f32->bf16", "bf16->f16", "i32->f32", "i64->f16", "bool->f32", "i64->i32", "u8->i8", "f32->c64"],
 )
-def test_conform_lossless_cast(kind, src, dst):
-    like = _like(np.zeros(4, dst), kind)
-    value = np.array([1.5, -2.0, 100.0, 0.0] if np.dtype(src).kind == "f" else [1, -2, 100, 0]).astype(src)
+def test_conform_accepted_cast_rounds_to_nearest(kind, src, dst):
+    # The dtype policy: floating (and integer, boolean) values of any width into a floating
+    # layer, rounded to nearest; integers within range into an integer layer.
+    like = _like(np.zeros(6, dst), kind)
+    if np.dtype(src) == np.bool_:
+        value = np.array([True, False, True, True, False, False])
+    elif np.dtype(src).kind in "iu":
+        value = np.array([1, 2, 100, 0, 3, 7]).astype(src)
+    else:
+        # 0.1 and 1/3 are not exact in any binary width: the cast must round them.
+        value = np.array([1.5, -2.0, 100.0, 0.0, 0.1, 1 / 3]).astype(src)
     out = conform_layer("w", value, like)
     assert out.dtype == np.dtype(dst)
-    # Reference: numpy's exact widening cast.
-    assert np.array_equal(np.asarray(out), value.astype(dst))
+    # Reference: numpy's (ml_dtypes') own cast, round to nearest even, via float64 where it
+    # takes a detour (float64 holds every value of the narrower types exactly).
+    expected = value.astype(np.float64).astype(dst) if np.dtype(src).kind not in "biu" else value.astype(dst)
+    assert np.asarray(out).tobytes() == expected.tobytes()
 
 
 @pytest.mark.parametrize("kind", LIKE_KINDS)
 @pytest.mark.parametrize(
-    "src,dst,pattern",
+    "src,dst,values,pattern",
     [
-        (np.float32, ml_dtypes.bfloat16, r"expected dtype bfloat16.*got float32"),
-        (np.float64, np.float32, r"expected dtype float32.*got float64"),
-        (np.int32, np.float32, r"expected dtype float32.*got int32"),
+        (np.float32, np.int32, [1.0, 2.0, 3.0], r"int32 layer does not accept float32 values.*loses the fraction"),
+        (np.float64, np.int8, [1.0, 2.0, 3.0], r"int8 layer does not accept float64 values"),
+        (np.complex64, np.float32, [1, 2, 3], r"float32 layer does not accept complex64 values.*imaginary"),
+        (np.int64, np.int32, [1, 2**31, 3], r"value 2147483648 is out of the range of its dtype int32"),
+        (np.int16, np.uint8, [1, -1, 3], r"value -1 is out of the range of its dtype uint8"),
+        (np.int32, np.bool_, [1, 0, 1], r"bool layer does not accept int32 values"),
+        (np.float32, np.bool_, [1, 0, 1], r"bool layer does not accept float32 values"),
     ],
-    ids=["f32->bf16", "f64->f32", "i32->f32"],
+    ids=["f32->i32", "f64->i8", "c64->f32", "i64->i32-out-of-range", "i16->u8-negative", "i32->bool", "f32->bool"],
 )
-def test_conform_lossy_cast_is_type_error(kind, src, dst, pattern):
+def test_conform_lossy_cast_is_type_error(kind, src, dst, values, pattern):
     like = _like(np.zeros(3, dst), kind)
-    value = np.array([1, 2, 3]).astype(src)
+    value = np.array(values).astype(src)
     before = value.copy()
     with pytest.raises(TypeError, match=r"'w'.*" + pattern):
         conform_layer("w", value, like)
     assert np.array_equal(value, before) and value.dtype == np.dtype(src)
+
+
+def test_conform_void_of_another_size_is_refused():
+    raw = np.zeros(3, np.float32).view("V4")
+    with pytest.raises(TypeError, match=r"'w'.*float16 layer does not accept \|V4 values"):
+        conform_layer("w", raw, np.zeros(3, np.float16))
 
 
 @pytest.mark.parametrize("kind", LIKE_KINDS)
