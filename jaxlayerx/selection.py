@@ -161,7 +161,8 @@ def budget_mask(current: Mapping[str, Any], initial: Mapping[str, Any], byte_fra
     """Per-layer booleans of the budget rule (see the module docstring); pure and jit/vmap-able.
 
     Args:
-      current, initial: flat views with the same names and shapes.
+      current: a flat view (``name -> array``).
+      initial: a flat view with the same names and shapes.
       byte_fraction: the share of the bytes of all layers that may be sent, in ``(0, 1]``;
         a Python number (it fixes the capacity, a static value).
 
@@ -388,7 +389,19 @@ class LayerSelectionFunctionConstructor:
         self.exchange_percentage = exchange_percentage
         self.normalize = bool(normalize)
         self.select_drift_more = bool(select_drift_more)
-        self.measure = resolve_measure(measure, self.normalize)
+        resolve_measure(measure)
+        self._measure = measure
+
+    @property
+    def measure(self) -> str:
+        """The drift measure of the rules built next: the one given, else fl4health's for
+        ``normalize`` as it is now (changing ``normalize`` later takes effect, as in fl4health)."""
+        return resolve_measure(self._measure, self.normalize)
+
+    @measure.setter
+    def measure(self, measure: str | None) -> None:
+        resolve_measure(measure)
+        self._measure = measure
 
     def select_by_threshold(self) -> ThresholdRule:
         """The threshold rule: callable as ``(model, initial_model) -> (arrays, names)``."""
