@@ -107,7 +107,8 @@ class LayerExchangerWithExclusions:
         push and pull then take its variables dict); or any other pytree, whose internal
         node types are its module types (for example equinox modules).
       module_exclusions: module types whose layers stay local, e.g. ``{nnx.BatchNorm}``.
-      *example_args, **example_kwargs: example inputs for a Linen module's ``init``.
+      *example_args: example positional inputs for a Linen module's ``init``.
+      **example_kwargs: example keyword inputs for a Linen module's ``init``.
     """
 
     payload_kind = "positional"

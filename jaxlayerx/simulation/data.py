@@ -189,7 +189,8 @@ def make_client_data(
       beta: Dirichlet concentration of the label split; ``None`` for an IID split.
       seed: seed of the split, the shuffles and the shifts.
       test_fraction: without a test split, the share of each client's examples held out.
-      x_test, y_test: the data set's own test split, or ``None``.
+      x_test: the features of the data set's own test split, or ``None``.
+      y_test: the labels of the data set's own test split, or ``None``.
       shift: give every client its own feature shift (:mod:`jaxlayerx.simulation.shift`).
 
     Returns:
