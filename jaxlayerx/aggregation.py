@@ -2,7 +2,8 @@
 
 Two forms with the same arithmetic:
 
-* :class:`FedAvgDynamicLayer` takes the packed payloads of the clients (host numpy arrays);
+* :class:`FedAvgDynamicLayer` takes the packed payloads of the clients (host numpy arrays),
+  or their decoded ``name -> array`` views (:meth:`FedAvgDynamicLayer.aggregate_layers`);
 * :func:`masked_fedavg` takes all clients' flat views stacked on a leading axis and a
   per-layer boolean mask per client (fixed shapes: runs inside ``jax.jit``/``jax.vmap``).
 
@@ -10,6 +11,9 @@ A layer's average is ``sum_i w_i x_i / sum_i w_i`` over the clients ``i`` that s
 ``w_i`` the client's number of examples (1 when not weighted). Floating layers are averaged
 in float32 (float64 for float64 layers) and returned in their own dtype; integer and
 boolean layers are averaged in float64 and rounded to the nearest integer (ties to even).
+Clients that sent one layer in different dtypes are averaged in their promoted dtype
+(:mod:`jaxlayerx.dtypes`). A client value that is NaN or infinite is refused, naming the
+client and the layer, unless ``allow_nonfinite=True`` (fl4health averages it in).
 Inside JAX, float64 exists only with x64 enabled (``jax.config.update("jax_enable_x64",
 True)``); without it :func:`masked_fedavg` accumulates float64, integer and boolean layers
 in float32, exact while the weighted sums stay below ``2**24``.
@@ -20,16 +24,18 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
-import numbers
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlayerx._results import check_consistent, check_finite, check_numeric, check_total_weight, read_results
+from jaxlayerx.base import NDArrays
+from jaxlayerx.dtypes import promoted_dtype
 from jaxlayerx.errors import unknown_layer
-from jaxlayerx.packing import NDArrays, unpack_layers
+from jaxlayerx.packing import unpack_layers
 
 #: What a masked average is taken over (see :func:`masked_fedavg`).
 AVERAGE_OVER: tuple[str, ...] = ("senders", "participants")
@@ -45,10 +51,13 @@ class FedAvgDynamicLayer:
 
     Args:
       weighted_aggregation: weight each client by its number of examples (else uniformly).
+      allow_nonfinite: average NaN and infinite client values in, as fl4health does, instead
+        of refusing them.
     """
 
-    def __init__(self, weighted_aggregation: bool = True) -> None:
+    def __init__(self, weighted_aggregation: bool = True, *, allow_nonfinite: bool = False) -> None:
         self.weighted_aggregation = bool(weighted_aggregation)
+        self.allow_nonfinite = bool(allow_nonfinite)
 
     def aggregate(self, results: Sequence[tuple[NDArrays, int]]) -> dict[str, np.ndarray]:
         """Averages the layers of packed client payloads.
@@ -58,21 +67,68 @@ class FedAvgDynamicLayer:
             layer names (:func:`jaxlayerx.pack_layers`).
 
         Returns:
-          ``name -> averaged array`` for every layer some client sent, sorted by name. The
+          ``name -> averaged array`` for every layer some client sent, sorted by name, in
+          the layer's dtype (the promoted dtype of its senders' when they differ). The
           result is bit-identical for any order of ``results``.
 
         Raises:
           ValueError: a malformed payload or example count (naming the client); one layer
             name with different shapes from two clients (naming both); a layer whose
-            clients' weights sum to zero.
-          TypeError: one layer name with different dtypes from two clients.
+            clients' weights sum to zero; a NaN or infinite value (naming the client and
+            the layer) without ``allow_nonfinite``.
+          TypeError: values that cannot be averaged (complex, strings).
         """
-        contributions = _collect(results, self.weighted_aggregation)
+        return self._average(read_results(results, _unpacked, self.weighted_aggregation))
+
+    def aggregate_layers(self, results: Sequence[tuple[Mapping[str, Any], int]]) -> dict[str, np.ndarray]:
+        """:meth:`aggregate` over decoded payloads: one ``(name -> array, num_examples)`` per
+        client (arrays in host memory, numpy or CPU ``jax.Array``), no packing involved."""
+        return self._average(read_results(results, _named_arrays, self.weighted_aggregation))
+
+    def _average(self, readings: Iterable[tuple[int, float, list[tuple[str, np.ndarray]]]]) -> dict[str, np.ndarray]:
+        contributions: dict[str, list[tuple[float, np.ndarray]]] = {}
+        owners: dict[int, int] = {}  # id(array) -> the client that sent it
+        first_senders: dict[str, tuple[int, tuple[int, ...]]] = {}
+        for client, weight, layers in readings:
+            for name, array in layers:
+                check_consistent(name, (client, array.shape), first_senders)
+                check_numeric(client, name, array.dtype)
+                contributions.setdefault(name, []).append((weight, array))
+                owners[id(array)] = client
+        for name, items in contributions.items():
+            check_total_weight(name, [weight for weight, _ in items])
         averages = {}
         for name in sorted(contributions):
             weights, arrays = zip(*canonical_order(contributions[name]))
-            averages[name] = _weighted_mean(list(arrays), list(weights))
+            try:
+                averages[name] = _weighted_mean(list(arrays), list(weights), finite=not self.allow_nonfinite)
+            except _NonFinite as error:
+                array = arrays[error.row]
+                check_finite(owners[id(array)], name, array)
+                raise AssertionError("a non-finite block without a non-finite client value") from error
         return averages
+
+
+def _unpacked(payload: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    arrays, names = unpack_layers(payload)
+    return list(zip(names, arrays))
+
+
+def _named_arrays(layers: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
+    if not isinstance(layers, Mapping):
+        raise TypeError(f"decoded layers are a name -> array mapping, got {type(layers).__name__}")
+    for name in layers:
+        if not isinstance(name, str):
+            raise TypeError(f"layer names must be strings, got {type(name).__name__} {name!r}")
+    return [(name, np.asarray(array)) for name, array in layers.items()]
+
+
+class _NonFinite(Exception):
+    """A block of a mean came out non-finite; ``row`` is the first contribution holding NaN or infinity."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(row)
+        self.row = row
 
 
 def masked_fedavg(
@@ -194,87 +250,6 @@ def _masked_accumulator(dtype: Any) -> Any:
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
-def _collect(results: Sequence[tuple[NDArrays, int]], weighted: bool) -> dict[str, list[tuple[float, np.ndarray]]]:
-    """Unpacks and checks every payload; returns ``name -> [(weight, array), ...]``."""
-    contributions: dict[str, list[tuple[float, np.ndarray]]] = {}
-    first_sender: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
-    for client, weight, (arrays, names) in read_results(results, unpack_layers, weighted):
-        for name, array in zip(names, arrays):
-            check_consistent(name, (client, array.shape, array.dtype), first_sender)
-            contributions.setdefault(name, []).append((weight, array))
-    for name, items in contributions.items():
-        check_numeric(name, items[0][1].dtype)
-        if sum(weight for weight, _ in items) <= 0:
-            raise ValueError(f"layer {name!r}: the clients that sent it have zero examples in total")
-    return contributions
-
-
-def read_results(
-    results: Sequence[tuple[Any, int]], read: Callable[[Any], Any], weighted: bool
-) -> Iterator[tuple[int, float, Any]]:
-    """``(client, weight, read(payload))`` for each ``(payload, num_examples)`` of ``results``.
-
-    The weight is the example count, or 1 when not ``weighted``. Errors of the results'
-    shape, of an example count, or raised by ``read`` name the client.
-    """
-    if not isinstance(results, (list, tuple)):
-        raise TypeError(f"results must be a list of (payload, num_examples), got {type(results).__name__}")
-    for client, result in enumerate(results):
-        if not isinstance(result, (list, tuple)) or len(result) != 2:
-            raise ValueError(f"client {client}: expected a (payload, num_examples) pair")
-        payload, num_examples = result
-        _check_num_examples(client, num_examples)
-        try:
-            read_payload = read(payload)
-        except (ValueError, TypeError) as error:
-            raise type(error)(f"client {client}: {error}") from error
-        yield client, float(num_examples) if weighted else 1.0, read_payload
-
-
-def is_example_count(value: Any) -> bool:
-    """Whether ``value`` can be a client's number of examples: an integer >= 0, not a bool."""
-    return _is_integer(value) and value >= 0
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_num_examples(client: int, num_examples: Any) -> None:
-    if not _is_integer(num_examples):
-        raise TypeError(f"client {client}: num_examples must be an integer, got {num_examples!r}")
-    if num_examples < 0:
-        raise ValueError(f"client {client}: num_examples must be >= 0, got {num_examples}")
-
-
-def check_consistent(
-    name: str, sender: tuple[int, tuple[int, ...], Any], first_senders: dict[str, tuple[int, tuple[int, ...], Any]]
-) -> None:
-    """Checks a ``(client, shape, dtype)`` of layer ``name`` against its first sender's
-    (recording it when it is the first).
-
-    Raises:
-      ValueError: shapes differ (naming both clients). TypeError: dtypes differ.
-    """
-    client, shape, dtype = sender
-    first_client, first_shape, first_dtype = first_senders.setdefault(name, sender)
-    if shape != first_shape:
-        raise ValueError(
-            f"layer {name!r} arrives with different shapes: client {first_client} sent "
-            f"{first_shape}, client {client} sent {shape}"
-        )
-    if dtype != first_dtype:
-        raise TypeError(
-            f"layer {name!r} arrives with different dtypes: client {first_client} sent "
-            f"{first_dtype}, client {client} sent {dtype}"
-        )
-
-
-def check_numeric(name: str, dtype: np.dtype) -> None:
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_):
-        raise TypeError(f"layer {name!r} has dtype {dtype}, which cannot be averaged")
-
-
 def canonical_order(items: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """Sorts ``(weight, *arrays)`` contributions by content, so the summation order
     ignores arrival order.
@@ -303,14 +278,17 @@ def canonical_order(items: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return result
 
 
-def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """``sum(w_i * x_i) / sum(w_i)`` over the arrays in the given order, in the layer's dtype.
+def _weighted_mean(arrays: list[np.ndarray], weights: list[float], finite: bool = True) -> np.ndarray:
+    """``sum(w_i * x_i) / sum(w_i)`` over the arrays in the given order, in their (promoted) dtype.
 
     Works through the layer in cache-sized column blocks: the clients' slices are copied
     into a small scratch matrix and reduced by one BLAS matrix-vector product, so each
-    client array is read from memory once and no layer-sized stack is ever built.
+    client array is read from memory once and no layer-sized stack is ever built. With
+    ``finite``, a block whose mean is not finite raises :class:`_NonFinite` naming the first
+    contribution holding NaN or infinity there (a check on the block's result, while in cache).
     """
-    dtype = arrays[0].dtype
+    dtypes = {array.dtype for array in arrays}
+    dtype = dtypes.pop() if len(dtypes) == 1 else promoted_dtype(dtypes)
     accumulate = host_accumulator(dtype)
     flat = [array.reshape(-1) for array in arrays]
     scale = np.asarray(weights, accumulate)
@@ -326,6 +304,10 @@ def _weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray
             row[...] = array[start:stop]
         np.dot(scale, rows, out=out)
         out /= total  # while the block is in cache: no second pass over the layer
+        if finite and not np.isfinite(out).all():
+            bad_rows = [i for i, row in enumerate(rows) if not np.isfinite(row).all()]
+            if bad_rows:
+                raise _NonFinite(bad_rows[0])
     return cast_mean(mean.reshape(arrays[0].shape), dtype, np)
 
 

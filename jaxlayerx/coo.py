@@ -27,8 +27,8 @@ import numpy as np
 
 from jaxlayerx.base import Model, NDArrays
 from jaxlayerx.errors import unknown_layer
-from jaxlayerx.packing import read_names, to_numpy
-from jaxlayerx.sparse_selection import unravel
+from jaxlayerx._host import to_numpy
+from jaxlayerx.packing import read_names
 from jaxlayerx.dtypes import conform_dtype
 from jaxlayerx.tree import flatten, merge_layers
 
@@ -113,6 +113,17 @@ def coo_nbytes(counts: Sequence[int], shapes: Sequence[tuple[int, ...]], itemsiz
     indices and shapes, names."""
     total = sum(n * (itemsize + 8 * len(shape)) + 8 * len(shape) for n, shape, itemsize in zip(counts, shapes, itemsizes))
     return int(total + np.array(list(names), dtype=np.str_).nbytes)
+
+
+def unravel(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Row-major flat indices as ``(n, ndim)`` int64 coordinates (``numpy.nonzero`` order)."""
+    coordinates = np.empty((flat.size, len(shape)), np.int64)
+    remaining = flat.astype(np.int64, copy=False)
+    for axis in range(len(shape) - 1, 0, -1):
+        remaining, coordinates[:, axis] = np.divmod(remaining, shape[axis])
+    if shape:
+        coordinates[:, 0] = remaining
+    return coordinates
 
 
 def _read_layer(name: str, values: Any, indices: Any, shape: Any) -> SparseLayer:

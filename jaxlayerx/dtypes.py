@@ -67,7 +67,12 @@ def conform_dtype(name: str, value: Any, dtype: Any) -> Any:
 
 def promoted_dtype(dtypes: Iterable[Any]) -> np.dtype:
     """The dtype several clients' values of one layer are averaged in (JAX's promotion)."""
-    return np.dtype(functools.reduce(jnp.promote_types, [np.dtype(d) for d in dtypes]))
+    return _promoted(frozenset(np.dtype(d) for d in dtypes))
+
+
+@functools.lru_cache(maxsize=128)
+def _promoted(dtypes: frozenset[np.dtype]) -> np.dtype:
+    return np.dtype(functools.reduce(jnp.promote_types, sorted(dtypes, key=str)))
 
 
 @functools.lru_cache(maxsize=128)

@@ -26,7 +26,8 @@ from jaxlayerx.coo import merge_sparse_layers, pack_coo, read_coo, unpack_coo
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.feedback import ErrorFeedback
 from jaxlayerx.modules import linen_module_types, nnx_module_types, pytree_node_types
-from jaxlayerx.packing import pack_layers, to_numpy, unpack_layers
+from jaxlayerx._host import to_numpy
+from jaxlayerx.packing import pack_layers, unpack_layers
 from jaxlayerx.sparse_selection import select_sparse_coo, sparse_masks, validate_sparsity_level
 from jaxlayerx.tree import flatten, merge_layers
 

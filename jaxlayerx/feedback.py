@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from jaxlayerx.base import FlatView
-from jaxlayerx.packing import to_numpy
+from jaxlayerx._host import to_numpy
 from jaxlayerx.dtypes import conform_dtype
 from jaxlayerx.tree import as_flat_view, is_array_leaf
 

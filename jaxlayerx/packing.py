@@ -11,14 +11,15 @@ it survives ``numpy.save(..., allow_pickle=False)`` (Flower's serialization).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
+from jaxlayerx._host import to_numpy
 from jaxlayerx.base import NDArrays
+
+__all__ = ["is_packed", "pack_layers", "payload_nbytes", "read_names", "to_numpy", "unpack_layers"]
 
 
 def pack_layers(weights: Sequence[Any], names: Sequence[str]) -> NDArrays:
@@ -82,31 +83,6 @@ def is_packed(payload: Sequence[Any]) -> bool:
         return False
     last = np.asarray(payload[-1])
     return last.ndim == 1 and (last.dtype.kind == "U" or last.size == 0)
-
-
-def to_numpy(arrays: Sequence[Any]) -> NDArrays:
-    """``arrays`` as numpy arrays in their own dtypes.
-
-    Transfers from accelerators are all started before the first is waited for; arrays
-    already in host memory (the CPU backend) are read in place, as read-only views.
-    """
-    arrays = list(arrays)
-    if not _only_cpu_devices():
-        for array in arrays:
-            if isinstance(array, jax.Array) and not in_host_memory(array):
-                array.copy_to_host_async()
-    return [np.asarray(array) for array in arrays]
-
-
-@functools.lru_cache(maxsize=1)
-def _only_cpu_devices() -> bool:
-    """Whether every device JAX can place arrays on is the host CPU."""
-    return all(device.platform == "cpu" for device in jax.devices())
-
-
-def in_host_memory(array: jax.Array) -> bool:
-    """Whether every shard of ``array`` lives in host memory (the CPU backend)."""
-    return all(device.platform == "cpu" for device in array.sharding.device_set)
 
 
 def payload_nbytes(payload: Sequence[np.ndarray]) -> int:

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlayerx.base import FlatView, NDArrays
-from jaxlayerx.packing import to_numpy
+from jaxlayerx._host import to_numpy
 from jaxlayerx.tree import as_flat_view, check_matching_layers
 
 #: The drift measures, by name (see the module docstring).

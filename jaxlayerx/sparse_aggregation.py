@@ -2,7 +2,8 @@
 
 A weight's average is ``sum_i w_i x_i / sum_i w_i`` over the clients ``i`` that sent that
 weight, ``w_i`` the client's number of examples (1 when not weighted), with the dtype rules
-of :class:`jaxlayerx.FedAvgDynamicLayer`. fl4health's ``FedAvgSparseCooTensor`` instead
+of :class:`jaxlayerx.FedAvgDynamicLayer` (mixed dtypes promoted; NaN and infinite values
+refused, naming the client and the layer, unless ``allow_nonfinite=True``). fl4health's ``FedAvgSparseCooTensor`` instead
 averages each tensor over the clients that sent any of it, counting the entries a client
 did not send as zeros; that shrinks every weight towards zero by the share of clients that
 did not pick it, so jaxlayerx does not follow it there.
@@ -18,9 +19,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxlayerx.aggregation import canonical_order, cast_mean, check_consistent, check_numeric, host_accumulator, read_results
+from jaxlayerx._results import check_consistent, check_finite, check_numeric, read_results
+from jaxlayerx.aggregation import canonical_order, cast_mean, host_accumulator
+from jaxlayerx.base import NDArrays
 from jaxlayerx.coo import SparseLayer, read_coo
-from jaxlayerx.packing import NDArrays
+from jaxlayerx.dtypes import promoted_dtype
 
 
 class FedAvgSparseCooTensor:
@@ -28,10 +31,12 @@ class FedAvgSparseCooTensor:
 
     Args:
       weighted_aggregation: weight each client by its number of examples (else uniformly).
+      allow_nonfinite: average NaN and infinite client values in instead of refusing them.
     """
 
-    def __init__(self, weighted_aggregation: bool = True) -> None:
+    def __init__(self, weighted_aggregation: bool = True, *, allow_nonfinite: bool = False) -> None:
         self.weighted_aggregation = bool(weighted_aggregation)
+        self.allow_nonfinite = bool(allow_nonfinite)
 
     def aggregate(self, results: Sequence[tuple[NDArrays, int]]) -> collections.OrderedDict[str, SparseLayer]:
         """Averages the weights of COO client payloads.
@@ -50,9 +55,8 @@ class FedAvgSparseCooTensor:
         Raises:
           ValueError: a malformed payload or example count (naming the client); one layer
             name with different shapes from two clients (naming both); a weight whose
-            senders' weights sum to zero.
-          TypeError: one layer name with different value dtypes from two clients; values
-            that cannot be averaged.
+            senders' weights sum to zero; a NaN or infinite value without ``allow_nonfinite``.
+          TypeError: values that cannot be averaged (complex, strings).
         """
         contributions, shapes = self._collect(results)
         return collections.OrderedDict(
@@ -63,20 +67,21 @@ class FedAvgSparseCooTensor:
     def _collect(self, results: Sequence[tuple[NDArrays, int]]):
         """Reads and checks every payload; ``name -> [(weight, values, flat indices)]`` and shapes."""
         contributions: dict[str, list[tuple[float, np.ndarray, np.ndarray]]] = {}
-        first_senders: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
+        first_senders: dict[str, tuple[int, tuple[int, ...]]] = {}
         for client, weight, layers in read_results(results, read_coo, self.weighted_aggregation):
             for name, layer in layers.items():
-                check_consistent(name, (client, layer.shape, layer.values.dtype), first_senders)
+                check_consistent(name, (client, layer.shape), first_senders)
+                check_numeric(client, name, layer.values.dtype)
+                if not self.allow_nonfinite:
+                    check_finite(client, name, layer.values)
                 contributions.setdefault(name, []).append((weight, layer.values, layer.flat_indices))
-        for name, items in contributions.items():
-            check_numeric(name, items[0][1].dtype)
         return contributions, {name: sender[1] for name, sender in first_senders.items()}
 
 
 def _sparse_mean(name: str, items: list[tuple[float, np.ndarray, np.ndarray]], shape: tuple[int, ...]) -> SparseLayer:
     """The weighted mean of each entry over the contributions that hold it, summed in
     ``items`` order in the layer's host accumulator dtype."""
-    dtype = items[0][1].dtype
+    dtype = promoted_dtype({values.dtype for _, values, _ in items})
     accumulate = host_accumulator(dtype)
     size = int(np.prod(shape, dtype=np.int64))
     summed = np.zeros(size, accumulate)

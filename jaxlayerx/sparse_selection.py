@@ -36,7 +36,8 @@ import numpy as np
 
 from jaxlayerx.base import FlatView
 from jaxlayerx.errors import unknown_layer
-from jaxlayerx.packing import in_host_memory, to_numpy
+from jaxlayerx._host import in_host_memory, to_numpy
+from jaxlayerx.coo import unravel
 
 
 _HALF_BITS = 16
@@ -159,17 +160,6 @@ def check_scores(scores: Mapping[str, Any], layers: Mapping[str, Any]) -> FlatVi
             raise TypeError(f"scores of layer {name!r} must be real numbers, got dtype {dtype}")
         ordered[name] = score
     return ordered
-
-
-def unravel(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Row-major flat indices as ``(n, ndim)`` int64 coordinates (``numpy.nonzero`` order)."""
-    coordinates = np.empty((flat.size, len(shape)), np.int64)
-    remaining = flat.astype(np.int64, copy=False)
-    for axis in range(len(shape) - 1, 0, -1):
-        remaining, coordinates[:, axis] = np.divmod(remaining, shape[axis])
-    if shape:
-        coordinates[:, 0] = remaining
-    return coordinates
 
 
 def _threshold(scores: Mapping[str, Any], sparsity_level: float) -> Any:

@@ -510,21 +510,68 @@ def test_shape_mismatch_detected_regardless_of_order():
             FedAvgDynamicLayer().aggregate(permuted)
 
 
-@pytest.mark.parametrize(
-    "dtype0, dtype1",
-    [(np.float32, np.float64), (np.float32, ml_dtypes.bfloat16), (np.float16, ml_dtypes.bfloat16),
-     (np.int32, np.int64), (np.float32, np.int32)],
-)
-def test_dtype_mismatch_type_error(dtype0, dtype1):
-    results = [
-        (payload({"head/bias": np.ones(3, dtype0)}), 2),
-        (payload({"other": np.ones(1, np.float32)}), 2),
-        (payload({"head/bias": np.ones(3, dtype1)}), 2),
-    ]
+# JAX's promotion, written out for the pairs below (the library uses jnp.promote_types).
+PROMOTED = {
+    (np.float32, np.float64): np.float64,
+    (np.float32, ml_dtypes.bfloat16): np.float32,
+    (np.float16, ml_dtypes.bfloat16): np.float32,
+    (np.int32, np.int64): np.int64,
+    (np.float32, np.int32): np.float32,
+    (np.int64, np.float64): np.float64,
+}
+
+
+@pytest.mark.parametrize("dtype0, dtype1", list(PROMOTED), ids=[f"{np.dtype(a)}-{np.dtype(b)}" for a, b in PROMOTED])
+def test_mixed_dtypes_are_averaged_in_the_promoted_dtype(dtype0, dtype1):
+    # 2 and 6 examples; values 1.25 and 3 (ints: 1 and 3): mean (2 * x0 + 6 * x1) / 8.
+    x0 = np.array([1.25, 1.25, 1.25]).astype(dtype0)
+    x1 = np.array([3.0, 3.0, 3.0]).astype(dtype1)
+    results = [(payload({"head/bias": x0}), 2), (payload({"other": np.ones(1, np.float32)}), 2), (payload({"head/bias": x1}), 6)]
     before = snapshot(results)
-    with pytest.raises(TypeError, match=re.escape("head/bias")):
+    averaged = FedAvgDynamicLayer().aggregate(results)["head/bias"]
+    promoted = np.dtype(PROMOTED[(dtype0, dtype1)])
+    assert averaged.dtype == promoted
+    expected = (2 * x0.astype(np.float64) + 6 * x1.astype(np.float64)) / 8
+    if promoted.kind in "iu":
+        expected = np.rint(expected)  # integers round to nearest, ties to even
+    np.testing.assert_allclose(averaged.astype(np.float64), expected, rtol=1e-6)
+    assert_unchanged(results, before)
+
+
+def test_aggregate_layers_takes_decoded_views_and_equals_aggregate():
+    rng = np.random.default_rng(5)
+    views = [
+        ({"a": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}, 3),
+        ({"a": rng.normal(size=(3, 2)).astype(np.float32)}, 5),
+        ({"b": rng.normal(size=4).astype(np.float64)}, 2),
+    ]
+    server = FedAvgDynamicLayer()
+    packed = server.aggregate([(payload(layers), n) for layers, n in views])
+    decoded = server.aggregate_layers(views)
+    assert list(decoded) == list(packed) == ["a", "b"]
+    for name in decoded:
+        assert decoded[name].dtype == packed[name].dtype
+        assert decoded[name].tobytes() == packed[name].tobytes()
+    with pytest.raises(TypeError, match="client 1: decoded layers are a name -> array mapping"):
+        server.aggregate_layers([({"a": np.ones(1)}, 1), ([np.ones(1)], 1)])
+    with pytest.raises(TypeError, match="client 0: layer names must be strings"):
+        server.aggregate_layers([({0: np.ones(1)}, 1)])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_refused_naming_client_and_layer(bad):
+    # A large layer (several blocks of the mean) with the bad value far from the start.
+    good = np.ones(300_000, np.float32)
+    poisoned = good.copy()
+    poisoned[250_123] = bad
+    results = [(payload({"big": good, "s": np.ones(2, np.float32)}), 3), (payload({"big": poisoned}), 4)]
+    before = snapshot(results)
+    with pytest.raises(ValueError, match=r"client 1: layer 'big' holds a non-finite value \(.*inf|nan.* at flat index 250123\)"):
         FedAvgDynamicLayer().aggregate(results)
     assert_unchanged(results, before)
+    # fl4health's behaviour on request: averaged in.
+    averaged = FedAvgDynamicLayer(allow_nonfinite=True).aggregate(results)["big"]
+    assert not np.isfinite(averaged[250_123]) and np.isfinite(np.delete(averaged, 250_123)).all()
 
 
 def test_zero_total_weight_value_error_but_unweighted_works():

@@ -40,7 +40,7 @@ from flwr.server.client_proxy import ClientProxy  # noqa: E402
 import jaxlayerx  # noqa: E402
 from jaxlayerx.flower import (  # noqa: E402
     FedAvgDynamicLayerStrategy,
-    conform_payload,
+    checked_payload,
     weighted_metrics_average,
 )
 
@@ -523,7 +523,7 @@ def _valid_d(model):
 
 
 BAD_CASES = {
-    # name: (payload builder, num_examples, text the reason must contain, conform_payload error)
+    # name: (payload builder, num_examples, text the reason must contain, checked_payload error)
     "wrong_shape": (
         lambda m: jaxlayerx.pack_layers([_valid_d(m), np.zeros((3, 2), np.float32)], ["d", "a"]),
         5,
@@ -553,6 +553,12 @@ BAD_CASES = {
         5,
         r"'a'.*float32.*complex64",
         TypeError,
+    ),
+    "non_finite": (  # refused by the strategy (a deliberate difference from fl4health)
+        lambda m: jaxlayerx.pack_layers([_valid_d(m), np.full((2, 3), np.nan, np.float32)], ["d", "a"]),
+        5,
+        r"'a' holds a non-finite value",
+        None,  # checked_payload accepts it unless asked not to
     ),
     "duplicate_names": (
         lambda m: [_valid_d(m), _valid_d(m), np.array(["d", "d"])],
@@ -646,29 +652,37 @@ def test_bad_payload_without_accept_failures_changes_nothing(case, caplog):
 
 
 @pytest.mark.parametrize("case", sorted(c for c in BAD_CASES if BAD_CASES[c][3] is not None))
-def test_conform_payload_raises_and_leaves_reference_alone(case):
+def test_checked_payload_raises_and_leaves_reference_alone(case):
     model = make_model()
     reference = snapshot(model)
     build, _, pattern, error = BAD_CASES[case]
     with pytest.raises(error, match=pattern):
-        conform_payload(build(model), model)
+        checked_payload(build(model), model)
     assert_layers_unchanged(model, reference)
 
 
-def test_conform_payload_converts_to_reference_dtypes():
+def test_checked_payload_keeps_the_sent_dtypes_and_reads_bfloat16_bytes():
     reference = {"w": np.zeros((2,), np.float32), "h": np.zeros((3,), BF16), "i": np.zeros((2,), np.int64)}
-    half = np.array([1.5, -2.0], np.float16)  # float16 -> float32 is lossless
+    half = np.array([1.5, -2.0], np.float16)  # accepted by a float32 layer; cast where it is used
     bf = np.array([1.0, 2.5, -3.0], BF16)
-    small_int = np.array([3, -4], np.int32)  # int32 -> int64 is lossless
+    small_int = np.array([3, -4], np.int32)  # accepted by an int64 layer (in range)
     packed = jaxlayerx.pack_layers([half, bf, small_int], ["w", "h", "i"])
     payload = parameters_to_ndarrays(ndarrays_to_parameters(packed))
     assert payload[1].dtype.kind == "V"
-    out = conform_payload(payload, reference)
+    out = checked_payload(payload, reference)
     assert list(out) == ["w", "h", "i"]
-    assert out["w"].dtype == np.float32 and out["w"].tolist() == [1.5, -2.0]
-    assert out["h"].dtype == BF16
+    assert out["w"].dtype == np.float16 and out["w"].tolist() == [1.5, -2.0]
+    assert out["h"].dtype == BF16  # the raw |V2 bytes, read as the layer's bfloat16
     assert_bit_equal(out["h"].view(np.uint16), bf.view(np.uint16))
-    assert out["i"].dtype == np.int64 and out["i"].tolist() == [3, -4]
+    assert out["i"].dtype == np.int32 and out["i"].tolist() == [3, -4]
+
+
+def test_checked_payload_refuses_non_finite_values_unless_allowed():
+    reference = {"w": np.zeros((3,), np.float32)}
+    payload = jaxlayerx.pack_layers([np.array([1.0, np.nan, 2.0], np.float32)], ["w"])
+    with pytest.raises(ValueError, match=r"layer 'w' holds a non-finite value"):
+        checked_payload(payload, reference, allow_nonfinite=False)
+    assert np.isnan(checked_payload(payload, reference)["w"][1])
 
 
 @pytest.mark.parametrize(

@@ -772,13 +772,26 @@ def test_shape_mismatch_names_layer_and_both_clients():
         aggregate([results[1], results[2], results[0]])
 
 
-def test_dtype_mismatch_type_error_names_layer_and_clients():
-    results = [(good_payload(), 3),
-               (coo_payload({"w": ([(0, 1)], [1.0], (2, 2), np.float64)}), 2)]
+def test_mixed_value_dtypes_are_averaged_in_the_promoted_dtype():
+    # Client 0 (3 examples) sends w[0,0] = 1 and w[1,1] = 2 as float32; client 1 (2 examples)
+    # sends w[0,0] = 6 as float64: w[0,0] = (3 * 1 + 2 * 6) / 5 = 3, w[1,1] = 2, in float64.
+    results = [(good_payload(), 3), (coo_payload({"w": ([(0, 0)], [6.0], (2, 2), np.float64)}), 2)]
     before = snapshot(results)
-    with pytest.raises(TypeError, match=r"layer 'w'.*client 0 sent float32.*client 1 sent float64"):
+    layer = aggregate(results)["w"]
+    assert layer.values.dtype == np.float64
+    assert layer.flat_indices.tolist() == [0, 3] and layer.values.tolist() == [3.0, 2.0]
+    assert_unchanged(results, before)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values_are_refused_naming_client_and_layer(bad):
+    results = [(good_payload(), 3), (coo_payload({"w": ([(0, 0), (1, 0)], [1.0, bad], (2, 2), F32)}), 2)]
+    before = snapshot(results)
+    with pytest.raises(ValueError, match=r"client 1: layer 'w' holds a non-finite value .* at flat index 1\)"):
         aggregate(results)
     assert_unchanged(results, before)
+    layer = FedAvgSparseCooTensor(allow_nonfinite=True).aggregate(results)["w"]
+    assert layer.flat_indices.tolist() == [0, 2, 3] and not np.isfinite(layer.values[1])
 
 
 @pytest.mark.parametrize("values", [np.array(["a"]), np.array([1 + 2j], np.complex64)], ids=["str", "complex"])

@@ -18,7 +18,7 @@ except ImportError as error:  # pragma: no cover - exercised without the extra
 
 from jaxlayerx.flower.client import ExchangerClient, client_app, stateful_client_fn
 from jaxlayerx.flower.metrics import weighted_metrics_average
-from jaxlayerx.flower.payloads import conform_payload
+from jaxlayerx.flower.payloads import checked_payload
 from jaxlayerx.flower.strategy import ClientRecord, FedAvgDynamicLayerStrategy, RoundRecord
 
 __all__ = [
@@ -27,7 +27,7 @@ __all__ = [
     "FedAvgDynamicLayerStrategy",
     "RoundRecord",
     "client_app",
-    "conform_payload",
+    "checked_payload",
     "stateful_client_fn",
     "weighted_metrics_average",
 ]

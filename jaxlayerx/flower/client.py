@@ -11,10 +11,11 @@ from flax import nnx
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
-from jaxlayerx.aggregation import is_example_count
+from jaxlayerx._results import is_example_count
 from jaxlayerx.base import Config, Exchanger, NDArrays, check_exchanger
-from jaxlayerx.flower.payloads import conform_payload, named_payload
-from jaxlayerx.packing import is_packed, pack_layers, payload_nbytes, to_numpy, unpack_layers
+from jaxlayerx.flower.payloads import checked_payload, named_payload
+from jaxlayerx._host import to_numpy
+from jaxlayerx.packing import is_packed, pack_layers, payload_nbytes, unpack_layers
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, merge_layers
 
 Metrics = dict[str, Any]
@@ -175,7 +176,7 @@ class ExchangerClient(NumPyClient):
         layers it exchanges (all of them on the first payload) and keeps the others."""
         if self.exchanger.payload_kind == "named":
             return self.exchanger.pull_parameters(payload, self.model)
-        received = conform_payload(payload, layers)
+        received = checked_payload(payload, layers)
         if self.initialized:
             keep = set(self._exchanged_layers(layers))
             received = {name: value for name, value in received.items() if name in keep}

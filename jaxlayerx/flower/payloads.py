@@ -8,39 +8,49 @@ from typing import Any
 
 import numpy as np
 
+from jaxlayerx.dtypes import conform_dtype, dtype_kind
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.packing import is_packed, unpack_layers
-from jaxlayerx.tree import conform_layer
 
 
-def conform_payload(
-    payload: Sequence[np.ndarray], reference: Mapping[str, Any]
+def checked_payload(
+    payload: Sequence[np.ndarray], reference: Mapping[str, Any], *, allow_nonfinite: bool = True
 ) -> collections.OrderedDict[str, np.ndarray]:
-    """Validates a packed payload against ``reference`` layers and converts it to their dtypes.
+    """Validates a packed payload against ``reference`` layers, all of it before returning.
 
-    Every array is checked (known name, exact shape, lossless dtype; a raw ``|V2`` array,
-    what Flower's serialization makes of bfloat16, is reinterpreted as the reference's
-    2-byte dtype) before anything is returned, so a caller applies all of it or nothing.
+    Every array is checked: a known name, the exact shape, a dtype the layer accepts (the
+    policy of :mod:`jaxlayerx.dtypes`; a raw ``|V2`` array, what Flower's serialization
+    makes of bfloat16, is reinterpreted as the reference's 2-byte dtype) and, unless
+    ``allow_nonfinite``, finite values. Nothing is cast: the values come back in the dtypes
+    they were sent in (cast once, where they are used), so a caller applies all of the
+    payload or nothing.
 
     Args:
       payload: layers followed by their names array (:func:`jaxlayerx.pack_layers`).
       reference: ``name -> array`` (numpy or JAX) giving each layer's shape and dtype.
+      allow_nonfinite: accept NaN and infinite values.
 
     Returns:
-      ``name -> numpy array`` in the payload's order, in the reference's dtypes.
+      ``name -> numpy array`` in the payload's order.
 
     Raises:
-      ValueError: malformed layout, repeated names, or a shape mismatch.
+      ValueError: malformed layout, repeated names, a shape mismatch, a non-finite value.
       KeyError: a name that ``reference`` does not have (with the closest valid names).
-      TypeError: a dtype that does not convert to the reference's without loss.
+      TypeError: a dtype the layer does not accept.
     """
     weights, names = unpack_layers(list(payload))
-    conformed = collections.OrderedDict()
+    checked = collections.OrderedDict()
     for name, weight in zip(names, weights):
         if name not in reference:
             raise unknown_layer(name, reference)
-        conformed[name] = np.asarray(conform_layer(name, weight, np.asarray(reference[name])))
-    return conformed
+        like = reference[name]
+        if tuple(np.shape(weight)) != tuple(np.shape(like)):
+            raise ValueError(f"layer {name!r}: expected shape {tuple(np.shape(like))}, got {tuple(np.shape(weight))}")
+        value = np.asarray(conform_dtype(name, weight, like.dtype))
+        if not allow_nonfinite and dtype_kind(value.dtype) == "float" and not np.isfinite(value).all():
+            raise ValueError(f"layer {name!r} holds a non-finite value (NaN or infinity)")
+        checked[name] = value
+    return checked
 
 
 def named_payload(payload: Sequence[np.ndarray], layer_names: Sequence[str]) -> list[np.ndarray]:

@@ -16,10 +16,12 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from jaxlayerx.aggregation import FedAvgDynamicLayer, is_example_count
+from jaxlayerx._results import is_example_count
+from jaxlayerx.aggregation import FedAvgDynamicLayer, cast_mean
 from jaxlayerx.flower.metrics import weighted_metrics_average
-from jaxlayerx.flower.payloads import conform_payload
-from jaxlayerx.packing import pack_layers, payload_nbytes, to_numpy
+from jaxlayerx.flower.payloads import checked_payload
+from jaxlayerx._host import to_numpy
+from jaxlayerx.packing import pack_layers, payload_nbytes
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten
 
 logger = logging.getLogger("jaxlayerx.flower")
@@ -81,15 +83,19 @@ class FedAvgDynamicLayerStrategy(FedAvg):
     holds every layer, and a client that skipped rounds or failed catches up exactly.
 
     Every payload is checked whole against the global model (known names, exact shapes,
-    lossless dtypes; ``|V2`` arrays from Flower's serialization of bfloat16 are
-    reinterpreted) before any of it is used. A payload that fails is rejected with a
-    logged reason naming the client, and counts as a failure: with ``accept_failures``
-    the round goes on with the others; without it the round changes nothing.
+    dtypes the layers accept by :mod:`jaxlayerx.dtypes`, finite values; ``|V2`` arrays from
+    Flower's serialization of bfloat16 are reinterpreted) before any of it is used. A
+    payload that fails is rejected with a logged reason naming the client, and counts as a
+    failure: with ``accept_failures`` the round goes on with the others; without it the
+    round changes nothing. Clients that sent a layer in different dtypes are averaged in
+    their promoted dtype, and the average is cast to the global model's.
 
     Args:
       initial_model: the starting global model: any model :func:`jaxlayerx.flatten`
         takes, or a flat ``name -> array`` mapping.
       weighted_aggregation: weight clients by their example counts (else uniformly).
+      allow_nonfinite: accept NaN and infinite client values (fl4health's behaviour)
+        instead of rejecting the payload.
       nnx_filter: which NNX variables of an ``nnx.Module`` form the model.
       **fedavg_options: ``FedAvg``'s options (``fraction_fit``, ``min_fit_clients``,
         ``min_available_clients``, ``accept_failures``, ``on_fit_config_fn``,
@@ -107,6 +113,7 @@ class FedAvgDynamicLayerStrategy(FedAvg):
         initial_model: Any,
         *,
         weighted_aggregation: bool = True,
+        allow_nonfinite: bool = False,
         nnx_filter: Any = DEFAULT_NNX_FILTER,
         **fedavg_options: Any,
     ) -> None:
@@ -116,6 +123,7 @@ class FedAvgDynamicLayerStrategy(FedAvg):
         fedavg_options.setdefault("evaluate_metrics_aggregation_fn", weighted_metrics_average)
         super().__init__(**fedavg_options)
         self.weighted_aggregation = bool(weighted_aggregation)
+        self.allow_nonfinite = bool(allow_nonfinite)
         self.global_layers = _global_copy(initial_model, nnx_filter)
         self.history: list[RoundRecord] = []
         self._updated_in: dict[str, int] = dict.fromkeys(self.global_layers, 0)
@@ -165,7 +173,7 @@ class FedAvgDynamicLayerStrategy(FedAvg):
         rejected: list[tuple[str, str]] = []
         for client, fit_res in results:
             try:
-                accepted.append(_checked_result(client.cid, fit_res, self.global_layers))
+                accepted.append(_checked_result(client.cid, fit_res, self.global_layers, self.allow_nonfinite))
             except (ValueError, TypeError, KeyError) as error:
                 reason = str(error)
                 rejected.append((client.cid, reason))
@@ -227,11 +235,14 @@ class FedAvgDynamicLayerStrategy(FedAvg):
         self, accepted: list[tuple[ClientRecord, collections.OrderedDict[str, np.ndarray]]]
     ) -> dict[str, np.ndarray]:
         contributions = [
-            (pack_layers(list(layers.values()), list(layers)), record.num_examples)
+            (layers, record.num_examples)
             for record, layers in accepted
             if record.num_examples > 0 or not self.weighted_aggregation
         ]
-        return FedAvgDynamicLayer(self.weighted_aggregation).aggregate(contributions)
+        # Checked already (finite unless allowed); averaged in the senders' promoted dtype,
+        # then cast once to the global model's.
+        averages = FedAvgDynamicLayer(self.weighted_aggregation, allow_nonfinite=True).aggregate_layers(contributions)
+        return {name: cast_mean(average, self.global_layers[name].dtype, np) for name, average in averages.items()}
 
     def _served(self, instructions: list[tuple[ClientProxy, Any]], make_ins: Any, server_round: int) -> list[Any]:
         """FedAvg's instructions with each client's own payload and the round in the config."""
@@ -294,7 +305,7 @@ def _is_flat_view(model: Any) -> bool:
 
 
 def _checked_result(
-    client: str, fit_res: FitRes, reference: Mapping[str, np.ndarray]
+    client: str, fit_res: FitRes, reference: Mapping[str, np.ndarray], allow_nonfinite: bool
 ) -> tuple[ClientRecord, collections.OrderedDict[str, np.ndarray]]:
     num_examples = fit_res.num_examples
     if not is_example_count(num_examples):
@@ -303,7 +314,7 @@ def _checked_result(
         payload = parameters_to_ndarrays(fit_res.parameters)
     except Exception as error:  # noqa: BLE001 - np.load raises many types on bad bytes
         raise ValueError(f"the payload does not deserialize: {type(error).__name__}: {error}") from error
-    layers = conform_payload(payload, reference)
+    layers = checked_payload(payload, reference, allow_nonfinite=allow_nonfinite)
     record = ClientRecord(
         client=client,
         num_examples=int(num_examples),

@@ -1,0 +1,90 @@
+"""Reading the clients' results a server aggregates: pairs, example counts, consistency."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxlayerx.dtypes import dtype_kind
+
+
+def read_results(
+    results: Sequence[tuple[Any, int]], read: Callable[[Any], Any], weighted: bool
+) -> Iterator[tuple[int, float, Any]]:
+    """``(client, weight, read(payload))`` for each ``(payload, num_examples)`` of ``results``.
+
+    The weight is the example count, or 1 when not ``weighted``. Errors of the results'
+    shape, of an example count, or raised by ``read`` name the client.
+    """
+    if not isinstance(results, (list, tuple)):
+        raise TypeError(f"results must be a list of (payload, num_examples), got {type(results).__name__}")
+    for client, result in enumerate(results):
+        if not isinstance(result, (list, tuple)) or len(result) != 2:
+            raise ValueError(f"client {client}: expected a (payload, num_examples) pair")
+        payload, num_examples = result
+        _check_num_examples(client, num_examples)
+        try:
+            read_payload = read(payload)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"client {client}: {error}") from error
+        yield client, float(num_examples) if weighted else 1.0, read_payload
+
+
+def is_example_count(value: Any) -> bool:
+    """Whether ``value`` can be a client's number of examples: an integer >= 0, not a bool."""
+    return _is_integer(value) and value >= 0
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_num_examples(client: int, num_examples: Any) -> None:
+    if not _is_integer(num_examples):
+        raise TypeError(f"client {client}: num_examples must be an integer, got {num_examples!r}")
+    if num_examples < 0:
+        raise ValueError(f"client {client}: num_examples must be >= 0, got {num_examples}")
+
+
+def check_consistent(
+    name: str, sender: tuple[int, tuple[int, ...]], first_senders: dict[str, tuple[int, tuple[int, ...]]]
+) -> None:
+    """Checks a ``(client, shape)`` of layer ``name`` against its first sender's (recording
+    it when it is the first). Dtypes may differ: they are promoted (:mod:`jaxlayerx.dtypes`).
+
+    Raises:
+      ValueError: shapes differ (naming both clients).
+    """
+    client, shape = sender
+    first_client, first_shape = first_senders.setdefault(name, sender)
+    if shape != first_shape:
+        raise ValueError(
+            f"layer {name!r} arrives with different shapes: client {first_client} sent "
+            f"{first_shape}, client {client} sent {shape}"
+        )
+
+
+def check_numeric(client: int, name: str, dtype: np.dtype) -> None:
+    """Raises ``TypeError`` unless ``dtype`` is boolean, integer or floating (naming the client)."""
+    if dtype_kind(np.dtype(dtype)) not in ("bool", "int", "float"):
+        raise TypeError(f"client {client}: layer {name!r} has dtype {dtype}, which cannot be averaged")
+
+
+def check_finite(client: int, name: str, values: np.ndarray) -> None:
+    """Raises ``ValueError`` if a floating ``values`` holds NaN or infinity (naming the client)."""
+    if dtype_kind(values.dtype) == "float" and not np.isfinite(values).all():
+        position = int(np.flatnonzero(~np.isfinite(values.reshape(-1)))[0])
+        value = float(values.reshape(-1)[position])
+        raise ValueError(
+            f"client {client}: layer {name!r} holds a non-finite value ({value} at flat index {position}); "
+            "pass allow_nonfinite=True to average it anyway"
+        )
+
+
+def check_total_weight(name: str, weights: Sequence[float]) -> None:
+    if math.fsum(weights) <= 0:
+        raise ValueError(f"layer {name!r}: the clients that sent it have zero examples in total")
