@@ -12,9 +12,9 @@ nothing expected is computed by jaxlayerx.
 
 Where jaxlayerx documents a deliberate difference from fl4health, the port asserts
 jaxlayerx's documented behaviour and its docstring says which difference applies and
-where it is documented. fl4health tests of packers that jaxlayerx does not implement
-(control variates, clipping bits, FedProx's extra variable, extra variables, FedPM) are
-kept as explicit skips, so that the mapping stays complete.
+where it is documented. fl4health's tests of what jaxlayerx does not reimplement are not
+ported: the packers of control variates (SCAFFOLD), clipping bits, FedProx's adaptive
+constraint and extra variables, and FedPM's masked models; they are not layer exchange.
 """
 
 from __future__ import annotations
@@ -29,12 +29,6 @@ import pytest
 from flax import nnx
 
 import jaxlayerx as jlx
-
-NO_COUNTERPART = (
-    "no counterpart in jaxlayerx: it reimplements fl4health's layer exchange "
-    "(layer_exchanger, layer names and sparse COO packing), not this packer"
-)
-
 
 # ---------------------------------------------------------------------------------------
 # Fixtures: Flax stand-ins for fl4health's torch test models
@@ -239,39 +233,9 @@ def test_norm_drift_layer_exchange():
     assert len(layers) == 2 and layer_names == ["params/fc1/kernel", "params/fc2/kernel"]
 
 
-@pytest.mark.skip(reason="FedPM (masked layers, score sampling, FedPmExchanger): " + NO_COUNTERPART)
-def test_fedpm_exchange():
-    """Ports tests/parameter_exchange/test_layer_exchanger.py::test_fedpm_exchange (skipped:
-    jaxlayerx has no masked-model conversion, score sampling or FedPM exchanger)."""
-
-
 # ---------------------------------------------------------------------------------------
 # tests/parameter_exchange/test_packing_exchanger.py
 # ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.skip(reason="ParameterPackerWithControlVariates: " + NO_COUNTERPART)
-def test_parameter_exchanger_with_control_variates():
-    """Ports tests/parameter_exchange/test_packing_exchanger.py::test_parameter_exchanger_with_control_variates
-    (skipped: no control-variate packer in jaxlayerx)."""
-
-
-@pytest.mark.skip(reason="ParameterPackerWithClippingBit: " + NO_COUNTERPART)
-def test_parameter_exchanger_with_clipping_bits():
-    """Ports tests/parameter_exchange/test_packing_exchanger.py::test_parameter_exchanger_with_clipping_bits
-    (skipped: no clipping-bit packer in jaxlayerx)."""
-
-
-@pytest.mark.skip(reason="ParameterPackerAdaptiveConstraint: " + NO_COUNTERPART)
-def test_parameter_exchanger_fedprox():
-    """Ports tests/parameter_exchange/test_packing_exchanger.py::test_parameter_exchanger_fedprox
-    (skipped: no adaptive-constraint packer in jaxlayerx)."""
-
-
-@pytest.mark.skip(reason="ParameterPackerWithExtraVariables: " + NO_COUNTERPART)
-def test_parameter_packer_with_extra_variables():
-    """Ports tests/parameter_exchange/test_packing_exchanger.py::test_parameter_packer_with_extra_variables
-    (an older version of the file; skipped: no extra-variables packer in jaxlayerx)."""
 
 
 @pytest.mark.parametrize("layer_shapes", [[(3, 3)] * 6])
