@@ -29,7 +29,7 @@ from jaxlayerx.modules import linen_module_types, nnx_module_types, pytree_node_
 from jaxlayerx._host import to_numpy
 from jaxlayerx.packing import pack_layers, unpack_layers
 from jaxlayerx.sparse_selection import select_sparse_coo, sparse_masks, validate_sparsity_level
-from jaxlayerx.tree import flatten, merge_layers
+from jaxlayerx.tree import check_snapshot, flatten, merge_layers
 
 
 class FullParameterExchanger:
@@ -218,6 +218,7 @@ class DynamicLayerExchanger(ErrorFeedback):
         """
         if not self.error_feedback:
             return self.layer_selection_function(model, initial_model)
+        check_snapshot(model, initial_model)
         current = flatten(model)
         return self.layer_selection_function(current, self.drift_reference(current, initial_model))
 
@@ -305,6 +306,7 @@ class SparseCooParameterExchanger(ErrorFeedback):
 
     def generate_parameter_scores(self, model: Any, initial_model: Any = None) -> Mapping[str, Any]:
         """The scores of every weight of ``model``, by layer name."""
+        check_snapshot(model, initial_model)
         current = flatten(model)
         return self.score_gen_function(current, self.drift_reference(current, initial_model))
 
@@ -316,6 +318,7 @@ class SparseCooParameterExchanger(ErrorFeedback):
         Raises:
           KeyError, ValueError, TypeError: the scores do not match the model's layers.
         """
+        check_snapshot(model, initial_model)
         current = flatten(model)
         reference = self.drift_reference(current, initial_model)
         return select_sparse_coo(self.score_gen_function, self.sparsity_level, current, reference)

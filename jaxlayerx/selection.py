@@ -60,7 +60,7 @@ import numpy as np
 
 from jaxlayerx.base import FlatView, NDArrays
 from jaxlayerx._host import to_numpy
-from jaxlayerx.tree import as_flat_view, check_matching_layers
+from jaxlayerx.tree import as_flat_view, check_matching_layers, check_snapshot
 
 #: The drift measures, by name (see the module docstring).
 MEASURES: tuple[str, ...] = ("l2/size", "l2", "rms", "relative")
@@ -248,7 +248,8 @@ class _LayerSelectionRule:
         flatten order; drift measured against ``initial_model``.
 
         Raises:
-          ValueError: ``initial_model`` is ``None``, or a layer's shapes differ.
+          ValueError: ``initial_model`` is ``None`` or ``model`` itself (or shares its NNX
+            variables), or a layer's shapes differ.
           KeyError: the two models do not have the same layers (naming the layer).
         """
         if initial_model is None:
@@ -256,6 +257,7 @@ class _LayerSelectionRule:
                 "dynamic layer selection needs initial_model: the model as it was at the start "
                 "of the round (pass initial_model=...)"
             )
+        check_snapshot(model, initial_model)
         current, initial = as_flat_view(model), as_flat_view(initial_model)
         if current.keys() != initial.keys():
             check_matching_layers(current, initial)  # raises, naming the layer

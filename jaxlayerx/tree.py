@@ -73,6 +73,42 @@ def as_flat_view(model: Any, sep: str = "/") -> FlatView:
     return flatten(model, sep)
 
 
+def check_snapshot(model: Any, initial_model: Any) -> None:
+    """Checks that ``initial_model`` is a snapshot of ``model``, not ``model`` itself.
+
+    Drift is measured from ``initial_model``: if it is the same object, or an NNX module or
+    state holding the same variables (``nnx.state(model)`` does), updating ``model`` in place
+    moves it too, and every drift is zero.
+
+    Raises:
+      ValueError: the same object, or shared NNX variables (naming one), with how to snapshot.
+    """
+    if initial_model is None:
+        return
+    advice = (
+        "take a snapshot of the model at the start of the round, for example "
+        "initial_model = nnx.clone(model), or jaxlayerx.unflatten(jaxlayerx.flatten(model), like=model)"
+    )
+    if initial_model is model:
+        raise ValueError(f"initial_model is model itself, so every drift is zero: {advice}")
+    theirs = {id(variable) for _, variable in _nnx_variables(initial_model)}
+    for path, variable in _nnx_variables(model) if theirs else ():
+        if id(variable) in theirs:
+            name = "/".join(str(key_part(key)) for key in path)
+            raise ValueError(
+                f"initial_model shares the NNX variable of layer {name!r} with model, so an update "
+                f"of model moves it too and every drift is zero: {advice}"
+            )
+
+
+def _nnx_variables(model: Any) -> list[tuple[Any, Any]]:
+    """``(path, variable)`` of every NNX variable of an ``nnx.Module`` or ``nnx.State``, else none."""
+    if not isinstance(model, (nnx.Module, nnx.State)):
+        return []
+    leaves = jax.tree_util.tree_flatten_with_path(_as_tree(model), is_leaf=is_nnx_variable)[0]
+    return [(path, leaf) for path, leaf in leaves if is_nnx_variable(leaf)]
+
+
 def check_matching_layers(current: Mapping[str, Any], initial: Mapping[str, Any]) -> None:
     """Checks that two flat views hold the same layer names with the same shapes.
 
