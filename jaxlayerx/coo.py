@@ -30,7 +30,7 @@ from jaxlayerx.errors import unknown_layer
 from jaxlayerx._host import to_numpy
 from jaxlayerx.packing import read_names
 from jaxlayerx.dtypes import conform_dtype
-from jaxlayerx.tree import flatten, merge_layers
+from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, merge_layers
 
 
 class SparseLayer(NamedTuple):
@@ -196,7 +196,9 @@ def _check_distinct(name: str, flat: np.ndarray, size: int) -> None:
         raise ValueError(f"layer {name!r}: entry {int(order[repeats[0]])} (row-major) appears more than once in the indices")
 
 
-def merge_sparse_layers(model: Model, layers: Mapping[str, SparseLayer]) -> Model:
+def merge_sparse_layers(
+    model: Model, layers: Mapping[str, SparseLayer], *, nnx_filter: Any = DEFAULT_NNX_FILTER
+) -> Model:
     """Returns ``model`` with exactly the given entries of the named layers replaced.
 
     Every other weight keeps its value. Names, shapes and value dtypes (the rules of
@@ -207,7 +209,7 @@ def merge_sparse_layers(model: Model, layers: Mapping[str, SparseLayer]) -> Mode
       KeyError: a name is not a layer of ``model``. ValueError: a layer's shape differs.
       TypeError: values that cannot be cast to the layer's dtype without loss.
     """
-    current = flatten(model)
+    current = flatten(model, nnx_filter=nnx_filter)
     checked = {}
     for name, layer in layers.items():
         if name not in current:
@@ -217,7 +219,7 @@ def merge_sparse_layers(model: Model, layers: Mapping[str, SparseLayer]) -> Mode
             raise ValueError(f"layer {name!r}: expected shape {tuple(np.shape(like))}, got {tuple(layer.shape)}")
         checked[name] = conform_dtype(name, layer.values, like.dtype)
     updates = {name: _scatter(current[name], layers[name].flat_indices, values) for name, values in checked.items()}
-    return merge_layers(model, updates)
+    return merge_layers(model, updates, nnx_filter=nnx_filter)
 
 
 def _scatter(like: Any, flat: np.ndarray, values: Any) -> Any:

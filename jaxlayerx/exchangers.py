@@ -29,14 +29,50 @@ from jaxlayerx.modules import linen_module_types, nnx_module_types, pytree_node_
 from jaxlayerx._host import to_numpy
 from jaxlayerx.packing import pack_layers, unpack_layers
 from jaxlayerx.sparse_selection import select_sparse_coo, sparse_masks, validate_sparsity_level
-from jaxlayerx.tree import check_snapshot, flatten, merge_layers
+from jaxlayerx.tree import DEFAULT_NNX_FILTER, as_flat_view, check_snapshot, flatten, merge_layers
 
 
-class FullParameterExchanger:
-    """Exchanges every layer, in flatten order, without names."""
+class _Layers:
+    """How an exchanger reads and writes a model's layers: through flat views of the NNX
+    variables its ``nnx_filter`` selects (every other leaf of a pytree is always a layer)."""
+
+    nnx_filter: Any = DEFAULT_NNX_FILTER
+
+    def _flatten(self, model: Any) -> FlatView:
+        return flatten(model, nnx_filter=self.nnx_filter)
+
+    def _view(self, model: Any) -> FlatView:
+        """A model's flat view, or a flat view (an ordered ``name -> array`` mapping) as it is."""
+        return as_flat_view(model, nnx_filter=self.nnx_filter)
+
+    def _merge(self, model: Model, layers: Mapping[str, Any]) -> Model:
+        return merge_layers(model, layers, nnx_filter=self.nnx_filter)
+
+    def _filter_layers(self, model: Any, names: Sequence[str]) -> NDArrays:
+        flat = self._flatten(model)
+        for name in names:
+            if name not in flat:
+                raise unknown_layer(name, flat)
+        return to_numpy(flat[name] for name in names)
+
+    def _pull_positional(self, parameters: Sequence[np.ndarray], names: Sequence[str], model: Model) -> Model:
+        if len(parameters) != len(names):
+            raise ValueError(f"expected {len(names)} arrays (one per layer to transfer), got {len(parameters)}")
+        return self._merge(model, dict(zip(names, parameters)))
+
+
+class FullParameterExchanger(_Layers):
+    """Exchanges every layer, in flatten order, without names.
+
+    Args:
+      nnx_filter: which NNX variables are layers (default: all but RNG state).
+    """
 
     payload_kind = "positional"
     error_feedback = False
+
+    def __init__(self, *, nnx_filter: Any = DEFAULT_NNX_FILTER) -> None:
+        self.nnx_filter = nnx_filter
 
     def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
         """Every layer: ``True`` for each name of ``current``."""
@@ -44,25 +80,27 @@ class FullParameterExchanger:
 
     def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
         """All layers of ``model`` as numpy arrays, in flatten order."""
-        return to_numpy(flatten(model).values())
+        return to_numpy(self._flatten(model).values())
 
     def pull_parameters(self, parameters: Sequence[np.ndarray], model: Model, config: Config | None = None) -> Model:
         """Puts ``parameters`` (one array per layer, in flatten order) into ``model``."""
-        return _pull_positional(parameters, list(flatten(model)), model)
+        return self._pull_positional(parameters, list(self._flatten(model)), model)
 
 
-class FixedLayerExchanger:
+class FixedLayerExchanger(_Layers):
     """Exchanges a fixed list of layers, in the list's order, without names.
 
     Args:
       layers_to_transfer: flattened layer names, for example ``["params/Dense_0/kernel"]``.
+      nnx_filter: which NNX variables are layers (default: all but RNG state).
     """
 
     payload_kind = "positional"
     error_feedback = False
 
-    def __init__(self, layers_to_transfer: Sequence[str]) -> None:
+    def __init__(self, layers_to_transfer: Sequence[str], *, nnx_filter: Any = DEFAULT_NNX_FILTER) -> None:
         self.layers_to_transfer = _checked_layer_list(layers_to_transfer)
+        self.nnx_filter = nnx_filter
 
     def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
         """``True`` for the layers to transfer, which come first, in the list's order (the
@@ -84,16 +122,16 @@ class FixedLayerExchanger:
         Raises:
           KeyError: a layer to transfer is not in ``model`` (lists the closest names).
         """
-        return _filter_layers(model, self.layers_to_transfer)
+        return self._filter_layers(model, self.layers_to_transfer)
 
     def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
         return self.apply_layer_filter(model)
 
     def pull_parameters(self, parameters: Sequence[np.ndarray], model: Model, config: Config | None = None) -> Model:
-        return _pull_positional(parameters, self.layers_to_transfer, model)
+        return self._pull_positional(parameters, self.layers_to_transfer, model)
 
 
-class LayerExchangerWithExclusions:
+class LayerExchangerWithExclusions(_Layers):
     """Exchanges every layer except those of modules of excluded types (FedBN and kin).
 
     A layer belongs to a module when the module's path is a prefix of the layer's path
@@ -108,6 +146,7 @@ class LayerExchangerWithExclusions:
         push and pull then take its variables dict); or any other pytree, whose internal
         node types are its module types (for example equinox modules).
       module_exclusions: module types whose layers stay local, e.g. ``{nnx.BatchNorm}``.
+      nnx_filter: which NNX variables are layers (default: all but RNG state).
       *example_args: example positional inputs for a Linen module's ``init``.
       **example_kwargs: example keyword inputs for a Linen module's ``init``.
     """
@@ -115,14 +154,22 @@ class LayerExchangerWithExclusions:
     payload_kind = "positional"
     error_feedback = False
 
-    def __init__(self, model: Any, module_exclusions: Iterable[type], *example_args: Any, **example_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        module_exclusions: Iterable[type],
+        *example_args: Any,
+        nnx_filter: Any = DEFAULT_NNX_FILTER,
+        **example_kwargs: Any,
+    ) -> None:
+        self.nnx_filter = nnx_filter
         self.module_exclusions = set(module_exclusions)
         for excluded in self.module_exclusions:
             if not isinstance(excluded, type):
                 raise TypeError(f"module_exclusions must hold module types, got {excluded!r}")
         self._collection_prefixed = isinstance(model, linen.Module)
         if isinstance(model, linen.Module):
-            types, abstract_variables = linen_module_types(model, *example_args, **example_kwargs)
+            types, abstract_variables = _traced_module_types(model, example_args, example_kwargs)
             layer_source = abstract_variables
         else:
             if example_args or example_kwargs:
@@ -151,7 +198,7 @@ class LayerExchangerWithExclusions:
 
     def get_layers_to_transfer(self, model: Any) -> list[str]:
         """Names of the layers of ``model`` that are not excluded, in flatten order."""
-        return [name for name in flatten(model) if not self.should_layer_be_excluded(name)]
+        return [name for name in self._flatten(model) if not self.should_layer_be_excluded(name)]
 
     def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
         """``True`` for the layers of ``current`` that are not excluded."""
@@ -159,13 +206,13 @@ class LayerExchangerWithExclusions:
 
     def apply_layer_filter(self, model: Any) -> NDArrays:
         """The non-excluded layers of ``model``, as numpy arrays in flatten order."""
-        return _filter_layers(model, self.get_layers_to_transfer(model))
+        return self._filter_layers(model, self.get_layers_to_transfer(model))
 
     def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
         return self.apply_layer_filter(model)
 
     def pull_parameters(self, parameters: Sequence[np.ndarray], model: Model, config: Config | None = None) -> Model:
-        return _pull_positional(parameters, self.get_layers_to_transfer(model), model)
+        return self._pull_positional(parameters, self.get_layers_to_transfer(model), model)
 
     def _check_exclusion_kinds(self, model: Any) -> None:
         linen_types = [t for t in self.module_exclusions if issubclass(t, linen.Module)]
@@ -183,7 +230,7 @@ class LayerExchangerWithExclusions:
             )
 
 
-class DynamicLayerExchanger(ErrorFeedback):
+class DynamicLayerExchanger(ErrorFeedback, _Layers):
     """Sends, each round, the layers chosen by a selection function, with their names.
 
     Args:
@@ -193,6 +240,7 @@ class DynamicLayerExchanger(ErrorFeedback):
         form, which :meth:`send_mask` needs.
       error_feedback: measure drift from the last values pulled, not from
         ``initial_model`` (see :mod:`jaxlayerx.feedback`). Off by default, as in fl4health.
+      nnx_filter: which NNX variables are layers (default: all but RNG state).
 
     Attributes:
       reference: with error feedback, ``name -> numpy array``: the last value pulled of
@@ -201,11 +249,18 @@ class DynamicLayerExchanger(ErrorFeedback):
 
     payload_kind = "named"
 
-    def __init__(self, layer_selection_function: LayerSelectionFunction, error_feedback: bool = False) -> None:
+    def __init__(
+        self,
+        layer_selection_function: LayerSelectionFunction,
+        error_feedback: bool = False,
+        *,
+        nnx_filter: Any = DEFAULT_NNX_FILTER,
+    ) -> None:
         if not callable(layer_selection_function):
             raise TypeError("layer_selection_function must be callable")
         super().__init__(error_feedback)
         self.layer_selection_function = layer_selection_function
+        self.nnx_filter = nnx_filter
 
     def __repr__(self) -> str:
         return f"DynamicLayerExchanger({self.layer_selection_function!r}, error_feedback={self.error_feedback})"
@@ -216,11 +271,13 @@ class DynamicLayerExchanger(ErrorFeedback):
         Raises:
           ValueError: error feedback has neither a pulled value nor ``initial_model`` for a layer.
         """
-        if not self.error_feedback:
-            return self.layer_selection_function(model, initial_model)
+        function = self.layer_selection_function
+        if not self.error_feedback and not isinstance(function, MaskedSelectionFunction):
+            return function(model, initial_model)  # a function of your own gets the models, as in fl4health
         check_snapshot(model, initial_model)
-        current = flatten(model)
-        return self.layer_selection_function(current, self.drift_reference(current, initial_model))
+        current = self._flatten(model)
+        initial = None if initial_model is None else self._view(initial_model)
+        return function(current, self.drift_reference(current, initial))
 
     def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
         """The selected layers packed with their names (see :func:`pack_layers`)."""
@@ -230,9 +287,9 @@ class DynamicLayerExchanger(ErrorFeedback):
         """Puts exactly the named layers of a packed payload into ``model``, in any order
         (and, with error feedback, remembers them as the reference)."""
         weights, names = self.unpack_parameters(parameters)
-        model = merge_layers(model, dict(zip(names, weights)))
+        model = self._merge(model, dict(zip(names, weights)))
         if self.error_feedback:
-            self.record_pull(flatten(model), names)
+            self.record_pull(self._flatten(model), names)
         return model
 
     def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
@@ -256,7 +313,7 @@ class DynamicLayerExchanger(ErrorFeedback):
         return unpack_layers(packed)
 
 
-class SparseCooParameterExchanger(ErrorFeedback):
+class SparseCooParameterExchanger(ErrorFeedback, _Layers):
     """Sends the top-scoring fraction of all weights of the model, in COO form.
 
     Every weight gets a score from ``score_gen_function``; the ``ceil(total *
@@ -275,6 +332,7 @@ class SparseCooParameterExchanger(ErrorFeedback):
         :func:`jaxlayerx.largest_magnitude_change_scores`.
       error_feedback: score against the last values pulled, weight by weight, not against
         ``initial_model`` (see :mod:`jaxlayerx.feedback`). Off by default, as in fl4health.
+      nnx_filter: which NNX variables are layers (default: all but RNG state).
 
     Attributes:
       reference: with error feedback, ``name -> numpy array``: the last value pulled of
@@ -287,11 +345,19 @@ class SparseCooParameterExchanger(ErrorFeedback):
 
     payload_kind = "sparse"
 
-    def __init__(self, sparsity_level: float, score_gen_function: ScoreGenFunction, error_feedback: bool = False) -> None:
+    def __init__(
+        self,
+        sparsity_level: float,
+        score_gen_function: ScoreGenFunction,
+        error_feedback: bool = False,
+        *,
+        nnx_filter: Any = DEFAULT_NNX_FILTER,
+    ) -> None:
         validate_sparsity_level(sparsity_level)
         if not callable(score_gen_function):
             raise TypeError("score_gen_function must be callable")
         super().__init__(error_feedback)
+        self.nnx_filter = nnx_filter
         self.sparsity_level = float(sparsity_level)
         self.score_gen_function = score_gen_function
 
@@ -306,9 +372,8 @@ class SparseCooParameterExchanger(ErrorFeedback):
 
     def generate_parameter_scores(self, model: Any, initial_model: Any = None) -> Mapping[str, Any]:
         """The scores of every weight of ``model``, by layer name."""
-        check_snapshot(model, initial_model)
-        current = flatten(model)
-        return self.score_gen_function(current, self.drift_reference(current, initial_model))
+        current, reference = self._current_and_reference(model, initial_model)
+        return self.score_gen_function(current, reference)
 
     def select_parameters(
         self, model: Any, initial_model: Any = None
@@ -318,9 +383,7 @@ class SparseCooParameterExchanger(ErrorFeedback):
         Raises:
           KeyError, ValueError, TypeError: the scores do not match the model's layers.
         """
-        check_snapshot(model, initial_model)
-        current = flatten(model)
-        reference = self.drift_reference(current, initial_model)
+        current, reference = self._current_and_reference(model, initial_model)
         return select_sparse_coo(self.score_gen_function, self.sparsity_level, current, reference)
 
     def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
@@ -333,10 +396,16 @@ class SparseCooParameterExchanger(ErrorFeedback):
         checked whole (layout, bounds, repeats, names, shapes, dtypes) before anything changes.
         With error feedback, the written entries become the reference."""
         layers = read_coo(parameters)
-        model = merge_sparse_layers(model, layers)
+        model = merge_sparse_layers(model, layers, nnx_filter=self.nnx_filter)
         if self.error_feedback:
-            self.record_sparse_pull(flatten(model), {name: layer.flat_indices for name, layer in layers.items()})
+            self.record_sparse_pull(self._flatten(model), {name: layer.flat_indices for name, layer in layers.items()})
         return model
+
+    def _current_and_reference(self, model: Any, initial_model: Any) -> tuple[FlatView, FlatView | None]:
+        check_snapshot(model, initial_model)
+        current = self._flatten(model)
+        initial = None if initial_model is None else self._view(initial_model)
+        return current, self.drift_reference(current, initial)
 
     def pack_parameters(
         self, model_weights: Sequence[Any], additional_parameters: tuple[Sequence[Any], Sequence[Any], Sequence[str]]
@@ -353,6 +422,20 @@ def _constant_mask(names: Iterable[str], sends: Any) -> FlatView:
     return collections.OrderedDict((name, np.bool_(sends(name))) for name in names)
 
 
+def _traced_module_types(module: linen.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[Any, type], Any]:
+    """:func:`linen_module_types`, with a clear error when the example inputs are missing."""
+    try:
+        return linen_module_types(module, *args, **kwargs)
+    except TypeError as error:
+        if args or kwargs:
+            raise
+        raise TypeError(
+            f"a Linen module ({type(module).__name__}) is traced on example inputs to find its module "
+            "types: pass them after the exclusions, LayerExchangerWithExclusions(module, {nn.BatchNorm}, x)"
+            f" ({error})"
+        ) from error
+
+
 def _checked_layer_list(names: Sequence[str]) -> list[str]:
     if isinstance(names, str):
         raise TypeError("layers_to_transfer must be a list of layer names, not one string")
@@ -364,17 +447,3 @@ def _checked_layer_list(names: Sequence[str]) -> list[str]:
     if repeated:
         raise ValueError(f"layers_to_transfer repeats {repeated}")
     return names
-
-
-def _filter_layers(model: Any, names: Sequence[str]) -> NDArrays:
-    flat = flatten(model)
-    for name in names:
-        if name not in flat:
-            raise unknown_layer(name, flat)
-    return to_numpy(flat[name] for name in names)
-
-
-def _pull_positional(parameters: Sequence[np.ndarray], names: Sequence[str], model: Model) -> Model:
-    if len(parameters) != len(names):
-        raise ValueError(f"expected {len(names)} arrays (one per layer to transfer), got {len(parameters)}")
-    return merge_layers(model, dict(zip(names, parameters)))

@@ -27,7 +27,7 @@ import numpy as np
 from jaxlayerx.base import FlatView
 from jaxlayerx._host import to_numpy
 from jaxlayerx.dtypes import conform_dtype
-from jaxlayerx.tree import as_flat_view, is_array_leaf
+from jaxlayerx.tree import is_array_leaf
 
 
 class ErrorFeedback:
@@ -57,28 +57,26 @@ class ErrorFeedback:
             (str(name), np.array(value, copy=True)) for name, value in zip(layers, to_numpy(layers.values()))
         )
 
-    def drift_reference(self, current: Mapping[str, Any], initial_model: Any) -> FlatView | None:
+    def drift_reference(self, current: Mapping[str, Any], initial: Mapping[str, Any] | None) -> FlatView | None:
         """What drift is measured against for the flat view ``current``.
 
-        ``initial_model`` itself (flattened) without error feedback; with it, the reference
-        of every layer pulled before and ``initial_model``'s layer for the others.
-
-        ``None`` when there is nothing to measure against: no ``initial_model`` and nothing
+        The flat view ``initial`` (the round's ``initial_model``) without error feedback;
+        with it, the reference of every layer pulled before and ``initial``'s layer for the
+        others. ``None`` when there is nothing to measure against: no ``initial`` and nothing
         pulled yet.
 
         Raises:
           ValueError: error feedback has pulled values for some layers but not all, and no
-            ``initial_model`` for the others.
+            ``initial`` for the others.
         """
-        if not self.error_feedback or (initial_model is None and not self._reference):
-            return None if initial_model is None else as_flat_view(initial_model)
+        if not self.error_feedback or (initial is None and not self._reference):
+            return None if initial is None else collections.OrderedDict(initial)
         missing = [name for name in current if name not in self._reference]
-        if missing and initial_model is None:
+        if missing and initial is None:
             raise ValueError(
                 f"error feedback has no pulled value for {len(missing)} layer(s), for example "
                 f"{missing[0]!r}, and no initial_model to fall back on: pass initial_model=..."
             )
-        initial = as_flat_view(initial_model) if missing else {}
         return collections.OrderedDict(
             (name, self._pulled(name, layer) if name in self._reference else initial[name])
             for name, layer in current.items()

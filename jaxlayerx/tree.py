@@ -57,7 +57,7 @@ def flatten(
     return collections.OrderedDict((name, value) for name, value, _ in entries)
 
 
-def as_flat_view(model: Any, sep: str = "/") -> FlatView:
+def as_flat_view(model: Any, sep: str = "/", *, nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER) -> FlatView:
     """``model`` as a flat view: itself when it already is one, else :func:`flatten` of it.
 
     An ``OrderedDict`` whose values are all arrays is taken as a flat view in its own
@@ -70,7 +70,7 @@ def as_flat_view(model: Any, sep: str = "/") -> FlatView:
             return model
         if all(isinstance(name, str) for name in model):
             return collections.OrderedDict(sorted(model.items()))
-    return flatten(model, sep)
+    return flatten(model, sep, nnx_filter=nnx_filter)
 
 
 def check_snapshot(model: Any, initial_model: Any) -> None:

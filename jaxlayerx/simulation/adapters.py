@@ -6,9 +6,11 @@ The simulation trains, evaluates and exchanges flat views (``name -> array``, se
 * Linen: ``module(x, train=bool)``; the layers are every collection of its variables
   (``params/...``, ``batch_stats/...``), the trainable ones those of ``params``.
 * NNX: ``module(x)``, switched between ``module.train()`` and ``module.eval()``; the layers
-  are everything ``nnx.state`` holds but RNG state (:data:`jaxlayerx.DEFAULT_NNX_FILTER`),
-  the trainable ones its ``nnx.Param`` variables. RNG state is kept as it was when the
-  simulation started, so a dropout layer draws the same masks every step.
+  are the variables ``nnx_filter`` selects (default: everything ``nnx.state`` holds but RNG
+  state, :data:`jaxlayerx.DEFAULT_NNX_FILTER`), the trainable ones its ``nnx.Param``
+  variables. The other variables (RNG state; BatchNorm statistics under
+  ``nnx_filter=nnx.Param``) keep the values they had when the simulation started, so a
+  dropout layer draws the same masks every step.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ModelAdapter:
         ``nnx.Module`` (its current state is the initial model).
       example: one batch of inputs, ``(batch, *feature_shape)``.
       key: the Linen initialisation key.
+      nnx_filter: which NNX variables are layers.
 
     Attributes:
       initial_layers: the initial model's flat view.
@@ -39,13 +42,16 @@ class ModelAdapter:
         ``jax.ShapeDtypeStruct``) that flat views unflatten into.
     """
 
-    def __init__(self, model: nn.Module | nnx.Module, example: jax.Array, key: jax.Array) -> None:
+    def __init__(
+        self, model: nn.Module | nnx.Module, example: jax.Array, key: jax.Array, nnx_filter: Any = DEFAULT_NNX_FILTER
+    ) -> None:
+        self.nnx_filter = nnx_filter
         if isinstance(model, nnx.Module):
             self._nnx = True
-            self._graphs = {mode: _nnx_graph(model, mode) for mode in (True, False)}
-            _, state, self._rest = nnx.split(model, DEFAULT_NNX_FILTER, ...)
+            self._graphs = {mode: _nnx_graph(model, mode, nnx_filter) for mode in (True, False)}
+            _, state, self._rest = nnx.split(model, nnx_filter, ...)
             self.template = jax.eval_shape(lambda: state)
-            self.initial_layers = flatten(state)
+            self.initial_layers = flatten(state, nnx_filter=nnx_filter)
             trainable = set(flatten(model, nnx_filter=nnx.Param))
         elif isinstance(model, nn.Module):
             self._nnx = False
@@ -62,9 +68,10 @@ class ModelAdapter:
         """The logits of ``x``, and the layers as the call left them (BatchNorm statistics
         move in training); pure."""
         if self._nnx:
-            model = nnx.merge(self._graphs[train], unflatten(layers, like=self.template), self._rest)
+            rest = jax.tree.map(lambda value: value, self._rest)  # fresh variables, in this trace
+            model = nnx.merge(self._graphs[train], unflatten(layers, like=self.template, nnx_filter=self.nnx_filter), rest)
             logits = model(x)
-            return logits, flatten(nnx.state(model, DEFAULT_NNX_FILTER))
+            return logits, flatten(nnx.state(model, self.nnx_filter), nnx_filter=self.nnx_filter)
         variables = unflatten(layers, like=self.template)
         if not train:
             return self._module.apply(variables, x, train=False), layers
@@ -76,9 +83,9 @@ class ModelAdapter:
         return logits, FlatView((name, moved[name]) for name in layers)
 
 
-def _nnx_graph(model: nnx.Module, train: bool) -> Any:
+def _nnx_graph(model: nnx.Module, train: bool, nnx_filter: Any) -> Any:
     """The graph of ``model`` in training or evaluation mode (BatchNorm, Dropout)."""
     copy = nnx.clone(model)
     copy.train() if train else copy.eval()
-    graph, _, _ = nnx.split(copy, DEFAULT_NNX_FILTER, ...)
+    graph, _, _ = nnx.split(copy, nnx_filter, ...)
     return graph

@@ -53,7 +53,7 @@ from jaxlayerx.simulation.data import ClientData
 from jaxlayerx.simulation.exchange import ExchangerSpec
 from jaxlayerx.simulation.models import MLP
 from jaxlayerx.simulation.server import SERVER_OPTIMIZERS, init_server_state, server_optimizer, server_step
-from jaxlayerx.tree import unflatten
+from jaxlayerx.tree import DEFAULT_NNX_FILTER, unflatten
 
 #: Local steps per round above this are refused (a typo, not a plan).
 MAX_LOCAL_STEPS = 100_000
@@ -207,6 +207,8 @@ class Simulation:
         called as ``module(x)`` (see :mod:`jaxlayerx.simulation.adapters`); default :class:`MLP`.
       label: the run's name in tables and plots; default the spec's label, or the
         exchanger's class name.
+      nnx_filter: for an ``nnx.Module``, which variables are layers (exchanged, and kept per
+        client); the spec's exchanger is built with it. Default: all but RNG state.
 
     Raises:
       TypeError, ValueError: the exchanger does not satisfy the interface, or its
@@ -222,6 +224,7 @@ class Simulation:
         module: nn.Module | nnx.Module | None = None,
         *,
         label: str | None = None,
+        nnx_filter: Any = DEFAULT_NNX_FILTER,
     ):
         self.config, self.data = config, data
         self.clients_per_round = config.clients_per_round or data.num_clients
@@ -233,12 +236,12 @@ class Simulation:
         self.local_steps = local_steps_for(config, data)
         example = jnp.asarray(data.x_train[0, :1])
         init_key, self._batch_key = jax.random.split(jax.random.key(config.seed))
-        self.model = ModelAdapter(self.module, example, init_key)
+        self.model = ModelAdapter(self.module, example, init_key, nnx_filter)
         self.initial_layers = self.model.initial_layers
         self.initial_variables = self._variables_like_module()
         if isinstance(exchanger, ExchangerSpec):
             label = label or exchanger.label
-            exchanger = exchanger.make_exchanger(self.module, self.initial_variables, example)
+            exchanger = exchanger.make_exchanger(self.module, self.initial_variables, example, nnx_filter=nnx_filter)
         check_exchanger(exchanger)
         self.exchanger = exchanger
         self.label = label or type(exchanger).__name__

@@ -28,7 +28,7 @@ from jaxlayerx.selection import (
 )
 from jaxlayerx.simulation.models import BODY_LAYERS
 from jaxlayerx.sparse_selection import validate_sparsity_level
-from jaxlayerx.tree import flatten
+from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten
 
 #: Sparse COO exchange, one kind per score function: ``sparse-largest-magnitude-change``...
 SPARSE_KINDS = tuple(f"sparse-{score}" for score in SCORE_FUNCTIONS)
@@ -107,19 +107,21 @@ class ExchangerSpec:
             parameters.append("ef")
         return f"{self.kind}({', '.join(parameters)})" if parameters else self.kind
 
-    def make_exchanger(self, module: nn.Module | nnx.Module, variables: Any, *example_args: Any) -> Exchanger:
+    def make_exchanger(
+        self, module: nn.Module | nnx.Module, variables: Any, *example_args: Any, nnx_filter: Any = DEFAULT_NNX_FILTER
+    ) -> Exchanger:
         """The core exchanger this spec names, for ``module`` (Linen, traced on
-        ``example_args``, or NNX) and its ``variables``."""
+        ``example_args``, or NNX) and its ``variables``, reading NNX variables through ``nnx_filter``."""
         if self.kind == "full":
-            return FullParameterExchanger()
+            return FullParameterExchanger(nnx_filter=nnx_filter)
         if self.kind == "fixed":
-            return FixedLayerExchanger(match_layers(self.layers, flatten(variables)))
+            return FixedLayerExchanger(match_layers(self.layers, flatten(variables, nnx_filter=nnx_filter)), nnx_filter=nnx_filter)
         if self.kind == "exclude-bn" and isinstance(module, nnx.Module):
-            return LayerExchangerWithExclusions(module, {nnx.BatchNorm})
+            return LayerExchangerWithExclusions(module, {nnx.BatchNorm}, nnx_filter=nnx_filter)
         if self.kind == "exclude-bn":
-            return LayerExchangerWithExclusions(module, {nn.BatchNorm}, *example_args)
+            return LayerExchangerWithExclusions(module, {nn.BatchNorm}, *example_args, nnx_filter=nnx_filter)
         if self.kind in SPARSE_KINDS:
-            return SparseCooParameterExchanger(self.sparsity_level, self.score_function, self.error_feedback)
+            return SparseCooParameterExchanger(self.sparsity_level, self.score_function, self.error_feedback, nnx_filter=nnx_filter)
         rules = LayerSelectionFunctionConstructor(
             self.norm_threshold, self.exchange_percentage, self.normalize, self.select_drift_more, measure=self.measure
         )
@@ -128,7 +130,7 @@ class ExchangerSpec:
             "dynamic-percentage": rules.select_by_percentage,
             "dynamic-budget": lambda: rules.select_by_budget(self.byte_fraction),
         }[self.kind]()
-        return DynamicLayerExchanger(select, self.error_feedback)
+        return DynamicLayerExchanger(select, self.error_feedback, nnx_filter=nnx_filter)
 
 
 def match_layers(patterns: tuple[str, ...] | list[str], names: Any) -> list[str]:
