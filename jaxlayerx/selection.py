@@ -8,7 +8,7 @@ measure         drift of a layer of ``n`` elements               fl4health
 ==============  ==============================================  ==========================
 ``"l2/size"``   ``||current - initial|| / n``                    ``normalize=True``
 ``"l2"``        ``||current - initial||``                        ``normalize=False``
-``"rms"``       ``||current - initial|| / sqrt(n)``              (not offered)
+``"rms"``       ``sqrt(||current - initial||^2 / n)``           (not offered)
 ``"relative"``  ``||current - initial|| / ||initial||``          (not offered)
 ==============  ==============================================  ==========================
 
@@ -83,12 +83,13 @@ def drift_norm(current: Any, initial: Any, normalize: bool = True, *, measure: s
     """The float32 drift of one layer by ``measure`` (default: fl4health's, set by ``normalize``)."""
     measure = resolve_measure(measure, normalize)
     current, initial = _float32_vector(current), _float32_vector(initial)
-    norm = jnp.sqrt(jnp.sum(jnp.square(current - initial)))
+    energy = jnp.sum(jnp.square(current - initial))
     size = max(current.size, 1)
+    if measure == "rms":
+        return jnp.sqrt(energy / size)  # root mean square: exact for any power-of-two size
+    norm = jnp.sqrt(energy)
     if measure == "l2/size":
         return norm / size
-    if measure == "rms":
-        return norm / np.float32(math.sqrt(size))
     if measure == "relative":
         base = jnp.sqrt(jnp.sum(jnp.square(initial)))
         moved = jnp.where(norm > 0, jnp.float32(jnp.inf), jnp.float32(0))
