@@ -45,7 +45,7 @@ OPTIONS = [
     "--exchangers", "--clients", "--rounds", "--local-steps", "--local-epochs", "--batch-size", "--learning-rate",
     "--momentum", "--beta", "--test-fraction", "--seed", "--unweighted", "--layers", "--norm-threshold",
     "--exchange-percentage", "--normalize", "--no-normalize", "--select-drift-less", "--sparsity-level", "--out",
-    "--no-progress", "--measure", "--budget", "--error-feedback",
+    "--no-progress", "--measure", "--budget", "--error-feedback", "--overwrite",
 ]
 SPARSE_EXCHANGERS = [
     "sparse-largest-final-magnitude", "sparse-smallest-final-magnitude", "sparse-largest-magnitude-change",

@@ -510,3 +510,55 @@ def test_help_lists_the_new_options(command, capsys, monkeypatch):
         assert re.search(rf"(^|[\s\[]){re.escape(option)}(?![\w-])", out), option
     for choice in ("mnist1d", "mlp", "cnn", "{sgd,adam}", "{avg,sgd,adam,yogi,adagrad}"):
         assert choice in out, choice
+
+
+# -- the run folder: never silently overwritten, never half written -------------------------
+
+
+def test_an_existing_non_empty_out_folder_is_refused_unless_overwrite(tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    argv = ["simulate", "--out", str(folder), *TINY]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert_one_error_line(captured.out, captured.err, str(folder), "--overwrite")
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # untouched
+    assert main([*argv, "--overwrite"]) == 0
+    assert (folder / "metrics.json").is_file() and not (folder / "notes.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging folder left behind
+
+
+def test_an_existing_empty_out_folder_is_used(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    assert main(["simulate", "--out", str(folder), *TINY]) == 0
+    assert (folder / "metrics.json").is_file()
+
+
+def test_ctrl_c_stops_with_one_line_status_130_and_no_run_folder(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxlayerx", "simulate", "--rounds", "100000", "--out", str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "round" not in line and time.monotonic() < deadline:  # the progress bar is running
+            line = process.stderr.readline()
+        assert "round" in line, "the run never started"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    lines = [text for text in err.replace("\r", "\n").splitlines() if text.strip() and "round" not in text]
+    assert lines == ["jaxlayerx simulate: interrupted; no run folder was written"], err[-2000:]
+    assert "Traceback" not in err
+    assert not folder.exists() and list(tmp_path.iterdir()) == []

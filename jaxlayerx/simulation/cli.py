@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import pathlib
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -120,6 +122,7 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
     )
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=pathlib.Path, default=None, help="run folder (default: runs/<command>-<timestamp>)")
+    output.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -200,6 +203,7 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
     from jaxlayerx.simulation.report import summary_table, write_run
 
     specs = specs_from_args(args)
+    folder = run_folder(args)
     if args.clients < 1:
         raise ValueError(f"--clients must be a positive integer, got {args.clients}")
     if args.repeat < 1:
@@ -220,8 +224,6 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
         )
         module = make_model(model_name, dataset.num_classes)
         simulations_by_seed.append([Simulation(spec, config, data, module) for spec in specs])
-    folder = args.out or pathlib.Path("runs") / f"{args.command}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    folder.mkdir(parents=True, exist_ok=True)
     for seed, simulations in zip(seeds, simulations_by_seed):
         for simulation in simulations:
             name = simulation.label if len(seeds) == 1 else f"{simulation.label} seed {seed}"
@@ -234,9 +236,34 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
         **dataclasses.asdict(configs[0]), "local_steps_run": simulations_by_seed[0][0].local_steps,
         "exchangers": [{"label": spec.label, **dataclasses.asdict(spec)} for spec in specs],
     }
-    paths = write_run(folder, run_config, runs, notes)
+    # Written beside the folder, then moved into place: an interrupted run leaves the folder
+    # as it was, and at most a sibling whose name says it is incomplete.
+    staging = folder.with_name(f".{folder.name}.incomplete-{os.getpid()}")
+    paths = write_run(staging, run_config, runs, notes)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    paths = {key: folder / path.name for key, path in paths.items()}
     print(summary_table(runs, notes))
     print(f"run folder: {folder} (plots: {paths['plot'].name}, {paths['plot_total'].name})")
+    return folder
+
+
+def run_folder(args: argparse.Namespace) -> pathlib.Path:
+    """Where the run is written: ``--out``, refused when it holds files unless
+    ``--overwrite``; by default a new ``runs/<command>-<timestamp>`` (``-2``, ``-3``... when
+    taken)."""
+    if args.out is not None:
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a file, not a folder")
+        if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+            raise ValueError(f"--out {args.out} exists and is not empty: pass --overwrite to replace it, or choose another folder")
+        return args.out
+    stem = pathlib.Path("runs") / f"{args.command}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    folder, suffix = stem, 1
+    while folder.exists():
+        suffix += 1
+        folder = stem.with_name(f"{stem.name}-{suffix}")
     return folder
 
 
@@ -257,6 +284,7 @@ def _progress_bar(name: str, rounds: int, disabled: bool):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``jaxlayerx`` command; returns its exit status (2 for a bad option, 130 when interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -265,4 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"jaxlayerx {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\njaxlayerx {args.command}: interrupted; no run folder was written", file=sys.stderr)
+        return 130
     return 0
