@@ -1,0 +1,768 @@
+"""Misuse and sharp edges: what a user gets wrong, and what the library says back.
+
+1. ``initial_model`` that is the model itself (or shares its NNX variables) is refused with
+   advice to snapshot; real snapshots give the real drift.
+2. Unknown layer names spelled the torch way get Flax suggestions.
+3. A Linen exclusions exchanger without example inputs says how to pass them.
+4. ``nnx_filter`` reaches every exchanger (push and pull).
+5. The Flower client with ``nnx_filter=nnx.Param``.
+6. The simulation with ``nnx_filter=nnx.Param``.
+7. The dtype policy on the Flower side (client and strategy).
+8. Non-finite client values (strategy, ``FedAvgDynamicLayer``, ``FedAvgSparseCooTensor``).
+
+Every expectation is written by hand (layer names, counts, byte sizes) or computed here
+with plain numpy; the library's own output is never the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flwr.common import (
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_proxy import ClientProxy
+
+import jaxlayerx
+from jaxlayerx import (
+    DynamicLayerExchanger,
+    FixedLayerExchanger,
+    FullParameterExchanger,
+    LayerExchangerWithExclusions,
+    LayerSelectionFunctionConstructor,
+    SparseCooParameterExchanger,
+)
+from jaxlayerx.flower import ExchangerClient, FedAvgDynamicLayerStrategy
+
+LOGGER = "jaxlayerx.flower"
+
+# ---------------------------------------------------------------------------------------
+# Models, with their layer names written by hand (JAX traverses attributes sorted)
+# ---------------------------------------------------------------------------------------
+
+
+class Net(nnx.Module):
+    """fc: Linear(8, 8) -> bn: BatchNorm(8) -> head: Linear(8, 2)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc = nnx.Linear(8, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.head = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.bn(self.fc(x)))
+
+
+ALL_LAYERS = ["bn/bias", "bn/mean", "bn/scale", "bn/var", "fc/bias", "fc/kernel", "head/bias", "head/kernel"]
+PARAM_LAYERS = ["bn/bias", "bn/scale", "fc/bias", "fc/kernel", "head/bias", "head/kernel"]
+STAT_LAYERS = ["bn/mean", "bn/var"]
+SHAPES = {
+    "bn/bias": (8,),
+    "bn/mean": (8,),
+    "bn/scale": (8,),
+    "bn/var": (8,),
+    "fc/bias": (8,),
+    "fc/kernel": (8, 8),
+    "head/bias": (2,),
+    "head/kernel": (8, 2),
+}
+
+
+class LinenNet(nn.Module):
+    """Dense(3) -> BatchNorm -> Dense(2)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(3)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(2)(x)
+
+
+X4 = jnp.ones((1, 4), jnp.float32)
+
+
+def variable(model: nnx.Module, name: str) -> nnx.Variable:
+    owner, leaf = name.split("/")
+    return getattr(getattr(model, owner), leaf)
+
+
+def read(model: nnx.Module, name: str) -> np.ndarray:
+    return np.array(variable(model, name)[...], copy=True)
+
+
+def read_all(model: nnx.Module, names=ALL_LAYERS) -> dict[str, np.ndarray]:
+    return {name: read(model, name) for name in names}
+
+
+def dyadic(shape, offset: int) -> np.ndarray:
+    """Non-zero float32 values that are multiples of 1/8 (adding 1.0 to them is exact)."""
+    size = math.prod(shape)
+    values = ((np.arange(size) + offset) % 7 + 1) / 8.0
+    return values.reshape(shape).astype(np.float32)
+
+
+def make_net(seed: int = 0) -> Net:
+    """A ``Net`` whose every layer holds distinct, non-zero, exactly representable values."""
+    model = Net(nnx.Rngs(seed))
+    for position, name in enumerate(ALL_LAYERS):
+        variable(model, name)[...] = jnp.asarray(dyadic(SHAPES[name], position + seed))
+    return model
+
+
+def assert_bit_equal(a, b) -> None:
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert a.tobytes() == b.tobytes()
+
+
+def assert_same_layers(now: dict, before: dict) -> None:
+    assert list(now) == list(before)
+    for name, value in before.items():
+        assert_bit_equal(now[name], value)
+
+
+def percentage_rule(fraction: float):
+    return LayerSelectionFunctionConstructor(1e-3, fraction).select_by_percentage()
+
+
+def names_of(payload) -> list[str]:
+    return [str(name) for name in np.asarray(payload[-1]).tolist()]
+
+
+def coo_payload(names, values_of) -> list[np.ndarray]:
+    """A COO payload holding every entry of the named layers, values from ``values_of(name)``."""
+    values, indices, shapes = [], [], []
+    for name in names:
+        shape = SHAPES[name]
+        values.append(values_of(name).reshape(-1))
+        indices.append(np.argwhere(np.ones(shape, bool)).astype(np.int64))
+        shapes.append(np.asarray(shape, np.int64))
+    return values + indices + shapes + [np.array(list(names), dtype=np.str_)]
+
+
+# ---------------------------------------------------------------------------------------
+# 1. initial_model must be a snapshot
+# ---------------------------------------------------------------------------------------
+
+SNAPSHOT_WORDS = ("nnx.clone", "snapshot")
+
+
+def _drift_callers():
+    """``(label, call(model, initial_model), exchanger or None)``: every entry point that measures drift."""
+    dynamic = DynamicLayerExchanger(percentage_rule(0.125))
+    dynamic_ef = DynamicLayerExchanger(percentage_rule(0.125), error_feedback=True)
+    sparse = SparseCooParameterExchanger(0.5, jaxlayerx.largest_magnitude_change_scores)
+    rule = percentage_rule(0.125)
+    return [
+        ("dynamic.push", dynamic.push_parameters, dynamic),
+        ("dynamic.select", dynamic.select_parameters, dynamic),
+        ("dynamic_ef.push", dynamic_ef.push_parameters, dynamic_ef),
+        ("dynamic_ef.select", dynamic_ef.select_parameters, dynamic_ef),
+        ("sparse.push", sparse.push_parameters, sparse),
+        ("sparse.select", sparse.select_parameters, sparse),
+        ("sparse.scores", sparse.generate_parameter_scores, sparse),
+        ("rule", rule, None),
+    ]
+
+
+CALLERS = [label for label, _, _ in _drift_callers()]
+
+
+def _caller(label):
+    return next((call, exchanger) for name, call, exchanger in _drift_callers() if name == label)
+
+
+def _assert_snapshot_advice(message: str) -> None:
+    for word in SNAPSHOT_WORDS:
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize("label", CALLERS)
+def test_same_nnx_module_twice_is_refused(label):
+    call, exchanger = _caller(label)
+    model = make_net()
+    before = read_all(model)
+    with pytest.raises(ValueError) as info:
+        call(model, model)
+    _assert_snapshot_advice(str(info.value))
+    assert "itself" in str(info.value)
+    assert_same_layers(read_all(model), before)
+    if exchanger is not None and exchanger.error_feedback:
+        assert dict(exchanger.reference) == {}
+
+
+@pytest.mark.parametrize("label", CALLERS)
+def test_shared_nnx_state_is_refused_naming_a_layer(label):
+    call, exchanger = _caller(label)
+    model = make_net()
+    before = read_all(model)
+    with pytest.raises(ValueError) as info:
+        call(model, nnx.state(model))
+    message = str(info.value)
+    _assert_snapshot_advice(message)
+    named = re.search(r"layer '([^']+)'", message)
+    assert named is not None, message
+    assert named.group(1) in ALL_LAYERS
+    assert named.group(1) == "bn/bias"  # the first variable in traversal order
+    assert_same_layers(read_all(model), before)
+    if exchanger is not None and exchanger.error_feedback:
+        assert dict(exchanger.reference) == {}
+
+
+@pytest.mark.parametrize("label", CALLERS)
+def test_same_linen_variables_twice_is_refused(label):
+    call, exchanger = _caller(label)
+    variables = LinenNet().init(jax.random.key(0), X4)
+    leaves_before = jax.tree.leaves(variables)
+    copies_before = [np.array(leaf, copy=True) for leaf in leaves_before]
+    with pytest.raises(ValueError) as info:
+        call(variables, variables)
+    _assert_snapshot_advice(str(info.value))
+    leaves_after = jax.tree.leaves(variables)
+    assert all(a is b for a, b in zip(leaves_after, leaves_before))
+    for leaf, copy in zip(leaves_after, copies_before):
+        assert_bit_equal(leaf, copy)
+    if exchanger is not None and exchanger.error_feedback:
+        assert dict(exchanger.reference) == {}
+
+
+SNAPSHOTS = {
+    "nnx.clone": nnx.clone,
+    "unflatten(flatten)": lambda model: jaxlayerx.unflatten(jaxlayerx.flatten(model), like=model),
+}
+
+
+@pytest.mark.parametrize("snapshot", list(SNAPSHOTS))
+@pytest.mark.parametrize("label", CALLERS)
+def test_snapshots_give_the_real_drift(label, snapshot):
+    call, _ = _caller(label)
+    model = make_net()
+    initial = SNAPSHOTS[snapshot](model)
+    old_kernel = read(model, "fc/kernel")
+    model.fc.kernel[...] += 1.0
+    new_kernel = old_kernel + np.float32(1.0)  # exact: dyadic values
+    np.testing.assert_array_equal(read(model, "fc/kernel"), new_kernel)
+    assert_bit_equal(read(initial, "fc/kernel"), old_kernel)  # the snapshot did not move
+    result = call(model, initial)
+    if label.startswith("dynamic") and label.endswith("push"):
+        # ceil(8 layers * 0.125) = 1 layer: the one that moved.
+        assert names_of(result) == ["fc/kernel"]
+        np.testing.assert_array_equal(result[0], new_kernel)
+    elif label.startswith("dynamic") or label == "rule":
+        arrays, names = result
+        assert names == ["fc/kernel"]
+        np.testing.assert_array_equal(arrays[0], new_kernel)
+    elif label == "sparse.scores":
+        assert list(result) == ALL_LAYERS
+        for name in ALL_LAYERS:
+            expected = np.ones(SHAPES[name], np.float32) if name == "fc/kernel" else np.zeros(SHAPES[name], np.float32)
+            np.testing.assert_array_equal(np.asarray(result[name]), expected, err_msg=name)
+    else:
+        # 122 weights, k = ceil(61.0) = 61: the 64 kernel weights that moved by exactly 1 are
+        # all >= the 61st largest score (1.0); every other score is 0.
+        if label == "sparse.push":
+            values, (indices, shapes, names) = jaxlayerx.unpack_coo(result)
+        else:
+            values, (indices, shapes, names) = result
+        assert list(names) == ["fc/kernel"]
+        np.testing.assert_array_equal(np.asarray(shapes[0]), [8, 8])
+        np.testing.assert_array_equal(np.asarray(indices[0]), np.argwhere(np.ones((8, 8), bool)))
+        np.testing.assert_array_equal(np.asarray(values[0]), new_kernel.reshape(-1))
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Torch-style unknown names
+# ---------------------------------------------------------------------------------------
+
+
+def suggestions(message: str) -> list[str]:
+    tail = message.split("closest valid layers: ", 1)[1]
+    return re.findall(r"'([^']+)'", tail)
+
+
+@pytest.mark.parametrize(
+    "wrong, first",
+    [("fc.weight", "fc/kernel"), ("bn.running_mean", "bn/mean"), ("bn.running_var", "bn/var"), ("bn.weight", "bn/scale")],
+)
+def test_torch_names_suggest_flax_names_nnx(wrong, first):
+    model = make_net()
+    with pytest.raises(jaxlayerx.UnknownLayerError) as info:
+        FixedLayerExchanger([wrong]).push_parameters(model)
+    assert isinstance(info.value, KeyError)
+    message = str(info.value)
+    assert repr(wrong) in message
+    listed = suggestions(message)
+    assert listed, message
+    assert listed[0] == first, listed
+    assert set(listed) <= set(ALL_LAYERS)
+
+
+def test_torch_names_suggest_flax_names_linen():
+    variables = LinenNet().init(jax.random.key(0), X4)
+    with pytest.raises(jaxlayerx.UnknownLayerError) as info:
+        FixedLayerExchanger(["Dense_0.weight"]).push_parameters(variables)
+    assert isinstance(info.value, KeyError)
+    listed = suggestions(str(info.value))
+    assert listed[0] == "params/Dense_0/kernel", listed
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Linen exclusions without example inputs
+# ---------------------------------------------------------------------------------------
+
+
+def test_linen_exclusions_without_inputs_says_how_to_pass_them():
+    with pytest.raises(TypeError) as info:
+        LayerExchangerWithExclusions(LinenNet(), {nn.BatchNorm})
+    message = str(info.value)
+    assert "example inputs" in message
+    assert "LayerExchangerWithExclusions(module, {nn.BatchNorm}, x)" in message
+
+
+def test_linen_exclusions_with_inputs_works():
+    exchanger = LayerExchangerWithExclusions(LinenNet(), {nn.BatchNorm}, X4)
+    expected = ["params/Dense_0/bias", "params/Dense_0/kernel", "params/Dense_1/bias", "params/Dense_1/kernel"]
+    assert exchanger.layers_to_transfer == expected
+    variables = LinenNet().init(jax.random.key(1), X4)
+    pushed = exchanger.push_parameters(variables)
+    hand = [
+        variables["params"]["Dense_0"]["bias"],
+        variables["params"]["Dense_0"]["kernel"],
+        variables["params"]["Dense_1"]["bias"],
+        variables["params"]["Dense_1"]["kernel"],
+    ]
+    assert len(pushed) == 4
+    for got, want in zip(pushed, hand):
+        assert_bit_equal(got, np.asarray(want))
+
+
+# ---------------------------------------------------------------------------------------
+# 4. nnx_filter reaches every exchanger
+# ---------------------------------------------------------------------------------------
+
+FIXED = ["fc/kernel", "bn/scale"]
+
+
+def _exchanger(kind: str, model: nnx.Module, **filter_kw):
+    if kind == "full":
+        return FullParameterExchanger(**filter_kw)
+    if kind == "fixed":
+        return FixedLayerExchanger(FIXED, **filter_kw)
+    if kind == "exclusions":
+        return LayerExchangerWithExclusions(model, {nnx.Linear}, **filter_kw)
+    if kind == "dynamic":
+        return DynamicLayerExchanger(percentage_rule(1.0), **filter_kw)
+    return SparseCooParameterExchanger(1.0, jaxlayerx.largest_final_magnitude_scores, **filter_kw)
+
+
+KINDS = ["full", "fixed", "exclusions", "dynamic", "sparse"]
+#: What each exchanger sends, in payload order, with nnx_filter=nnx.Param (by hand).
+SENT_PARAM = {
+    "full": PARAM_LAYERS,
+    "fixed": FIXED,
+    "exclusions": ["bn/bias", "bn/scale"],
+    "dynamic": PARAM_LAYERS,
+    "sparse": PARAM_LAYERS,
+}
+#: ... and with the default filter (BatchNorm statistics included).
+SENT_DEFAULT = {
+    "full": ALL_LAYERS,
+    "fixed": FIXED,
+    "exclusions": ["bn/bias", "bn/mean", "bn/scale", "bn/var"],
+    "dynamic": ALL_LAYERS,
+    "sparse": ALL_LAYERS,
+}
+
+
+def _push(kind, exchanger, model):
+    """``name -> array`` of what ``exchanger`` sends for ``model``, in payload order."""
+    initial = nnx.clone(model)
+    model.fc.kernel[...] += 1.0  # some drift for the dynamic rule
+    payload = exchanger.push_parameters(model, initial_model=initial)
+    if kind in ("full", "fixed", "exclusions"):
+        names = SENT_PARAM[kind] if exchanger.nnx_filter is nnx.Param else SENT_DEFAULT[kind]
+        assert len(payload) == len(names)
+        return dict(zip(names, payload))
+    if kind == "dynamic":
+        assert len(payload) == len(names_of(payload)) + 1
+        return dict(zip(names_of(payload), payload[:-1]))
+    values, (indices, shapes, names) = jaxlayerx.unpack_coo(payload)
+    layers = {}
+    for name, value, index, shape in zip(names, values, indices, shapes):
+        assert tuple(np.asarray(shape).tolist()) == SHAPES[name]
+        dense = np.full(SHAPES[name], np.nan, np.float32)
+        dense[tuple(np.asarray(index).T)] = value
+        layers[name] = dense
+    return layers
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nnx_filter_push_sends_only_params(kind):
+    model = make_net()
+    exchanger = _exchanger(kind, model, nnx_filter=nnx.Param)
+    sent = _push(kind, exchanger, model)
+    assert list(sent) == SENT_PARAM[kind]
+    assert not set(sent) & set(STAT_LAYERS)
+    for name, value in sent.items():
+        assert_bit_equal(value, read(model, name))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_filter_push_includes_batch_stats(kind):
+    model = make_net()
+    exchanger = _exchanger(kind, model)
+    sent = _push(kind, exchanger, model)
+    assert list(sent) == SENT_DEFAULT[kind]
+    if kind != "fixed":
+        assert set(STAT_LAYERS) <= set(sent)
+    for name, value in sent.items():
+        assert_bit_equal(value, read(model, name))
+
+
+def _payload_for(kind, names, new):
+    if kind in ("full", "fixed", "exclusions"):
+        return [new[name] for name in names]
+    if kind == "dynamic":
+        return jaxlayerx.pack_layers([new[name] for name in names], names)
+    return coo_payload(names, lambda name: new[name])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nnx_filter_pull_applies_params_and_keeps_batch_stats(kind):
+    model = make_net()
+    exchanger = _exchanger(kind, model, nnx_filter=nnx.Param)
+    before = read_all(model)
+    names = SENT_PARAM[kind]
+    new = {name: before[name] + np.float32(10.0) for name in names}
+    result = exchanger.pull_parameters(_payload_for(kind, names, new), model)
+    assert result is model  # an nnx.Module is updated in place
+    for name in ALL_LAYERS:
+        expected = new[name] if name in new else before[name]
+        assert_bit_equal(read(model, name), expected)
+    for name in STAT_LAYERS:
+        assert_bit_equal(read(model, name), before[name])
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "sparse"])
+def test_nnx_filter_named_pull_of_batch_stats_is_unknown(kind):
+    model = make_net()
+    exchanger = _exchanger(kind, model, nnx_filter=nnx.Param)
+    before = read_all(model)
+    new = {name: before[name] + np.float32(3.0) for name in ["fc/bias", "bn/mean"]}
+    with pytest.raises(jaxlayerx.UnknownLayerError) as info:
+        exchanger.pull_parameters(_payload_for(kind, ["fc/bias", "bn/mean"], new), model)
+    assert "'bn/mean'" in str(info.value)
+    assert_same_layers(read_all(model), before)  # nothing applied, fc/bias included
+
+
+def test_nnx_filter_fixed_batch_stat_name_is_unknown():
+    model = make_net()
+    with pytest.raises(jaxlayerx.UnknownLayerError):
+        FixedLayerExchanger(["bn/mean"], nnx_filter=nnx.Param).push_parameters(model)
+    (mean,) = FixedLayerExchanger(["bn/mean"]).push_parameters(model)
+    assert_bit_equal(mean, read(model, "bn/mean"))
+
+
+# ---------------------------------------------------------------------------------------
+# 5. The Flower client with nnx_filter=nnx.Param
+# ---------------------------------------------------------------------------------------
+
+
+def add_one_to_params(model, config):
+    for name in PARAM_LAYERS:
+        variable(model, name)[...] += 1.0
+    return model, 7, {}
+
+
+def server_values(seed: int = 5) -> dict[str, np.ndarray]:
+    return {name: dyadic(SHAPES[name], seed + i) * np.float32(-2.0) for i, name in enumerate(PARAM_LAYERS)}
+
+
+@pytest.mark.parametrize(
+    "make_exchanger",
+    [
+        lambda: FullParameterExchanger(nnx_filter=nnx.Param),
+        lambda: DynamicLayerExchanger(percentage_rule(1.0), nnx_filter=nnx.Param),
+    ],
+    ids=["full", "dynamic"],
+)
+def test_flower_client_param_filter_first_fit(make_exchanger):
+    model = make_net()
+    stats_before = read_all(model, STAT_LAYERS)
+    client = ExchangerClient(model, make_exchanger(), add_one_to_params, nnx_filter=nnx.Param)
+    received = server_values()
+    payload = jaxlayerx.pack_layers([received[name] for name in PARAM_LAYERS], PARAM_LAYERS)
+    sent, num_examples, metrics = client.fit(payload, {})
+    assert num_examples == 7
+    assert names_of(sent) == PARAM_LAYERS
+    assert len(sent) == len(PARAM_LAYERS) + 1
+    assert metrics["layers_sent"] == len(PARAM_LAYERS)
+    for array, name in zip(sent[:-1], PARAM_LAYERS):
+        assert_bit_equal(array, received[name] + np.float32(1.0))  # applied, then trained
+        assert_bit_equal(read(client.model, name), received[name] + np.float32(1.0))
+    for name in STAT_LAYERS:  # local: neither received nor sent
+        assert_bit_equal(read(client.model, name), stats_before[name])
+
+
+def test_flower_client_default_filter_refuses_param_only_first_payload():
+    model = make_net()
+    before = read_all(model)
+    client = ExchangerClient(model, FullParameterExchanger(), add_one_to_params)
+    received = server_values()
+    payload = jaxlayerx.pack_layers([received[name] for name in PARAM_LAYERS], PARAM_LAYERS)
+    with pytest.raises(ValueError, match="every layer"):
+        client.fit(payload, {})
+    assert_same_layers(read_all(model), before)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. The simulation with nnx_filter=nnx.Param
+# ---------------------------------------------------------------------------------------
+
+
+class DigitsNet(nnx.Module):
+    def __init__(self, rngs):
+        self.linear1 = nnx.Linear(64, 16, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.linear2 = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear2(nnx.relu(self.bn(self.linear1(x))))
+
+
+SIM_PARAMS = ["bn/bias", "bn/scale", "linear1/bias", "linear1/kernel", "linear2/bias", "linear2/kernel"]
+SIM_ALL = ["bn/bias", "bn/mean", "bn/scale", "bn/var", "linear1/bias", "linear1/kernel", "linear2/bias", "linear2/kernel"]
+#: float32 bytes of the Param layers: bn 2*16, linear1 64*16 + 16, linear2 16*10 + 10.
+SIM_PARAM_BYTES = 4 * (2 * 16 + 64 * 16 + 16 + 16 * 10 + 10)
+
+
+@pytest.fixture(scope="module")
+def digits3():
+    from jaxlayerx.simulation import load_digits_data, make_client_data
+
+    x, y = load_digits_data()
+    return make_client_data(x[:300], y[:300], 3, beta=0.5, seed=0)
+
+
+def test_simulation_nnx_param_filter(digits3):
+    from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig
+
+    config = SimulationConfig(rounds=2, local_steps=2, batch_size=8)
+    simulation = Simulation(ExchangerSpec("full"), config, digits3, module=DigitsNet(nnx.Rngs(0)), nnx_filter=nnx.Param)
+    assert simulation.layer_names == SIM_PARAMS
+    records, outputs = zip(*simulation.iterate())
+    assert [record["round"] for record in records] == [1, 2]
+    for record in records:
+        assert math.isfinite(record["global_loss"])
+        assert record["upload_bytes"] == 3 * SIM_PARAM_BYTES
+        assert record["download_bytes"] == 3 * SIM_PARAM_BYTES
+    assert list(outputs[-1].state.global_layers) == SIM_PARAMS
+    assert list(outputs[-1].send_masks) == SIM_PARAMS
+
+
+def test_simulation_nnx_default_filter_includes_batch_stats(digits3):
+    from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig
+
+    config = SimulationConfig(rounds=2, local_steps=2, batch_size=8)
+    simulation = Simulation(ExchangerSpec("full"), config, digits3, module=DigitsNet(nnx.Rngs(0)))
+    assert simulation.layer_names == SIM_ALL
+
+
+# ---------------------------------------------------------------------------------------
+# 7. The dtype policy on the Flower side
+# ---------------------------------------------------------------------------------------
+
+
+class FakeProxy(ClientProxy):
+    """A client proxy that is never called: the strategy is driven directly."""
+
+    def get_properties(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def get_parameters(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def fit(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def evaluate(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+    def reconnect(self, ins, timeout, group_id):
+        raise NotImplementedError
+
+
+def fit_res(layers: dict, num_examples: int) -> FitRes:
+    payload = jaxlayerx.pack_layers(list(layers.values()), list(layers))
+    return FitRes(
+        status=Status(code=Code.OK, message="ok"),
+        parameters=ndarrays_to_parameters(payload),
+        num_examples=num_examples,
+        metrics={},
+    )
+
+
+def results(*clients) -> list:
+    return [(FakeProxy(cid), fit_res(layers, n)) for cid, layers, n in clients]
+
+
+def decode(parameters) -> dict[str, np.ndarray]:
+    arrays = parameters_to_ndarrays(parameters)
+    return dict(zip(names_of(arrays), arrays[:-1]))
+
+
+def global_model() -> dict[str, np.ndarray]:
+    return {"b": np.zeros(3, np.float32), "w": np.zeros(4, np.float32)}
+
+
+def strategy(**options) -> FedAvgDynamicLayerStrategy:
+    return FedAvgDynamicLayerStrategy(global_model(), min_fit_clients=1, min_evaluate_clients=1, min_available_clients=1, **options)
+
+
+A32 = np.array([0.1, -1.7, 2.25, 3.3], np.float32)
+B64 = np.array([1 / 3, 2 / 7, -5 / 9, 1e-3 + 1e-12], np.float64)
+I32 = np.array([1, -2, 3, 40], np.int32)
+
+
+def test_client_accepts_float64_payload_rounded_to_float32():
+    model = make_net()
+    client = ExchangerClient(model, FullParameterExchanger(), lambda m, c: (m, 1, {}))
+    rng = np.random.default_rng(0)
+    received = {name: rng.normal(size=SHAPES[name]).astype(np.float64) / 3 for name in ALL_LAYERS}
+    received["bn/var"] = np.abs(received["bn/var"]) + 0.5
+    payload = jaxlayerx.pack_layers([received[name] for name in ALL_LAYERS], ALL_LAYERS)
+    sent, _, _ = client.fit(payload, {})
+    for name in ALL_LAYERS:
+        expected = received[name].astype(np.float32)
+        assert not np.array_equal(expected.astype(np.float64), received[name])  # rounding happened
+        assert_bit_equal(read(client.model, name), expected)
+    assert names_of(sent) == ALL_LAYERS
+    for array, name in zip(sent[:-1], ALL_LAYERS):
+        assert_bit_equal(array, received[name].astype(np.float32))
+
+
+def test_strategy_averages_float32_and_float64_into_float32():
+    s = strategy()
+    parameters, metrics = s.aggregate_fit(1, results(("1", {"w": A32}, 3), ("2", {"w": B64}, 5)), [])
+    expected = ((3 * A32.astype(np.float64) + 5 * B64) / 8).astype(np.float32)
+    assert s.global_layers["w"].dtype == np.float32
+    np.testing.assert_allclose(s.global_layers["w"], expected, rtol=1e-6)
+    out = decode(parameters)
+    assert list(out) == ["w"]
+    assert out["w"].dtype == np.float32
+    np.testing.assert_allclose(out["w"], expected, rtol=1e-6)
+    assert metrics["clients_accepted"] == 2 and metrics["clients_rejected"] == 0
+    assert_bit_equal(s.global_layers["b"], np.zeros(3, np.float32))
+
+
+def test_strategy_averages_an_int_layer_into_a_float_layer():
+    s = strategy()
+    parameters, metrics = s.aggregate_fit(1, results(("1", {"w": A32}, 3), ("2", {"w": I32}, 2)), [])
+    expected = ((3 * A32.astype(np.float64) + 2 * I32.astype(np.float64)) / 5).astype(np.float32)
+    assert s.global_layers["w"].dtype == np.float32
+    np.testing.assert_allclose(s.global_layers["w"], expected, rtol=1e-6)
+    assert metrics["clients_accepted"] == 2 and metrics["clients_rejected"] == 0
+    assert decode(parameters)["w"].dtype == np.float32
+
+
+def test_strategy_rejects_a_complex_payload(caplog):
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    s = strategy()
+    complex_w = (A32 + 1j * A32).astype(np.complex64)
+    parameters, metrics = s.aggregate_fit(1, results(("1", {"w": A32}, 3), ("9", {"w": complex_w}, 5)), [])
+    assert metrics["clients_rejected"] == 1 and metrics["clients_accepted"] == 1
+    ((cid, reason),) = s.history[-1].rejected
+    assert cid == "9"
+    assert "complex" in reason and "'w'" in reason
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert any("client 9" in message and "complex" in message for message in warnings), warnings
+    # Only the accepted client's value (3 * w / 3, rounded in float32).
+    np.testing.assert_allclose(s.global_layers["w"], A32, rtol=1e-6)
+    np.testing.assert_allclose(decode(parameters)["w"], A32, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Non-finite values
+# ---------------------------------------------------------------------------------------
+
+NAN_W = np.array([1.0, np.nan, 2.0, 4.0], np.float32)
+
+
+def test_strategy_rejects_nan_by_default(caplog):
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    s = strategy()
+    _, metrics = s.aggregate_fit(1, results(("1", {"w": A32}, 3), ("7", {"w": NAN_W}, 5)), [])
+    assert metrics["clients_rejected"] == 1
+    ((cid, reason),) = s.history[-1].rejected
+    assert cid == "7"
+    assert "non-finite" in reason and "'w'" in reason
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert any("client 7" in message for message in warnings), warnings
+    np.testing.assert_allclose(s.global_layers["w"], A32, rtol=1e-6)
+
+
+def test_strategy_allow_nonfinite_averages_nan_in():
+    s = strategy(allow_nonfinite=True)
+    _, metrics = s.aggregate_fit(1, results(("1", {"w": A32}, 3), ("7", {"w": NAN_W}, 5)), [])
+    assert metrics["clients_rejected"] == 0 and metrics["clients_accepted"] == 2
+    assert s.history[-1].rejected == ()
+    w = s.global_layers["w"]
+    assert w.dtype == np.float32
+    assert np.isnan(w[1])
+    expected = ((3 * A32.astype(np.float64) + 5 * NAN_W.astype(np.float64)) / 8).astype(np.float32)
+    finite = [0, 2, 3]
+    np.testing.assert_allclose(w[finite], expected[finite], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad_client, layer",
+    [(0, "w"), (1, "b")],
+)
+def test_fedavg_dynamic_layer_names_the_nan_client_and_layer(bad_client, layer):
+    w = {0: NAN_W, 1: A32}[bad_client]
+    b = {0: np.zeros(3, np.float32), 1: np.array([0.0, np.inf, 1.0], np.float32)}[bad_client]
+    payloads = [
+        (jaxlayerx.pack_layers([w, np.ones(3, np.float32)], ["w", "b"]), 3),
+        (jaxlayerx.pack_layers([b], ["b"]), 2),
+    ]
+    with pytest.raises(ValueError) as info:
+        jaxlayerx.FedAvgDynamicLayer().aggregate(payloads)
+    message = str(info.value)
+    assert f"client {bad_client}" in message
+    assert f"'{layer}'" in message
+    # Allowed, the same payloads average the non-finite value in.
+    averaged = jaxlayerx.FedAvgDynamicLayer(allow_nonfinite=True).aggregate(payloads)
+    assert not np.isfinite(averaged[layer]).all()
+
+
+@pytest.mark.parametrize("nan_client", [0, 1])
+def test_fedavg_sparse_coo_names_the_nan_client_and_layer(nan_client):
+    def coo(values):
+        values = np.asarray(values, np.float32)
+        return jaxlayerx.pack_coo(
+            [values], [np.array([[0], [2]], np.int64)], [np.array([4], np.int64)], ["w"]
+        )
+
+    payloads = [(coo([1.0, 2.0]), 3), (coo([3.0, 4.0]), 2)]
+    payloads[nan_client] = (coo([np.nan, 2.0]), [3, 2][nan_client])
+    with pytest.raises(ValueError) as info:
+        jaxlayerx.FedAvgSparseCooTensor().aggregate(payloads)
+    message = str(info.value)
+    assert f"client {nan_client}" in message
+    assert "'w'" in message
