@@ -107,7 +107,9 @@ def mask_cases(tree_name: str, shapes, repeats: int) -> list[dict[str, object]]:
     nbytes = sum(leaf.nbytes for leaf in current.values())
     # Stacked into one vector, as inside the simulation's jitted round: the case measures the
     # computation, not building one output array per layer.
-    norms_and_mask = jax.jit(lambda c, i: jnp.stack(list(jlx.percentage_mask(jlx.drift_norms(c, i), PERCENTAGE).values())))
+    norms_and_mask = jax.jit(
+        lambda c, i: jnp.stack(list(jlx.percentage_mask(jlx.drift_norms(c, i), PERCENTAGE).values()))
+    )
     ours = median_time(lambda: norms_and_mask(current, initial), repeats)
     plain = median_time(lambda: per_layer_percentage(model_tree, initial_tree), max(1, repeats // 2))
     rows = [row(f"{tree_name}: jitted norms + percentage mask", ours, read_floor(2 * nbytes, repeats), plain)]
@@ -129,5 +131,7 @@ def mask_cases(tree_name: str, shapes, repeats: int) -> list[dict[str, object]]:
         return out
 
     plain = median_time(plain_masked, max(1, repeats // 2))
-    rows.append(row(f"{tree_name}: jitted masked_fedavg, {CLIENTS} clients", ours, read_floor(CLIENTS * nbytes, repeats), plain))
+    rows.append(
+        row(f"{tree_name}: jitted masked_fedavg, {CLIENTS} clients", ours, read_floor(CLIENTS * nbytes, repeats), plain)
+    )
     return rows

@@ -47,7 +47,7 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
 
     # The training loop people write first: a jitted local step, called per client and per step.
     local_step = jax.jit(simulation.local_step)
-    merge = jax.jit(lambda g, m, l: jax.tree.map(lambda gv, mv, lv: jnp.where(mv, gv, lv), g, m, l))
+    merge = jax.jit(lambda g, m, own: jax.tree.map(lambda gv, mv, ov: jnp.where(mv, gv, ov), g, m, own))
     select = jax.jit(simulation.exchanger.send_mask)
     trainable = simulation.model.trainable
 

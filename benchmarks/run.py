@@ -42,7 +42,6 @@ from benchmarks.round import simulation_round_cases
 from benchmarks.sparse import sparse_cases
 from benchmarks.trees import resnet50_shapes, small_layers_shapes, transformer_block_shapes
 
-
 #: The trees the sparse case runs on (one is enough: its cost is per weight, not per layer).
 SPARSE_TREES = ("resnet50", "small-40")
 

@@ -55,7 +55,9 @@ def measure(clients: int, per_round: int, chunk: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
         completed = subprocess.run(
             [sys.executable, "-c", CHILD, str(clients), str(per_round), chunk, folder],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
     if completed.returncode != 0:
         raise RuntimeError(completed.stderr)
@@ -68,7 +70,9 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=50, help="clients sampled each round")
     parser.add_argument("--chunk-size", default="none", help="clients trained at once (none: all sampled)")
     args = parser.parse_args()
-    print("| clients | per round | chunk | peak memory MB | round s | first round s | XLA arguments MB | XLA temporaries MB |")
+    print(
+        "| clients | per round | chunk | peak memory MB | round s | first round s | XLA arguments MB | XLA temporaries MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for clients in (int(n) for n in args.clients.split(",")):
         m = measure(clients, args.per_round, args.chunk_size)

@@ -81,7 +81,9 @@ def sparse_cases(tree_name: str, shapes, repeats: int) -> list[dict[str, object]
         ("numpy partition", lambda: _host_threshold(scores, SPARSITY)),
         ("jitted radix select", lambda: _device_threshold(scores, sparsity_level=SPARSITY)),
     ]:
-        rows.append(row(f"{tree_name}: sparse threshold, {method}", median_time(threshold, repeats), score_floor, sort_time))
+        rows.append(
+            row(f"{tree_name}: sparse threshold, {method}", median_time(threshold, repeats), score_floor, sort_time)
+        )
 
     current, start = jlx.flatten(model), jlx.flatten(initial)
     masks = jax.jit(lambda c, i: jlx.sparse_masks(jlx.largest_magnitude_change_scores(c, i), c, SPARSITY))
@@ -100,7 +102,7 @@ def sparse_client_payloads(model, initial, exchanger) -> tuple[list, int]:
     """10 clients' COO payloads (each its own drift of the model); and the bytes sent."""
     rng = np.random.default_rng(4)
     results, sent = [], 0
-    for client in range(CLIENTS):
+    for _ in range(CLIENTS):
         moved = jax.tree.map(lambda x: x + jnp.asarray(0.01 * rng.standard_normal(x.shape, np.float32)), model)
         payload = exchanger.push_parameters(moved, initial_model=initial)
         sent += jlx.payload_nbytes(payload)

@@ -36,7 +36,9 @@ def small_layers_shapes(count: int = 400, side: int = 64) -> dict[str, tuple[int
     return {f"layer{i:03d}/kernel": (side, side) for i in range(count)}
 
 
-def transformer_block_shapes(blocks: int = 4, width: int = 512, heads: int = 8, mlp: int = 2048) -> dict[str, tuple[int, ...]]:
+def transformer_block_shapes(
+    blocks: int = 4, width: int = 512, heads: int = 8, mlp: int = 2048
+) -> dict[str, tuple[int, ...]]:
     """``blocks`` pre-LayerNorm transformer blocks (attention and MLP), 12.6 M values at the defaults."""
     shapes: dict[str, tuple[int, ...]] = {}
     head_dim = width // heads

@@ -53,7 +53,9 @@ def accuracy(model: Net, x: jax.Array, y: jax.Array) -> jax.Array:
     return correct
 
 
-def main(rounds: int = 10, clients: int = 4, steps: int = 20, share: float = 0.5, seed: int = 0) -> list[dict[str, float]]:
+def main(
+    rounds: int = 10, clients: int = 4, steps: int = 20, share: float = 0.5, seed: int = 0
+) -> list[dict[str, float]]:
     x, y = load_digits_data()
     data = make_client_data(x, y, clients, beta=0.5, seed=seed)
     rules = jlx.LayerSelectionFunctionConstructor(norm_threshold=1e-3, exchange_percentage=share, measure="rms")

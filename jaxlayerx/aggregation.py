@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -197,7 +197,9 @@ def masked_fedavg(
     return averages, sent
 
 
-def _masked_sums(stacked: jax.Array, mask: jax.Array, counts: jax.Array, accumulate: Any) -> tuple[jax.Array, jax.Array]:
+def _masked_sums(
+    stacked: jax.Array, mask: jax.Array, counts: jax.Array, accumulate: Any
+) -> tuple[jax.Array, jax.Array]:
     """``sum_c w_c x_c`` and ``sum_c w_c`` over the clients (the weights) that sent, with
     ``w_c = counts[c]`` where ``mask[c]`` is set and 0 elsewhere.
 

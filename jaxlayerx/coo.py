@@ -25,11 +25,11 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlayerx.base import Model, NDArrays
-from jaxlayerx.errors import unknown_layer
 from jaxlayerx._host import to_numpy
-from jaxlayerx.packing import read_names
+from jaxlayerx.base import Model, NDArrays
 from jaxlayerx.dtypes import conform_dtype
+from jaxlayerx.errors import unknown_layer
+from jaxlayerx.packing import read_names
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, merge_layers
 
 
@@ -41,9 +41,7 @@ class SparseLayer(NamedTuple):
     shape: tuple[int, ...]
 
 
-def pack_coo(
-    values: Sequence[Any], indices: Sequence[Any], shapes: Sequence[Any], names: Sequence[str]
-) -> NDArrays:
+def pack_coo(values: Sequence[Any], indices: Sequence[Any], shapes: Sequence[Any], names: Sequence[str]) -> NDArrays:
     """Packs COO layers as ``values + indices + shapes + [names]``.
 
     Raises:
@@ -107,11 +105,15 @@ def write_coo(layers: Mapping[str, SparseLayer]) -> NDArrays:
     )
 
 
-def coo_nbytes(counts: Sequence[int], shapes: Sequence[tuple[int, ...]], itemsizes: Sequence[int], names: Sequence[str]) -> int:
+def coo_nbytes(
+    counts: Sequence[int], shapes: Sequence[tuple[int, ...]], itemsizes: Sequence[int], names: Sequence[str]
+) -> int:
     """Bytes of the COO payload holding ``counts[i]`` weights of each named layer (as
     :func:`jaxlayerx.payload_nbytes` counts :func:`write_coo`'s output): values, int64
     indices and shapes, names."""
-    total = sum(n * (itemsize + 8 * len(shape)) + 8 * len(shape) for n, shape, itemsize in zip(counts, shapes, itemsizes))
+    total = sum(
+        n * (itemsize + 8 * len(shape)) + 8 * len(shape) for n, shape, itemsize in zip(counts, shapes, itemsizes)
+    )
     return int(total + np.array(list(names), dtype=np.str_).nbytes)
 
 
@@ -135,7 +137,9 @@ def _read_layer(name: str, values: Any, indices: Any, shape: Any) -> SparseLayer
     if values.ndim != 1:
         raise ValueError(f"layer {name!r}: values must be 1-D, got shape {values.shape}")
     if not _is_integer_array(shape) or shape.ndim != 1:
-        raise TypeError(f"layer {name!r}: the shape must be a 1-D integer array, got dtype {shape.dtype} and shape {shape.shape}")
+        raise TypeError(
+            f"layer {name!r}: the shape must be a 1-D integer array, got dtype {shape.dtype} and shape {shape.shape}"
+        )
     if (shape < 0).any():
         raise ValueError(f"layer {name!r}: negative entry in shape {shape.tolist()}")
     dims = tuple(int(d) for d in shape)
@@ -193,7 +197,9 @@ def _check_distinct(name: str, flat: np.ndarray, size: int) -> None:
     order = np.sort(flat)
     repeats = np.flatnonzero(order[1:] == order[:-1])
     if repeats.size:
-        raise ValueError(f"layer {name!r}: entry {int(order[repeats[0]])} (row-major) appears more than once in the indices")
+        raise ValueError(
+            f"layer {name!r}: entry {int(order[repeats[0]])} (row-major) appears more than once in the indices"
+        )
 
 
 def merge_sparse_layers(

@@ -57,9 +57,7 @@ def conform_dtype(name: str, value: Any, dtype: Any) -> Any:
         "int": ("bool", "int"),
     }.get(kind, ())
     if got_kind not in accepted:
-        raise TypeError(
-            f"layer {name!r}: a {dtype} layer does not accept {got} values ({_lossy(got_kind, kind)})"
-        )
+        raise TypeError(f"layer {name!r}: a {dtype} layer does not accept {got} values ({_lossy(got_kind, kind)})")
     if kind == "int" and got_kind == "int":
         _check_range(name, value, dtype)
     return value
@@ -96,7 +94,9 @@ def _check_range(name: str, value: Any, dtype: np.dtype) -> None:
     low, high = array.min(), array.max()
     if low < info.min or high > info.max:
         bad = low if low < info.min else high
-        raise TypeError(f"layer {name!r}: the value {int(bad)} is out of the range of its dtype {dtype} [{info.min}, {info.max}]")
+        raise TypeError(
+            f"layer {name!r}: the value {int(bad)} is out of the range of its dtype {dtype} [{info.min}, {info.max}]"
+        )
 
 
 def _lossy(got_kind: str, kind: str) -> str:

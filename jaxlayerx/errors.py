@@ -58,6 +58,4 @@ def _spellings(name: str) -> list[str]:
 def unknown_layer(name: str, valid: Iterable[str], what: str = "the model") -> UnknownLayerError:
     """Builds the error for a layer ``name`` missing from ``valid``."""
     suggestions = ", ".join(repr(s) for s in closest_names(name, valid))
-    return UnknownLayerError(
-        f"layer {name!r} is not in {what}; closest valid layers: {suggestions or '(none)'}"
-    )
+    return UnknownLayerError(f"layer {name!r} is not in {what}; closest valid layers: {suggestions or '(none)'}")

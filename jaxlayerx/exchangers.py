@@ -21,12 +21,20 @@ import flax.linen as linen
 import numpy as np
 from flax import nnx
 
-from jaxlayerx.base import Config, FlatView, LayerSelectionFunction, MaskedSelectionFunction, Model, NDArrays, ScoreGenFunction
+from jaxlayerx._host import to_numpy
+from jaxlayerx.base import (
+    Config,
+    FlatView,
+    LayerSelectionFunction,
+    MaskedSelectionFunction,
+    Model,
+    NDArrays,
+    ScoreGenFunction,
+)
 from jaxlayerx.coo import merge_sparse_layers, pack_coo, read_coo, unpack_coo
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.feedback import ErrorFeedback
 from jaxlayerx.modules import linen_module_types, nnx_module_types, pytree_node_types
-from jaxlayerx._host import to_numpy
 from jaxlayerx.packing import pack_layers, unpack_layers
 from jaxlayerx.sparse_selection import select_sparse_coo, sparse_masks, validate_sparsity_level
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, as_flat_view, check_snapshot, flatten, merge_layers
@@ -413,7 +421,9 @@ class SparseCooParameterExchanger(ErrorFeedback, _Layers):
         indices, shapes, names = additional_parameters
         return pack_coo(model_weights, indices, shapes, names)
 
-    def unpack_parameters(self, packed_parameters: Sequence[np.ndarray]) -> tuple[NDArrays, tuple[NDArrays, NDArrays, list[str]]]:
+    def unpack_parameters(
+        self, packed_parameters: Sequence[np.ndarray]
+    ) -> tuple[NDArrays, tuple[NDArrays, NDArrays, list[str]]]:
         return unpack_coo(packed_parameters)
 
 
@@ -422,7 +432,9 @@ def _constant_mask(names: Iterable[str], sends: Any) -> FlatView:
     return collections.OrderedDict((name, np.bool_(sends(name))) for name in names)
 
 
-def _traced_module_types(module: linen.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[Any, type], Any]:
+def _traced_module_types(
+    module: linen.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[dict[Any, type], Any]:
     """:func:`linen_module_types`, with a clear error when the example inputs are missing."""
     try:
         return linen_module_types(module, *args, **kwargs)

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxlayerx.base import FlatView
 from jaxlayerx._host import to_numpy
+from jaxlayerx.base import FlatView
 from jaxlayerx.dtypes import conform_dtype
 from jaxlayerx.tree import is_array_leaf
 

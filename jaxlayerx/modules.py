@@ -25,11 +25,7 @@ ModulePath = tuple[Any, ...]
 
 def nnx_module_types(module: nnx.Module) -> dict[ModulePath, type]:
     """``path -> type`` for every submodule of an NNX module (the root included)."""
-    return {
-        tuple(path): type(node)
-        for path, node in nnx.iter_graph(module)
-        if isinstance(node, nnx.Module)
-    }
+    return {tuple(path): type(node) for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Module)}
 
 
 def linen_module_types(

@@ -31,7 +31,6 @@ from jaxlayerx.base import FlatView, ScoreGenFunction
 from jaxlayerx.tree import as_flat_view, check_matching_layers
 
 
-
 def largest_final_magnitude_scores(model: Any, initial_model: Any = None) -> FlatView:
     """``|w|``: keeps the largest weights (``initial_model`` is not used)."""
     return _final_magnitude(as_flat_view(model), negate=False)

@@ -58,8 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlayerx.base import FlatView, NDArrays
 from jaxlayerx._host import to_numpy
+from jaxlayerx.base import FlatView, NDArrays
 from jaxlayerx.tree import as_flat_view, check_matching_layers, check_snapshot
 
 #: The drift measures, by name (see the module docstring).
@@ -348,7 +348,9 @@ def select_layers_by_threshold(
 ) -> tuple[NDArrays, list[str]]:
     """Layers of ``model`` whose drift from ``initial_model`` passes ``norm_threshold``
     (fl4health's function); see :class:`ThresholdRule`."""
-    return ThresholdRule(norm_threshold, resolve_measure(None, normalize), bool(select_drift_more))(model, initial_model)
+    return ThresholdRule(norm_threshold, resolve_measure(None, normalize), bool(select_drift_more))(
+        model, initial_model
+    )
 
 
 def select_layers_by_percentage(
@@ -424,8 +426,7 @@ class LayerSelectionFunctionConstructor:
         """
         if not self.select_drift_more:
             raise ValueError(
-                "select_by_budget sends the layers that moved most per byte; it has no form for "
-                "select_drift_more=False"
+                "select_by_budget sends the layers that moved most per byte; it has no form for select_drift_more=False"
             )
         return BudgetRule(byte_fraction)
 

@@ -34,11 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlayerx.base import FlatView
-from jaxlayerx.errors import unknown_layer
 from jaxlayerx._host import in_host_memory, to_numpy
+from jaxlayerx.base import FlatView
 from jaxlayerx.coo import unravel
-
+from jaxlayerx.errors import unknown_layer
 
 _HALF_BITS = 16
 _BUCKETS = 1 << _HALF_BITS

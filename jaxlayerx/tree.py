@@ -217,8 +217,7 @@ def _replace(model: Model, layers: Mapping[str, Any], sep: str, nnx_filter, *, i
             raise unknown_layer(name, index)
     # Validate and convert everything first: nothing changes unless all of it is valid.
     converted = {
-        index[name]: conform_layer(name, value, _value_of(leaves[index[name]]))
-        for name, value in layers.items()
+        index[name]: conform_layer(name, value, _value_of(leaves[index[name]])) for name, value in layers.items()
     }
     new_leaves = [
         _with_value(leaf, converted[position]) if position in converted else _fresh(leaf)
@@ -338,8 +337,7 @@ def _join(parts: tuple[Any, ...], sep: str) -> str:
     for part in parts:
         if sep in str(part):
             raise ValueError(
-                f"path part {str(part)!r} of leaf {parts} contains the separator {sep!r}; "
-                "pass another sep="
+                f"path part {str(part)!r} of leaf {parts} contains the separator {sep!r}; pass another sep="
             )
     return sep.join(str(part) for part in parts)
 
@@ -360,7 +358,7 @@ def is_nnx_variable(x: Any) -> bool:
     return _is_variable_type(type(x))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_variable_type(cls: type) -> bool:
     # issubclass on the type, cached: isinstance goes through nnx's slow metaclass check.
     return issubclass(cls, nnx.Variable)

@@ -85,7 +85,9 @@ def random_results(rng, n_clients, layer_shapes, *, weight_high=1000, min_layers
         k = int(rng.integers(min_layers, len(names) + 1))
         chosen = list(rng.choice(names, size=k, replace=False)) if k else []
         layers = {
-            str(name): (values or (lambda r, s: r.uniform(1.0, 2.0, size=s).astype(np.float32)))(rng, layer_shapes[name])
+            str(name): (values or (lambda r, s: r.uniform(1.0, 2.0, size=s).astype(np.float32)))(
+                rng, layer_shapes[name]
+            )
             for name in chosen
         }
         results.append((payload(layers), int(rng.integers(1, weight_high + 1))))
@@ -193,14 +195,14 @@ def test_zero_example_client_contributes_nothing_when_weighted():
     results = [(payload({"w": w0}), 0), (payload({"w": w1}), 4)]
     np.testing.assert_array_equal(FedAvgDynamicLayer().aggregate(results)["w"], w1)
     # unweighted: (100+1)/2 = 50.5, (100+3)/2 = 51.5
-    np.testing.assert_array_equal(
-        FedAvgDynamicLayer(False).aggregate(results)["w"], np.array([50.5, 51.5], np.float32)
-    )
+    np.testing.assert_array_equal(FedAvgDynamicLayer(False).aggregate(results)["w"], np.array([50.5, 51.5], np.float32))
 
 
 def test_numpy_integer_num_examples_accepted():
-    results = [(payload({"w": np.array([0.0], np.float32)}), np.int64(1)),
-               (payload({"w": np.array([4.0], np.float32)}), np.int32(3))]
+    results = [
+        (payload({"w": np.array([0.0], np.float32)}), np.int64(1)),
+        (payload({"w": np.array([4.0], np.float32)}), np.int32(3)),
+    ]
     # (1*0 + 3*4) / 4 = 3
     np.testing.assert_array_equal(FedAvgDynamicLayer().aggregate(results)["w"], np.array([3.0], np.float32))
 
@@ -209,8 +211,16 @@ def test_numpy_integer_num_examples_accepted():
 # Against the float64 reference on random data
 # --------------------------------------------------------------------------------------
 
-SHAPES = {"conv/kernel": (3, 3, 2), "conv/bias": (2,), "dense/kernel": (5, 4), "dense/bias": (4,),
-          "bn/mean": (4,), "bn/var": (4,), "scalar": (), "z/last": (7,)}
+SHAPES = {
+    "conv/kernel": (3, 3, 2),
+    "conv/bias": (2,),
+    "dense/kernel": (5, 4),
+    "dense/bias": (4,),
+    "bn/mean": (4,),
+    "bn/var": (4,),
+    "scalar": (),
+    "z/last": (7,),
+}
 
 
 @pytest.mark.parametrize("weighted", [True, False])
@@ -239,8 +249,9 @@ def test_random_signed_matches_reference_hypothesis(seed, n_clients, weighted):
     # Signed values: the float32 error is bounded relative to the weighted mean of |x|.
     rng = np.random.default_rng(seed)
     shapes = {"a": (3,), "b": (2, 2), "c": (), "d": (5,)}
-    results = random_results(rng, n_clients, shapes, weight_high=50,
-                             values=lambda r, s: r.normal(size=s).astype(np.float32))
+    results = random_results(
+        rng, n_clients, shapes, weight_high=50, values=lambda r, s: r.normal(size=s).astype(np.float32)
+    )
     out = FedAvgDynamicLayer(weighted).aggregate(results)
     ref = reference_fedavg(results, weighted)
     abs_ref = reference_fedavg([([np.abs(a) for a in p[:-1]] + [p[-1]], n) for p, n in results], weighted)
@@ -288,14 +299,28 @@ def test_result_keys_sorted():
 def test_float_dtypes_preserved_with_values():
     bf16 = ml_dtypes.bfloat16
     results = [
-        (payload({"h": np.array([1.0, 2.0], np.float16),
-                  "bf": np.array([1.0, 2.0], bf16),
-                  "f": np.array([1.0, 2.0], np.float32),
-                  "d": np.array([1.0, 2.0], np.float64)}), 1),
-        (payload({"h": np.array([4.0, 8.0], np.float16),
-                  "bf": np.array([5.0, -2.0], bf16),
-                  "f": np.array([0.25, 0.5], np.float32),
-                  "d": np.array([0.1, 0.2], np.float64)}), 3),
+        (
+            payload(
+                {
+                    "h": np.array([1.0, 2.0], np.float16),
+                    "bf": np.array([1.0, 2.0], bf16),
+                    "f": np.array([1.0, 2.0], np.float32),
+                    "d": np.array([1.0, 2.0], np.float64),
+                }
+            ),
+            1,
+        ),
+        (
+            payload(
+                {
+                    "h": np.array([4.0, 8.0], np.float16),
+                    "bf": np.array([5.0, -2.0], bf16),
+                    "f": np.array([0.25, 0.5], np.float32),
+                    "d": np.array([0.1, 0.2], np.float64),
+                }
+            ),
+            3,
+        ),
     ]
     before = snapshot(results)
     out = FedAvgDynamicLayer().aggregate(results)
@@ -317,8 +342,9 @@ def test_float_dtypes_preserved_with_values():
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
 def test_low_precision_random_close_to_reference(dtype):
     rng = np.random.default_rng(7)
-    results = [(payload({"w": rng.uniform(1, 2, size=(6, 5)).astype(dtype)}), int(rng.integers(1, 100)))
-               for _ in range(6)]
+    results = [
+        (payload({"w": rng.uniform(1, 2, size=(6, 5)).astype(dtype)}), int(rng.integers(1, 100))) for _ in range(6)
+    ]
     out = FedAvgDynamicLayer().aggregate(results)["w"]
     ref = reference_fedavg(results)["w"]
     assert out.dtype == np.dtype(dtype)
@@ -347,8 +373,7 @@ def test_integer_layers_rounded_half_to_even(dtype):
     np.testing.assert_array_equal(agg([[0, 1, 2], [10, 10, 7]], counts=[1, 3], weighted=True), [8, 8, 6])
     # (1*7 + 3*2)/4 = 13/4 = 3.25 -> 3; (1*2 + 3*1)/4 = 5/4 = 1.25 -> 1; (1*3 + 3*1)/4 = 1.5 -> 2
     np.testing.assert_array_equal(agg([[7, 2, 3], [2, 1, 1]], counts=[1, 3], weighted=True), [3, 1, 2])
-    np.testing.assert_array_equal(
-        agg([[0, 1, 7], [10, 10, 2]], counts=[1, 3], weighted=True), [8, 8, 3])
+    np.testing.assert_array_equal(agg([[0, 1, 7], [10, 10, 2]], counts=[1, 3], weighted=True), [8, 8, 3])
     if np.issubdtype(dtype, np.signedinteger):
         # (-1 + -2)/2 = -1.5 -> -2; (-2 + -3)/2 = -2.5 -> -2; (-1 + 0)/2 = -0.5 -> 0
         np.testing.assert_array_equal(agg([[-1, -2, -1], [-2, -3, 0]]), [-2, -2, 0])
@@ -356,17 +381,21 @@ def test_integer_layers_rounded_half_to_even(dtype):
 
 def test_int32_hand_values_from_spec():
     # int32 1 and 2 unweighted -> 2 (1.5 rounds to 2); 2 and 3 -> 2 (2.5 rounds to 2)
-    res = [(payload({"p": np.array(1, np.int32), "q": np.array(2, np.int32)}), 5),
-           (payload({"p": np.array(2, np.int32), "q": np.array(3, np.int32)}), 9)]
+    res = [
+        (payload({"p": np.array(1, np.int32), "q": np.array(2, np.int32)}), 5),
+        (payload({"p": np.array(2, np.int32), "q": np.array(3, np.int32)}), 9),
+    ]
     out = FedAvgDynamicLayer(weighted_aggregation=False).aggregate(res)
     assert out["p"].dtype == np.int32 and out["q"].dtype == np.int32
     assert int(out["p"]) == 2 and int(out["q"]) == 2
 
 
 def test_bool_layers_rounded():
-    res = [(payload({"m": np.array([True, True, False, True])}), 1),
-           (payload({"m": np.array([False, True, False, True])}), 1),
-           (payload({"m": np.array([True, False, False, True])}), 1)]
+    res = [
+        (payload({"m": np.array([True, True, False, True])}), 1),
+        (payload({"m": np.array([False, True, False, True])}), 1),
+        (payload({"m": np.array([True, False, False, True])}), 1),
+    ]
     out = FedAvgDynamicLayer(False).aggregate(res)["m"]
     assert out.dtype == np.bool_
     # means 2/3, 2/3, 0, 1 -> True, True, False, True
@@ -380,14 +409,16 @@ def test_bool_layers_rounded():
 
 def _naive_float32_sum_depends_on_order(results, weighted):
     """True when plain float32 left-to-right summation gives different bits for some order."""
+
     def naive(rs):
-        acc, tot = {}, {}
+        acc = {}
         for packed, n in rs:
             names = [str(x) for x in packed[-1].tolist()]
             for name, a in zip(names, packed[:-1]):
                 w = np.float32(n if weighted else 1)
                 acc[name] = acc.get(name, np.zeros_like(a, np.float32)) + w * a.astype(np.float32)
         return acc
+
     base = naive(results)
     for perm in itertools.islice(itertools.permutations(range(len(results))), 1, 60):
         other = naive([results[i] for i in perm])
@@ -526,7 +557,11 @@ def test_mixed_dtypes_are_averaged_in_the_promoted_dtype(dtype0, dtype1):
     # 2 and 6 examples; values 1.25 and 3 (ints: 1 and 3): mean (2 * x0 + 6 * x1) / 8.
     x0 = np.array([1.25, 1.25, 1.25]).astype(dtype0)
     x1 = np.array([3.0, 3.0, 3.0]).astype(dtype1)
-    results = [(payload({"head/bias": x0}), 2), (payload({"other": np.ones(1, np.float32)}), 2), (payload({"head/bias": x1}), 6)]
+    results = [
+        (payload({"head/bias": x0}), 2),
+        (payload({"other": np.ones(1, np.float32)}), 2),
+        (payload({"head/bias": x1}), 6),
+    ]
     before = snapshot(results)
     averaged = FedAvgDynamicLayer().aggregate(results)["head/bias"]
     promoted = np.dtype(PROMOTED[(dtype0, dtype1)])
@@ -566,7 +601,9 @@ def test_non_finite_values_are_refused_naming_client_and_layer(bad):
     poisoned[250_123] = bad
     results = [(payload({"big": good, "s": np.ones(2, np.float32)}), 3), (payload({"big": poisoned}), 4)]
     before = snapshot(results)
-    with pytest.raises(ValueError, match=r"client 1: layer 'big' holds a non-finite value \(.*inf|nan.* at flat index 250123\)"):
+    with pytest.raises(
+        ValueError, match=r"client 1: layer 'big' holds a non-finite value \(.*inf|nan.* at flat index 250123\)"
+    ):
         FedAvgDynamicLayer().aggregate(results)
     assert_unchanged(results, before)
     # fl4health's behaviour on request: averaged in.
@@ -642,8 +679,7 @@ def test_malformed_payload_value_error_names_client(kind):
 
 @pytest.mark.parametrize(
     "results",
-    [None, {"c0": ([np.array([], str)], 1)}, "abc", 5, np.zeros(3),
-     (r for r in [(pack_layers([], []), 1)])],
+    [None, {"c0": ([np.array([], str)], 1)}, "abc", 5, np.zeros(3), (r for r in [(pack_layers([], []), 1)])],
     ids=["none", "dict", "str", "int", "ndarray", "generator"],
 )
 def test_results_not_a_list_type_error(results):
@@ -662,15 +698,24 @@ def test_result_not_a_pair_value_error_names_client(bad):
 # masked_fedavg
 # --------------------------------------------------------------------------------------
 
-MASK_SHAPES = {"enc/kernel": (4, 3), "enc/bias": (3,), "dec/kernel": (3, 2), "dec/bias": (2,),
-               "bn/scale": (3,), "never/sent": (5,), "scalar": ()}
+MASK_SHAPES = {
+    "enc/kernel": (4, 3),
+    "enc/bias": (3,),
+    "dec/kernel": (3, 2),
+    "dec/bias": (2,),
+    "bn/scale": (3,),
+    "never/sent": (5,),
+    "scalar": (),
+}
 
 
 def make_federation(seed, n_clients=5, dtype=np.float32):
     """Full flat dicts per client, masks (never/sent is masked off everywhere) and counts."""
     rng = np.random.default_rng(seed)
-    clients = [{name: rng.uniform(-2, 2, size=shape).astype(dtype) for name, shape in MASK_SHAPES.items()}
-               for _ in range(n_clients)]
+    clients = [
+        {name: rng.uniform(-2, 2, size=shape).astype(dtype) for name, shape in MASK_SHAPES.items()}
+        for _ in range(n_clients)
+    ]
     masks = {name: rng.random(n_clients) < 0.5 for name in MASK_SHAPES}
     masks["never/sent"][:] = False
     masks["enc/kernel"][:] = True
@@ -699,8 +744,11 @@ def test_masked_fedavg_matches_packed_path(seed, weighted):
     stacked = stack(clients)
     stacked_before = {k: v.copy() for k, v in stacked.items()}
     averages, sent = masked_fedavg(
-        {k: jnp.asarray(v) for k, v in stacked.items()}, {k: jnp.asarray(v) for k, v in masks.items()},
-        jnp.asarray(counts), weighted=weighted)
+        {k: jnp.asarray(v) for k, v in stacked.items()},
+        {k: jnp.asarray(v) for k, v in masks.items()},
+        jnp.asarray(counts),
+        weighted=weighted,
+    )
     packed = FedAvgDynamicLayer(weighted).aggregate(packed_for(clients, masks, counts))
     ref = reference_fedavg(packed_for(clients, masks, counts), weighted)
     assert list(averages) == list(MASK_SHAPES) and list(sent) == list(MASK_SHAPES)
@@ -727,8 +775,11 @@ def test_masked_fedavg_hand_computed_and_fallback():
         "a": jnp.array([[1.0], [2.0], [3.0]], jnp.float32),
         "none": jnp.array([[1.0, 1.0, 1.0]] * 3, jnp.float32),
     }
-    masks = {"b": jnp.array([True, True, True]), "a": jnp.array([False, True, True]),
-             "none": jnp.array([False, False, False])}
+    masks = {
+        "b": jnp.array([True, True, True]),
+        "a": jnp.array([False, True, True]),
+        "none": jnp.array([False, False, False]),
+    }
     counts = jnp.array([10, 30, 60])
     fallback = {"b": jnp.full((2,), -9.0), "a": jnp.full((1,), -9.0), "none": jnp.array([7.0, 8.0, 9.0])}
     avg, sent = masked_fedavg(client_layers, masks, counts, fallback=fallback)
@@ -787,7 +838,8 @@ def test_masked_fedavg_jit_equals_eager(weighted):
     fallback = {k: jnp.full(s, 0.5, jnp.float32) for k, s in MASK_SHAPES.items()}
     eager = masked_fedavg(stacked, jmasks, jnp.asarray(counts), weighted=weighted, fallback=fallback)
     jitted = jax.jit(functools.partial(masked_fedavg, weighted=weighted))(
-        stacked, jmasks, jnp.asarray(counts), fallback=fallback)
+        stacked, jmasks, jnp.asarray(counts), fallback=fallback
+    )
     for part_e, part_j in zip(eager, jitted):
         # (jax.jit rebuilds a plain-dict argument with sorted keys, so only the key set is compared)
         assert sorted(part_e) == sorted(part_j) == sorted(MASK_SHAPES)
@@ -806,14 +858,18 @@ def test_masked_fedavg_vmap_over_federations(weighted):
     # federation 1: nobody sends enc/bias
     masks["enc/bias"] = masks["enc/bias"].at[1].set(False)
     counts = jnp.stack([jnp.asarray(n) for _, _, n in feds])  # (2, C)
-    fallback = {k: jnp.stack([jnp.full(s, 1.0), jnp.full(s, 2.0)]).astype(jnp.float32)
-                for k, s in MASK_SHAPES.items()}
+    fallback = {k: jnp.stack([jnp.full(s, 1.0), jnp.full(s, 2.0)]).astype(jnp.float32) for k, s in MASK_SHAPES.items()}
     fn = functools.partial(masked_fedavg, weighted=weighted)
     vmapped = jax.vmap(fn)(stacked, masks, counts, fallback=fallback)
     jit_vmapped = jax.jit(jax.vmap(fn))(stacked, masks, counts, fallback=fallback)
     for f in range(2):
-        eager = masked_fedavg({k: v[f] for k, v in stacked.items()}, {k: v[f] for k, v in masks.items()},
-                              counts[f], weighted=weighted, fallback={k: v[f] for k, v in fallback.items()})
+        eager = masked_fedavg(
+            {k: v[f] for k, v in stacked.items()},
+            {k: v[f] for k, v in masks.items()},
+            counts[f],
+            weighted=weighted,
+            fallback={k: v[f] for k, v in fallback.items()},
+        )
         clients_f = [{k: np.asarray(stacked[k][f, c]) for k in MASK_SHAPES} for c in range(5)]
         masks_f = {k: np.asarray(masks[k][f]) for k in MASK_SHAPES}
         packed = FedAvgDynamicLayer(weighted).aggregate(packed_for(clients_f, masks_f, np.asarray(counts[f])))

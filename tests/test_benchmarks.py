@@ -14,13 +14,28 @@ def test_benchmark_quick_runs(tmp_path):
     out = tmp_path / "bench.json"
     completed = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--quick", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
     rows = json.loads(out.read_text())["rows"]
     cases = [row["case"] for row in rows]
-    for case in ("threshold selection", "percentage selection", "FedAvgDynamicLayer", "jitted norms", "masked_fedavg", "vs loop", "vs step loop",
-                 "sparse COO push", "numpy partition", "jitted radix select", "sparse masks", "FedAvgSparseCooTensor"):
+    for case in (
+        "threshold selection",
+        "percentage selection",
+        "FedAvgDynamicLayer",
+        "jitted norms",
+        "masked_fedavg",
+        "vs loop",
+        "vs step loop",
+        "sparse COO push",
+        "numpy partition",
+        "jitted radix select",
+        "sparse masks",
+        "FedAvgSparseCooTensor",
+    ):
         assert any(case in name for name in cases), case
     for row in rows:
         assert row["ms"] > 0 and row["floor_ms"] > 0 and row["baseline_ms"] > 0

@@ -28,8 +28,15 @@ from jaxlayerx.simulation.report import CSV_COLUMNS, HISTORY_KEYS
 
 CLIENTS, ROUNDS, LOCAL_STEPS, BATCH, SEED = 3, 2, 2, 8, 0
 TINY = [
-    "--clients", str(CLIENTS), "--rounds", str(ROUNDS), "--local-steps", str(LOCAL_STEPS),
-    "--batch-size", str(BATCH), "--no-progress",
+    "--clients",
+    str(CLIENTS),
+    "--rounds",
+    str(ROUNDS),
+    "--local-steps",
+    str(LOCAL_STEPS),
+    "--batch-size",
+    str(BATCH),
+    "--no-progress",
 ]
 ALL_EXCHANGERS = ["full", "exclude-bn", "dynamic-percentage", "dynamic-threshold", "fixed"]
 PERCENTAGE = 0.25  # ceil(10 * 0.25) = 3, where round() and floor() both give 2
@@ -42,14 +49,39 @@ LABELS = {
     "fixed": "fixed",
 }
 OPTIONS = [
-    "--exchangers", "--clients", "--rounds", "--local-steps", "--local-epochs", "--batch-size", "--learning-rate",
-    "--momentum", "--beta", "--test-fraction", "--seed", "--unweighted", "--layers", "--norm-threshold",
-    "--exchange-percentage", "--normalize", "--no-normalize", "--select-drift-less", "--sparsity-level", "--out",
-    "--no-progress", "--measure", "--budget", "--error-feedback", "--overwrite",
+    "--exchangers",
+    "--clients",
+    "--rounds",
+    "--local-steps",
+    "--local-epochs",
+    "--batch-size",
+    "--learning-rate",
+    "--momentum",
+    "--beta",
+    "--test-fraction",
+    "--seed",
+    "--unweighted",
+    "--layers",
+    "--norm-threshold",
+    "--exchange-percentage",
+    "--normalize",
+    "--no-normalize",
+    "--select-drift-less",
+    "--sparsity-level",
+    "--out",
+    "--no-progress",
+    "--measure",
+    "--budget",
+    "--error-feedback",
+    "--overwrite",
 ]
 SPARSE_EXCHANGERS = [
-    "sparse-largest-final-magnitude", "sparse-smallest-final-magnitude", "sparse-largest-magnitude-change",
-    "sparse-smallest-magnitude-change", "sparse-largest-magnitude-increase", "sparse-smallest-magnitude-increase",
+    "sparse-largest-final-magnitude",
+    "sparse-smallest-final-magnitude",
+    "sparse-largest-magnitude-change",
+    "sparse-smallest-magnitude-change",
+    "sparse-largest-magnitude-increase",
+    "sparse-smallest-magnitude-increase",
 ]
 
 
@@ -96,7 +128,10 @@ def run_subprocess(args: list[str], cwd) -> subprocess.CompletedProcess:
 
 
 def without_wall_seconds(metrics: dict) -> dict:
-    return {name: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in history] for name, history in metrics.items()}
+    return {
+        name: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in history]
+        for name, history in metrics.items()
+    }
 
 
 def assert_one_error_line(out: str, err: str, *needles: str) -> str:
@@ -177,8 +212,16 @@ def test_full_exchange_moves_the_whole_model_each_way(simulate_run):
 def compare_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli") / "compare"
     argv = [
-        "compare", "--exchangers", ",".join(ALL_EXCHANGERS), "--layers", "params/Dense_2/*",
-        "--exchange-percentage", str(PERCENTAGE), "--out", str(folder), *TINY,
+        "compare",
+        "--exchangers",
+        ",".join(ALL_EXCHANGERS),
+        "--layers",
+        "params/Dense_2/*",
+        "--exchange-percentage",
+        str(PERCENTAGE),
+        "--out",
+        str(folder),
+        *TINY,
     ]
     code, out, _ = run_in_process(argv)
     assert code == 0
@@ -243,8 +286,17 @@ def test_dynamic_percentage_one_sends_every_layer_and_its_names(tmp_path):
 def budget_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli") / "budget"
     argv = [
-        "compare", "--exchangers", "full,dynamic-budget,dynamic-percentage,sparse-largest-magnitude-change",
-        "--budget", "0.3,0.7", "--measure", "rms", "--error-feedback", "--out", str(folder), *TINY,
+        "compare",
+        "--exchangers",
+        "full,dynamic-budget,dynamic-percentage,sparse-largest-magnitude-change",
+        "--budget",
+        "0.3,0.7",
+        "--measure",
+        "rms",
+        "--error-feedback",
+        "--out",
+        str(folder),
+        *TINY,
     ]
     code, out, _ = run_in_process(argv)
     assert code == 0
@@ -286,7 +338,17 @@ def test_budget_uploads_stay_within_the_budget(budget_run):
 
 def test_measure_and_error_feedback_options_reach_simulate(tmp_path):
     folder = tmp_path / "run"
-    argv = ["simulate", "--exchangers", "dynamic-threshold", "--measure", "relative", "--error-feedback", "--out", str(folder), *TINY]
+    argv = [
+        "simulate",
+        "--exchangers",
+        "dynamic-threshold",
+        "--measure",
+        "relative",
+        "--error-feedback",
+        "--out",
+        str(folder),
+        *TINY,
+    ]
     code, _, _ = run_in_process(argv)
     assert code == 0
     assert list(json.loads((folder / "metrics.json").read_text())) == ["dynamic-threshold(0.0001, relative, ef)"]
@@ -302,7 +364,16 @@ def test_sparse_exchangers_send_weights_in_coo_form(tmp_path):
     """Every sparse kind runs; a client's upload is a COO payload of at least
     ceil(total * 0.2) float32 weights, each with one int64 index per dimension."""
     folder = tmp_path / "run"
-    argv = ["compare", "--exchangers", ",".join(SPARSE_EXCHANGERS), "--sparsity-level", "0.2", "--out", str(folder), *TINY]
+    argv = [
+        "compare",
+        "--exchangers",
+        ",".join(SPARSE_EXCHANGERS),
+        "--sparsity-level",
+        "0.2",
+        "--out",
+        str(folder),
+        *TINY,
+    ]
     code, out, _ = run_in_process(argv)
     assert code == 0
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -385,9 +456,22 @@ def test_console_script_simulate(tmp_path):
         (["--exchangers", "dynamic-budget", "--select-drift-less"], ["dynamic-budget", "select-drift-less"]),
     ],
     ids=[
-        "percentage-0", "percentage-1.5", "threshold-neg", "threshold-0", "clients-0", "rounds-0", "beta-0",
-        "layers-glob", "sparsity-0", "sparsity-1.5", "budget-0", "budget-1.5", "budget-word", "budget-repeat",
-        "budget-empty", "budget-less",
+        "percentage-0",
+        "percentage-1.5",
+        "threshold-neg",
+        "threshold-0",
+        "clients-0",
+        "rounds-0",
+        "beta-0",
+        "layers-glob",
+        "sparsity-0",
+        "sparsity-1.5",
+        "budget-0",
+        "budget-1.5",
+        "budget-word",
+        "budget-repeat",
+        "budget-empty",
+        "budget-less",
     ],
 )
 def test_bad_option_in_process(args, needles, tmp_path, capsys):

@@ -15,16 +15,27 @@ import re
 
 import numpy as np
 import pytest
+from test_cli import LAYERS, MODEL_BYTES, TINY, assert_one_error_line, run_in_process, without_wall_seconds
 
 from jaxlayerx.simulation.cli import PERSONALIZED, main
-from test_cli import LAYERS, MODEL_BYTES, TINY, assert_one_error_line, run_in_process, without_wall_seconds
 
 PNG = b"\x89PNG\r\n\x1a\n"
 #: One round, for the runs whose content does not depend on several.
 ONE_ROUND = ["--clients", "3", "--rounds", "1", "--local-steps", "2", "--batch-size", "8", "--no-progress"]
 NEW_OPTIONS = [
-    "--data", "--model", "--shift", "--beta", "--test-fraction", "--clients", "--clients-per-round", "--chunk-size",
-    "--local-optimizer", "--learning-rate", "--server-optimizer", "--server-lr", "--repeat",
+    "--data",
+    "--model",
+    "--shift",
+    "--beta",
+    "--test-fraction",
+    "--clients",
+    "--clients-per-round",
+    "--chunk-size",
+    "--local-optimizer",
+    "--learning-rate",
+    "--server-optimizer",
+    "--server-lr",
+    "--repeat",
 ]
 
 
@@ -76,7 +87,7 @@ def parse_table(out: str) -> tuple[list[str], list[dict[str, str]]]:
     header = lines[start].split()
     assert set(lines[start + 1].replace(" ", "")) == {"-"}
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if line.startswith("run folder:") or not line.strip():
             break
         cells = line.split(None, len(header) - 1)
@@ -135,7 +146,9 @@ def test_fixed_with_its_default_layers_runs_on_mnist1d(tmp_path):
     # default exchangers, because fixed's default --layers name the MLP's layers
     # (*/Dense_0/*, */BatchNorm_0/*, */Dense_1/*) and mnist1d's default model is the CNN,
     # which has no Dense_1 (its Dense_0 is the head): "layer '*/Dense_1/*' is not in the model".
-    code, out, err = run_in_process(["compare", "--data", "mnist1d", "--exchangers", "full,fixed", "--out", str(tmp_path / "run"), *ONE_ROUND])
+    code, out, err = run_in_process(
+        ["compare", "--data", "mnist1d", "--exchangers", "full,fixed", "--out", str(tmp_path / "run"), *ONE_ROUND]
+    )
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     total = metrics["full"][0]["layers_sent"][0]
@@ -213,7 +226,14 @@ def test_npz_with_its_own_test_split(npz_runs):
         ({"x_test": np.zeros((10, 6), np.float32)}, ["x_test", "y_test"]),
         ({"y_test": np.zeros(10, np.int64)}, ["x_test", "y_test"]),
     ],
-    ids=["missing-file", "missing-y", "float-labels", "string-labels", "x_test-without-y_test", "y_test-without-x_test"],
+    ids=[
+        "missing-file",
+        "missing-y",
+        "float-labels",
+        "string-labels",
+        "x_test-without-y_test",
+        "y_test-without-x_test",
+    ],
 )
 def test_bad_npz_is_one_error_line(arrays, needles, tmp_path, capsys):
     path = tmp_path / ("missing.npz" if arrays is None else "bad.npz")
@@ -293,7 +313,20 @@ def test_no_shift_is_recorded_with_the_default_beta(optimizer_runs):
 # -- 5. client sampling and chunks ---------------------------------------------------------
 
 
-SAMPLED = ["simulate", "--clients", "10", "--clients-per-round", "3", "--rounds", "3", "--local-steps", "2", "--batch-size", "8", "--no-progress"]
+SAMPLED = [
+    "simulate",
+    "--clients",
+    "10",
+    "--clients-per-round",
+    "3",
+    "--rounds",
+    "3",
+    "--local-steps",
+    "2",
+    "--batch-size",
+    "8",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +368,9 @@ def optimizer_runs(tmp_path_factory):
         "avg": run_ok(base / "avg", "simulate", *TINY),
         "adam": run_ok(base / "adam", "simulate", "--server-optimizer", "adam", "--server-lr", "0.05", *TINY),
         "sgd": run_ok(base / "sgd", "simulate", "--server-optimizer", "sgd", *TINY),
-        "local-adam": run_ok(base / "local-adam", "simulate", "--local-optimizer", "adam", "--learning-rate", "0.01", *TINY),
+        "local-adam": run_ok(
+            base / "local-adam", "simulate", "--local-optimizer", "adam", "--learning-rate", "0.01", *TINY
+        ),
     }
 
 
@@ -376,8 +411,17 @@ REPEAT_EXCHANGERS = ["full", "fixed", "exclude-bn"]
 def repeat_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("repeat") / "run"
     config, metrics, out = run_ok(
-        folder, "compare", "--exchangers", ",".join(REPEAT_EXCHANGERS), "--layers", "params/Dense_2/*",
-        "--repeat", "2", "--seed", "5", *TINY,
+        folder,
+        "compare",
+        "--exchangers",
+        ",".join(REPEAT_EXCHANGERS),
+        "--layers",
+        "params/Dense_2/*",
+        "--repeat",
+        "2",
+        "--seed",
+        "5",
+        *TINY,
     )
     return folder, config, metrics, out
 
@@ -423,7 +467,8 @@ def test_repeat_metrics_json_holds_means_and_by_seed(repeat_run):
                 assert len(values) == 2, key
                 assert record[key] == pytest.approx(np.mean(values)), key
             csv_values = [
-                float(r["global_accuracy"]) for r in rows
+                float(r["global_accuracy"])
+                for r in rows
                 if r["exchanger"] == name and int(r["round"]) == record["round"]
             ]
             assert csv_values == pytest.approx(by_seed["global_accuracy"])
@@ -442,7 +487,11 @@ def test_table_is_sorted_by_upload_with_frontier_and_note(repeat_run):
     line = next(line for line in out.splitlines() if line.startswith("exclude-bn "))
     assert line.endswith(PERSONALIZED) and PERSONALIZED == "personalized: read local_acc"
     # fixed sends the head only: its other layers never leave the clients either.
-    assert {row["exchanger"]: row["note"] for row in rows} == {"fixed": PERSONALIZED, "exclude-bn": PERSONALIZED, "full": ""}
+    assert {row["exchanger"]: row["note"] for row in rows} == {
+        "fixed": PERSONALIZED,
+        "exclude-bn": PERSONALIZED,
+        "full": "",
+    }
 
 
 def test_run_folder_has_both_plots(repeat_run):
@@ -474,8 +523,17 @@ def test_run_folder_has_both_plots(repeat_run):
         (["--learning-rate", "-1"], ["learning-rate", "-1"]),
     ],
     ids=[
-        "data-nosuch", "model-transformer", "per-round-0", "per-round-above-clients", "chunk-0", "server-nadam",
-        "server-lr-0", "server-lr-with-avg", "local-rmsprop", "repeat-0", "learning-rate-neg",
+        "data-nosuch",
+        "model-transformer",
+        "per-round-0",
+        "per-round-above-clients",
+        "chunk-0",
+        "server-nadam",
+        "server-lr-0",
+        "server-lr-with-avg",
+        "local-rmsprop",
+        "repeat-0",
+        "learning-rate-neg",
     ],
 )
 @pytest.mark.parametrize("command", ["simulate", "compare"])
@@ -545,7 +603,9 @@ def test_ctrl_c_stops_with_one_line_status_130_and_no_run_folder(tmp_path):
     folder = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-m", "jaxlayerx", "simulate", "--rounds", "100000", "--out", str(folder)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120

@@ -336,10 +336,26 @@ Y = np.array([0, 1, 0, 1])
         ({"x": X, "y": np.array([0, -1, 0, 1])}, ValueError, r"bad\.npz: 'y' holds the negative label -1"),
         ({"x": np.array(["a", "b", "c", "d"]), "y": Y}, ValueError, r"bad\.npz: 'x' must be a numeric array"),
         ({"x": np.float64(3.0), "y": Y}, ValueError, r"bad\.npz: 'x' must be a numeric array"),
-        ({"x": X, "y": Y, "x_test": np.zeros((2, 4)), "y_test": Y[:2]}, ValueError, r"bad\.npz: x_test examples have shape \(4,\), x examples \(3,\)"),
-        ({"x": X, "y": Y, "x_test": np.zeros((2, 3)), "y_test": Y[:3]}, ValueError, r"bad\.npz: 2 examples in 'x_test' but 3 labels in 'y_test'"),
-        ({"x": X, "y": Y, "x_test": np.zeros((2, 3)), "y_test": np.array([0, -2])}, ValueError, r"bad\.npz: 'y_test' holds the negative label -2"),
-        ({"x": X, "y": Y, "x_test": np.zeros((2, 3)), "y_test": np.array([0.5, 1.0])}, ValueError, r"bad\.npz: 'y_test' must hold integer class labels"),
+        (
+            {"x": X, "y": Y, "x_test": np.zeros((2, 4)), "y_test": Y[:2]},
+            ValueError,
+            r"bad\.npz: x_test examples have shape \(4,\), x examples \(3,\)",
+        ),
+        (
+            {"x": X, "y": Y, "x_test": np.zeros((2, 3)), "y_test": Y[:3]},
+            ValueError,
+            r"bad\.npz: 2 examples in 'x_test' but 3 labels in 'y_test'",
+        ),
+        (
+            {"x": X, "y": Y, "x_test": np.zeros((2, 3)), "y_test": np.array([0, -2])},
+            ValueError,
+            r"bad\.npz: 'y_test' holds the negative label -2",
+        ),
+        (
+            {"x": X, "y": Y, "x_test": np.zeros((2, 3)), "y_test": np.array([0.5, 1.0])},
+            ValueError,
+            r"bad\.npz: 'y_test' must hold integer class labels",
+        ),
         ({"x": X, "y": np.array([0, 2**31, 0, 1])}, ValueError, r"bad\.npz: 'y' holds the label 2147483648"),
     ],
 )
@@ -479,7 +495,9 @@ def test_test_split_of_a_class_absent_from_training():
     assert_global_is_concatenation(data)
 
 
-@pytest.mark.parametrize("num_clients, beta, seed, test_fraction", [(4, 0.5, 0, 0.2), (3, 0.1, 7, 0.35), (6, 5.0, 2, 0.5)])
+@pytest.mark.parametrize(
+    "num_clients, beta, seed, test_fraction", [(4, 0.5, 0, 0.2), (3, 0.1, 7, 0.35), (6, 5.0, 2, 0.5)]
+)
 def test_without_test_split_the_hold_out_is_unchanged(num_clients, beta, seed, test_fraction):
     """By hand: client c's examples are dirichlet_label_split(...)[c], shuffled by the
     generator default_rng([seed, 1]) (one permutation per client, in order); the last
@@ -503,7 +521,10 @@ def test_without_test_split_the_hold_out_is_unchanged(num_clients, beta, seed, t
     [
         ({"x_test": np.zeros((4, 1))}, r"x_test and y_test come together"),
         ({"y_test": np.zeros(4, np.int32)}, r"x_test and y_test come together"),
-        ({"x_test": np.zeros((4, 1)), "y_test": np.zeros(3, np.int32)}, r"x_test and y_test must have the same length, got shapes \(4, 1\) and \(3,\)"),
+        (
+            {"x_test": np.zeros((4, 1)), "y_test": np.zeros(3, np.int32)},
+            r"x_test and y_test must have the same length, got shapes \(4, 1\) and \(3,\)",
+        ),
         ({"x_test": np.zeros((4, 1)), "y_test": np.zeros(4)}, r"y_test must hold integer labels, got dtype float64"),
         ({"x_test": np.zeros((4, 1)), "y_test": np.array(["a", "b", "a", "b"])}, r"y_test must hold integer labels"),
     ],
@@ -597,7 +618,10 @@ def test_apply_shift_by_hand():
         ((6, 40, 1), ClientShift(0.7, -0.2, 0.15, (-2,), None)),
         ((5, 10, 6, 2), ClientShift(-1.2, 0.3, 0.1, (2, -1), None)),
         ((5, 10, 6, 2), ClientShift(1.4, 0.0, 0.3, (0, 3), None)),
-        ((7, 20), ClientShift(1.3, 0.1, 0.2, (), (0, 5, 2, 3, 4, 1, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 19, 17, 18, 16))),
+        (
+            (7, 20),
+            ClientShift(1.3, 0.1, 0.2, (), (0, 5, 2, 3, 4, 1, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 19, 17, 18, 16)),
+        ),
         ((4, 8, 8, 1), ClientShift(-0.6, 0.45, 0.05, (0, 0), None)),
     ],
 )
@@ -634,7 +658,10 @@ def test_make_client_data_shift_matches_reference(shape, beta, own_test):
     y = rng.integers(0, 3, size=n)
     extra = {}
     if own_test:
-        extra = {"x_test": rng.normal(1.5, 3.0, size=(33, *shape)).astype(np.float32), "y_test": rng.integers(0, 3, size=33)}
+        extra = {
+            "x_test": rng.normal(1.5, 3.0, size=(33, *shape)).astype(np.float32),
+            "y_test": rng.integers(0, 3, size=33),
+        }
     plain = make_client_data(x, y, num_clients, beta=beta, seed=seed, **extra)
     shifted = make_client_data(x, y, num_clients, beta=beta, seed=seed, shift=True, **extra)
     for field in ("y_train", "n_train", "y_test", "n_test", "y_global_test"):
@@ -647,7 +674,9 @@ def test_make_client_data_shift_matches_reference(shape, beta, own_test):
             [(plain.x_train, shifted.x_train, plain.n_train), (plain.x_test, shifted.x_test, plain.n_test)]
         ):
             k = int(counts[c])
-            expected = shift_reference(plain_x[c, :k], client_shift, mean, std, np.random.default_rng([seed, 4, c, part]))
+            expected = shift_reference(
+                plain_x[c, :k], client_shift, mean, std, np.random.default_rng([seed, 4, c, part])
+            )
             np.testing.assert_allclose(shifted_x[c, :k], expected, rtol=1e-6, atol=1e-5)
             assert not np.any(shifted_x[c, k:]), "padding rows stay zero"
     assert_global_is_concatenation(shifted)
@@ -703,11 +732,21 @@ def client_data_cases(draw):
     n = draw(st.integers(12, 60))
     labels = draw(st.lists(st.integers(0, num_classes - 1), min_size=n, max_size=n))
     beta = draw(st.sampled_from([None, 0.3, 2.0]))
-    test_labels = draw(st.none() | st.lists(st.integers(0, num_classes - 1), min_size=1, max_size=30))  # an empty test split is refused
+    test_labels = draw(
+        st.none() | st.lists(st.integers(0, num_classes - 1), min_size=1, max_size=30)
+    )  # an empty test split is refused
     seed = draw(st.integers(0, 2**31 - 1))
     test_fraction = draw(st.sampled_from([0.1, 0.25, 0.5]))
     shift = draw(st.booleans())
-    return num_clients, np.array(labels), beta, None if test_labels is None else np.array(test_labels, np.int64), seed, test_fraction, shift
+    return (
+        num_clients,
+        np.array(labels),
+        beta,
+        None if test_labels is None else np.array(test_labels, np.int64),
+        seed,
+        test_fraction,
+        shift,
+    )
 
 
 @settings(max_examples=30, deadline=None)
@@ -739,11 +778,13 @@ def test_client_data_invariants(case):
         assert_partition(test, len(y_test))
     assert_global_is_concatenation(data)
     if shift:  # the shifted version keeps the split and the zero padding
-        shifted = make_client_data(x, y, num_clients, beta=beta, seed=seed, test_fraction=test_fraction, shift=True, **extra)
+        shifted = make_client_data(
+            x, y, num_clients, beta=beta, seed=seed, test_fraction=test_fraction, shift=True, **extra
+        )
         assert np.array_equal(shifted.n_train, data.n_train) and np.array_equal(shifted.n_test, data.n_test)
         for stack, counts in ((shifted.x_train, shifted.n_train), (shifted.x_test, shifted.n_test)):
             for c, k in enumerate(counts):
-                assert not np.any(stack[c, int(k):])
+                assert not np.any(stack[c, int(k) :])
         assert_global_is_concatenation(shifted)
 
 

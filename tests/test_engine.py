@@ -50,7 +50,15 @@ def replay_pull(exchanger, server_payload, first, second, client, like):
         ExchangerSpec("dynamic-budget", byte_fraction=0.3),
         ExchangerSpec("dynamic-budget", byte_fraction=0.6),
     ],
-    ids=["percentage", "percentage-less-unnormalized", "threshold", "percentage-rms", "threshold-relative", "budget-0.3", "budget-0.6"],
+    ids=[
+        "percentage",
+        "percentage-less-unnormalized",
+        "threshold",
+        "percentage-rms",
+        "threshold-relative",
+        "budget-0.3",
+        "budget-0.6",
+    ],
 )
 def test_masked_round_equals_packed_replay(data, spec):
     """Round 2 replayed client by client through push_parameters, FedAvgDynamicLayer and
@@ -80,7 +88,9 @@ def test_masked_round_equals_packed_replay(data, spec):
         jlx.unflatten(first.state.global_layers, like=like),
     )
     for name, value in jlx.flatten(server).items():
-        np.testing.assert_allclose(np.asarray(second.state.global_layers[name]), value, rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(second.state.global_layers[name]), value, rtol=1e-6, atol=1e-7, err_msg=name
+        )
     assert sorted(averaged) == sorted(n for n, flag in second.state.pull_mask.items() if bool(flag))
 
 
@@ -120,7 +130,9 @@ def test_masked_sparse_round_equals_packed_replay(data, spec):
     averaged = jlx.FedAvgSparseCooTensor(weighted_aggregation=True).aggregate(results)
     server = jlx.merge_sparse_layers(jlx.unflatten(first.state.global_layers, like=like), averaged)
     for name, value in jlx.flatten(server).items():
-        np.testing.assert_allclose(np.asarray(second.state.global_layers[name]), value, rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(second.state.global_layers[name]), value, rtol=1e-6, atol=1e-7, err_msg=name
+        )
     for name, layer in averaged.items():
         np.testing.assert_array_equal(np.flatnonzero(np.asarray(second.state.pull_mask[name])), layer.flat_indices)
     record = simulation._record(2, second)
@@ -149,7 +161,11 @@ def test_error_feedback_rounds_equal_a_packed_replay(data, spec):
     sparse = simulation.exchanger.payload_kind == "sparse"
     everything = {name: np.ones(np.shape(v), bool) for name, v in jlx.flatten(like).items()}
     global_layers = jlx.flatten(like)
-    server_payload = coo_payload(global_layers, everything) if sparse else jlx.pack_layers(list(global_layers.values()), list(global_layers))
+    server_payload = (
+        coo_payload(global_layers, everything)
+        if sparse
+        else jlx.pack_layers(list(global_layers.values()), list(global_layers))
+    )
     own = [like] * data.num_clients
     sent_any = []
     for output in outputs:
@@ -157,7 +173,9 @@ def test_error_feedback_rounds_equal_a_packed_replay(data, spec):
         for client, exchanger in enumerate(clients):
             start = exchanger.pull_parameters(server_payload, own[client])
             for name, value in jlx.flatten(start).items():
-                np.testing.assert_array_equal(np.asarray(value), np.asarray(output.start_layers[name][client]), err_msg=name)
+                np.testing.assert_array_equal(
+                    np.asarray(value), np.asarray(output.start_layers[name][client]), err_msg=name
+                )
             # The exchanger's reference is the simulation's per-client reference.
             assert list(exchanger.reference) == simulation.layer_names
             for name, value in exchanger.reference.items():
@@ -178,10 +196,16 @@ def test_error_feedback_rounds_equal_a_packed_replay(data, spec):
             server_payload = jlx.pack_layers(list(averaged.values()), list(averaged))
         global_layers = jlx.flatten(merged)
         for name, value in global_layers.items():
-            np.testing.assert_allclose(np.asarray(output.state.global_layers[name]), value, rtol=1e-6, atol=1e-7, err_msg=name)
+            np.testing.assert_allclose(
+                np.asarray(output.state.global_layers[name]), value, rtol=1e-6, atol=1e-7, err_msg=name
+            )
         # The replay goes on from the simulation's own global model (float rounding aside).
         global_layers = jlx.flatten(jlx.unflatten(output.state.global_layers, like=like))
-        server_payload = coo_payload(global_layers, output.state.pull_mask) if sparse else named_payload(global_layers, output.state.pull_mask)
+        server_payload = (
+            coo_payload(global_layers, output.state.pull_mask)
+            if sparse
+            else named_payload(global_layers, output.state.pull_mask)
+        )
     assert any(sent_any) and not all(
         all(bool(np.all(o.send_masks[n])) for n in simulation.layer_names) for o in outputs
     ), "the rule must send something, and not everything"
@@ -211,7 +235,9 @@ def coo_payload(layers, masks):
     for name, mask in masks.items():
         flat = np.flatnonzero(np.asarray(mask))
         if flat.size:
-            sparse[name] = jlx.SparseLayer(np.asarray(layers[name]).reshape(-1)[flat], flat, tuple(np.shape(layers[name])))
+            sparse[name] = jlx.SparseLayer(
+                np.asarray(layers[name]).reshape(-1)[flat], flat, tuple(np.shape(layers[name]))
+            )
     return jlx.write_coo(sparse)
 
 
@@ -279,7 +305,9 @@ def test_sharded_clients_give_the_same_numbers(kind):
             else:
                 assert sharded[key] == value, key
     for name, value in one["global"].items():
-        np.testing.assert_allclose(np.asarray(four["global"][name]), np.asarray(value), rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(four["global"][name]), np.asarray(value), rtol=1e-5, atol=1e-6, err_msg=name
+        )
 
 
 def test_uneven_client_count_uses_a_dividing_mesh():

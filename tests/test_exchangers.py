@@ -258,7 +258,9 @@ def set_layer(model, name: str, value):
     for p in parts[:-1]:
         obj = obj[p]
     old = obj[parts[-1]]
-    obj[parts[-1]] = np.asarray(value, dtype=old.dtype) if isinstance(old, np.ndarray) else jnp.asarray(value, old.dtype)
+    obj[parts[-1]] = (
+        np.asarray(value, dtype=old.dtype) if isinstance(old, np.ndarray) else jnp.asarray(value, old.dtype)
+    )
 
 
 def ref_drifts(current: dict, initial: dict, normalize: bool) -> dict[str, float]:
@@ -649,8 +651,12 @@ def test_should_module_be_excluded():
 
 def test_should_layer_be_excluded_names():
     lex = LayerExchangerWithExclusions(LinenNet(), {nn.BatchNorm}, X)
-    for name in ("params/bn/scale", "batch_stats/bn/mean", "params/block/BatchNorm_0/bias",
-                 "batch_stats/block/BatchNorm_0/var"):
+    for name in (
+        "params/bn/scale",
+        "batch_stats/bn/mean",
+        "params/block/BatchNorm_0/bias",
+        "batch_stats/block/BatchNorm_0/var",
+    ):
         assert lex.should_layer_be_excluded(name), name
     for name in ("params/block/Dense_0/kernel", "params/shared/bias", "params/head/kernel"):
         assert not lex.should_layer_be_excluded(name), name
@@ -1226,6 +1232,7 @@ def test_bfloat16_dynamic_and_fixed_round_trip_bit_exact(kind, as_void):
     if as_void:
         payload = [p.view("V2") if p.dtype == BF16 else p for p in payload[:-1]] + [payload[-1]]
         fpayload = [p.view("V2") for p in fpayload]
+
         # and through numpy.save/load without pickle, as Flower does
         def wire(x):
             buf = io.BytesIO()

@@ -58,11 +58,15 @@ def data8(digits):
 
 
 def config12(**overrides):
-    return SimulationConfig(**{**{"rounds": 4, "local_steps": 2, "batch_size": 8, "clients_per_round": 4, "seed": SEED}, **overrides})
+    return SimulationConfig(
+        **{**{"rounds": 4, "local_steps": 2, "batch_size": 8, "clients_per_round": 4, "seed": SEED}, **overrides}
+    )
 
 
 def config8(**overrides):
-    return SimulationConfig(**{**{"rounds": 4, "local_steps": 2, "batch_size": 8, "clients_per_round": 6, "seed": SEED}, **overrides})
+    return SimulationConfig(
+        **{**{"rounds": 4, "local_steps": 2, "batch_size": 8, "clients_per_round": 6, "seed": SEED}, **overrides}
+    )
 
 
 class Run:
@@ -191,7 +195,9 @@ def test_sampling_matches_the_reference_draw_and_is_deterministic(data12, dynami
     # A fresh simulation with the same seed: same clients, same metrics.
     again = Simulation(DYNAMIC, config12(rounds=3), data12).run()
     for first, second in zip(records[:3], again, strict=True):
-        assert {k: v for k, v in first.items() if k != "wall_seconds"} == {k: v for k, v in second.items() if k != "wall_seconds"}
+        assert {k: v for k, v in first.items() if k != "wall_seconds"} == {
+            k: v for k, v in second.items() if k != "wall_seconds"
+        }
 
     # Another seed draws other clients (and the documented draw for it).
     other = Simulation(DYNAMIC, config12(seed=SEED + 1), data12)
@@ -220,16 +226,26 @@ def test_unsampled_clients_keep_their_layers_and_sync_rules(dynamic12):
     for round_index, output in enumerate(dynamic12.outputs, start=1):
         before, after = dynamic12.states[round_index - 1], output.state
         clients = reference_clients(SEED, 12, 4, round_index)
-        own_before, own_after, trained = host(before.client_layers), host(after.client_layers), host(output.trained_layers)
+        own_before, own_after, trained = (
+            host(before.client_layers),
+            host(after.client_layers),
+            host(output.trained_layers),
+        )
         for client in range(12):
             if client in clients:
                 row = clients.tolist().index(client)
                 for name in names:
                     np.testing.assert_array_equal(own_after[name][client], trained[name][row], err_msg=name)
-                assert not np.array_equal(own_after["params/Dense_2/bias"][client], own_before["params/Dense_2/bias"][client])
+                assert not np.array_equal(
+                    own_after["params/Dense_2/bias"][client], own_before["params/Dense_2/bias"][client]
+                )
             else:
                 for name in names:
-                    assert np.array_equal(own_after[name][client], own_before[name][client]), (round_index, client, name)
+                    assert np.array_equal(own_after[name][client], own_before[name][client]), (
+                        round_index,
+                        client,
+                        name,
+                    )
         # Hand rules: a client sampled in round r holds round r-1's global model; a layer
         # some client sent was updated in round r, the others keep their round.
         synced[clients] = round_index - 1
@@ -267,7 +283,9 @@ def test_upload_and_download_bytes_follow_the_catch_up_rule(which, dynamic12, ru
         assert record["download_bytes"] == download, round_index
         returning += int(np.sum(np.asarray(previous.synced)[np.asarray(output.clients)] >= 0))
         masks = host(output.send_masks)
-        assert record["layers_sent"] == [sum(bool(masks[n][row].any()) for n in masks) for row in range(len(record["clients"]))]
+        assert record["layers_sent"] == [
+            sum(bool(masks[n][row].any()) for n in masks) for row in range(len(record["clients"]))
+        ]
     assert returning > 0, "some client must come back (a catch-up pull)"
     assert len(run.records) >= 4
 
@@ -333,10 +351,16 @@ def test_chunked_rounds_equal_unchunked(spec, chunk, runs):
     for actual, expected in zip(chunked.records, whole.records, strict=True):
         assert_records_close(actual, expected)
     for name, value in host(whole.outputs[-1].state.global_layers).items():
-        np.testing.assert_allclose(np.asarray(chunked.outputs[-1].state.global_layers[name]), value, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(chunked.outputs[-1].state.global_layers[name]), value, rtol=1e-5, atol=1e-6, err_msg=name
+        )
     for name, value in host(whole.outputs[-1].state.client_layers).items():
-        np.testing.assert_allclose(np.asarray(chunked.outputs[-1].state.client_layers[name]), value, rtol=1e-5, atol=1e-6, err_msg=name)
-    np.testing.assert_array_equal(np.asarray(chunked.outputs[-1].state.synced), np.asarray(whole.outputs[-1].state.synced))
+        np.testing.assert_allclose(
+            np.asarray(chunked.outputs[-1].state.client_layers[name]), value, rtol=1e-5, atol=1e-6, err_msg=name
+        )
+    np.testing.assert_array_equal(
+        np.asarray(chunked.outputs[-1].state.synced), np.asarray(whole.outputs[-1].state.synced)
+    )
 
 
 # -- 6. server optimizers --------------------------------------------------------------------------
@@ -405,7 +429,16 @@ def scalar_leaves(state):
 @pytest.mark.parametrize("masks", [LAYER_MASKS, WEIGHT_MASKS], ids=["per-layer", "per-weight"])
 @pytest.mark.parametrize(
     "name, lr, reference_lr",
-    [("sgd", None, 1.0), ("sgd", 0.5, 0.5), ("adam", None, 0.01), ("adam", 0.3, 0.3), ("yogi", None, 0.01), ("yogi", 0.2, 0.2), ("adagrad", None, 0.1), ("adagrad", 0.4, 0.4)],
+    [
+        ("sgd", None, 1.0),
+        ("sgd", 0.5, 0.5),
+        ("adam", None, 0.01),
+        ("adam", 0.3, 0.3),
+        ("yogi", None, 0.01),
+        ("yogi", 0.2, 0.2),
+        ("adagrad", None, 0.1),
+        ("adagrad", 0.4, 0.4),
+    ],
 )
 def test_server_step_against_optax(name, lr, reference_lr, masks):
     optimizer = server_optimizer(name, lr)
@@ -421,12 +454,20 @@ def test_server_step_against_optax(name, lr, reference_lr, masks):
         sent = jlx.FlatView((n, jnp.asarray(m)) for n, m in mask.items())
         skipped = [n for n, m in mask.items() if not np.any(m)]
         if skipped:
-            skipped_before = (skipped[0], np.asarray(global_layers[skipped[0]]).copy(), jax.tree.map(np.asarray, state[skipped[0]]))
-        global_layers, state = server_step(optimizer, global_layers, jlx.FlatView((n, jnp.asarray(v)) for n, v in average.items()), sent, state)
+            skipped_before = (
+                skipped[0],
+                np.asarray(global_layers[skipped[0]]).copy(),
+                jax.tree.map(np.asarray, state[skipped[0]]),
+            )
+        global_layers, state = server_step(
+            optimizer, global_layers, jlx.FlatView((n, jnp.asarray(v)) for n, v in average.items()), sent, state
+        )
         ref_global, ref_state = reference_server_step(reference, ref_global, average, mask, ref_state)
         for layer in ("a", "b"):
             assert np.asarray(global_layers[layer]).dtype == np.float32
-            np.testing.assert_allclose(np.asarray(global_layers[layer]), ref_global[layer], rtol=1e-6, atol=1e-7, err_msg=f"{step} {layer}")
+            np.testing.assert_allclose(
+                np.asarray(global_layers[layer]), ref_global[layer], rtol=1e-6, atol=1e-7, err_msg=f"{step} {layer}"
+            )
             for got, want in zip(jax.tree.leaves(state[layer]), jax.tree.leaves(ref_state[layer]), strict=True):
                 np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7, err_msg=f"{step} {layer} state")
         if skipped:  # a layer nobody sent keeps its value and its whole state
@@ -467,10 +508,16 @@ def test_server_sgd_and_avg_by_hand():
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_server_step_keeps_bf16_and_rounds_int32_layers(name):
     global_layers = jlx.FlatView(
-        [("h", jnp.asarray(np.array([1.0, 3.0], ml_dtypes.bfloat16))), ("i", jnp.asarray(np.array([1, 2, 3, 7], np.int32)))]
+        [
+            ("h", jnp.asarray(np.array([1.0, 3.0], ml_dtypes.bfloat16))),
+            ("i", jnp.asarray(np.array([1, 2, 3, 7], np.int32))),
+        ]
     )
     averages = jlx.FlatView(
-        [("h", jnp.asarray(np.array([2.0, 2.0078125], ml_dtypes.bfloat16))), ("i", jnp.asarray(np.array([2, 2, 6, 9], np.int32)))]
+        [
+            ("h", jnp.asarray(np.array([2.0, 2.0078125], ml_dtypes.bfloat16))),
+            ("i", jnp.asarray(np.array([2, 2, 6, 9], np.int32))),
+        ]
     )
     sent = jlx.FlatView([("h", jnp.asarray(True)), ("i", jnp.asarray(np.array([True, True, True, False])))])
     lr = 0.5
@@ -531,11 +578,20 @@ def test_server_sgd_lr_1_is_fedavg(runs):
     for round_index in range(3):
         assert sgd.records[round_index]["clients"] == avg.records[round_index]["clients"]
         for name, value in host(avg.outputs[round_index].state.global_layers).items():
-            np.testing.assert_allclose(np.asarray(sgd.outputs[round_index].state.global_layers[name]), value, rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(
+                np.asarray(sgd.outputs[round_index].state.global_layers[name]),
+                value,
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=name,
+            )
 
 
 def weighted_average(trained, weights):
-    return {n: (np.tensordot(weights, v.astype(np.float64), axes=1) / weights.sum()).astype(np.float32) for n, v in trained.items()}
+    return {
+        n: (np.tensordot(weights, v.astype(np.float64), axes=1) / weights.sum()).astype(np.float32)
+        for n, v in trained.items()
+    }
 
 
 def test_server_adam_rounds_equal_a_reference_and_differ_from_the_average(runs, data8):
@@ -631,7 +687,16 @@ class NnxNet(nnx.Module):
         return self.linear2(nnx.relu(self.bn(self.linear1(x))))
 
 
-NNX_LAYERS = ["bn/bias", "bn/mean", "bn/scale", "bn/var", "linear1/bias", "linear1/kernel", "linear2/bias", "linear2/kernel"]
+NNX_LAYERS = [
+    "bn/bias",
+    "bn/mean",
+    "bn/scale",
+    "bn/var",
+    "linear1/bias",
+    "linear1/kernel",
+    "linear2/bias",
+    "linear2/kernel",
+]
 NNX_PARAMS = ["bn/bias", "bn/scale", "linear1/bias", "linear1/kernel", "linear2/bias", "linear2/kernel"]
 
 
@@ -650,7 +715,10 @@ def nnx_with(module, flat):
 @pytest.fixture(scope="module")
 def nnx_runs(data8):
     config = SimulationConfig(rounds=2, local_steps=2, batch_size=8, seed=SEED)
-    return {kind: Run(Simulation(ExchangerSpec(kind), config, data8, module=NnxNet(nnx.Rngs(0)))) for kind in ("full", "exclude-bn")}
+    return {
+        kind: Run(Simulation(ExchangerSpec(kind), config, data8, module=NnxNet(nnx.Rngs(0))))
+        for kind in ("full", "exclude-bn")
+    }
 
 
 def test_nnx_module_full_exchange(nnx_runs, data8):
@@ -665,7 +733,9 @@ def test_nnx_module_full_exchange(nnx_runs, data8):
     assert not np.allclose(np.asarray(first.trained_layers["bn/mean"][0]), 0.0)
     for name in NNX_LAYERS:
         for client in range(8):
-            np.testing.assert_array_equal(np.asarray(second.start_layers[name][client]), np.asarray(first.state.global_layers[name]))
+            np.testing.assert_array_equal(
+                np.asarray(second.start_layers[name][client]), np.asarray(first.state.global_layers[name])
+            )
     whole = sum(v.nbytes for v in initial.values())
     assert run.records[0]["download_bytes"] == 8 * whole and run.records[0]["upload_bytes"] == 8 * whole
     # The global loss is the global model's, evaluated in eval mode (running statistics).
@@ -697,7 +767,9 @@ def test_nnx_module_fedbn_keeps_batchnorm_local(nnx_runs):
     for name in NNX_LAYERS:  # nobody sends BatchNorm: it stays the initial global value
         if name.startswith("bn/"):
             np.testing.assert_array_equal(np.asarray(second.state.global_layers[name]), initial[name])
-    assert not np.array_equal(np.asarray(second.start_layers["bn/mean"][0]), np.asarray(second.start_layers["bn/mean"][1]))
+    assert not np.array_equal(
+        np.asarray(second.start_layers["bn/mean"][0]), np.asarray(second.start_layers["bn/mean"][1])
+    )
     part = sum(initial[n].nbytes for n in exchanged)
     assert run.records[1]["upload_bytes"] == 8 * part and run.records[1]["download_bytes"] == 8 * part
 

@@ -705,7 +705,9 @@ def test_dynamic_without_feedback_pushes_exactly_as_a_plain_exchanger():
 
     # one round by hand, against a numpy reference measured from initial_model
     exchanger = DynamicLayerExchanger(rule, error_feedback=False)
-    model = exchanger.pull_parameters(packed(FALLBACK_TRAINED), nest({n: np.zeros_like(v) for n, v in FALLBACK_TRAINED.items()}))
+    model = exchanger.pull_parameters(
+        packed(FALLBACK_TRAINED), nest({n: np.zeros_like(v) for n, v in FALLBACK_TRAINED.items()})
+    )
     initial = {"p/a": np.array([6.0, 1.0], F32), "p/b": np.array([0.0, 0.0], F32), "q/c": np.array([0.0], F32)}
     sent = unpack(exchanger.push_parameters(model, nest(initial)))
     assert list(sent) == ref_threshold_pick(FALLBACK_TRAINED, initial, 1.0) == ["p/a", "p/b"]
@@ -779,13 +781,21 @@ def test_reference_setter_rejects_what_is_not_a_name_to_array_mapping(bad):
 
 def test_reference_setter_copies_to_numpy_in_order():
     exchanger = threshold_exchanger(error_feedback=True)
-    source = {"z/last": np.array([1.0, 2.0], F32), "a/first": jnp.array([3, 4], jnp.int32), "m/bf": np.array([0.5], BF16)}
+    source = {
+        "z/last": np.array([1.0, 2.0], F32),
+        "a/first": jnp.array([3, 4], jnp.int32),
+        "m/bf": np.array([0.5], BF16),
+    }
     exchanger.reference = source
     assert isinstance(exchanger.reference, collections.OrderedDict)
     assert list(exchanger.reference) == ["z/last", "a/first", "m/bf"]
     for value in exchanger.reference.values():
         assert type(value) is np.ndarray
-    expected = {"z/last": np.array([1.0, 2.0], F32), "a/first": np.array([3, 4], np.int32), "m/bf": np.array([0.5], BF16)}
+    expected = {
+        "z/last": np.array([1.0, 2.0], F32),
+        "a/first": np.array([3, 4], np.int32),
+        "m/bf": np.array([0.5], BF16),
+    }
     assert_flat(exchanger.reference, expected)
     source["z/last"][0] = 99.0  # a copy: the source's later changes do not reach it
     assert_flat(exchanger.reference, expected)

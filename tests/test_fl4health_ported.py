@@ -111,8 +111,13 @@ class ConvUnit(nnx.Module):
     def __init__(self, cin: int, cout: int, *, norm: bool, kernel: int = 3, rngs: nnx.Rngs):
         # Constant initial weights: random 3-D kernels of many shapes take seconds to initialize.
         self.conv_layer = nnx.Conv(
-            cin, cout, (kernel,) * 3, use_bias=not norm, kernel_init=nnx.initializers.constant(0.5),
-            bias_init=nnx.initializers.constant(0.25), rngs=rngs,
+            cin,
+            cout,
+            (kernel,) * 3,
+            use_bias=not norm,
+            kernel_init=nnx.initializers.constant(0.5),
+            bias_init=nnx.initializers.constant(0.25),
+            rngs=rngs,
         )
         self.norm_layer = nnx.BatchNorm(cout, rngs=rngs) if norm else None
         self.block = nnx.List([self.conv_layer] + ([self.norm_layer] if norm else []))
@@ -202,8 +207,12 @@ def test_norm_drift_layer_exchange():
     model = with_constants(init_linen(module, 1, IMAGE), constants)
 
     names = ["params/conv1/kernel", "params/conv2/kernel", "params/fc1/kernel", "params/fc2/kernel"]
-    sizes = {"params/conv1/kernel": 5 * 5 * 1 * 8, "params/conv2/kernel": 5 * 5 * 8 * 16,
-             "params/fc1/kernel": 256 * 120, "params/fc2/kernel": 120 * 64}
+    sizes = {
+        "params/conv1/kernel": 5 * 5 * 1 * 8,
+        "params/conv2/kernel": 5 * 5 * 8 * 16,
+        "params/fc1/kernel": 256 * 120,
+        "params/fc2/kernel": 120 * 64,
+    }
     values = dict(zip(names, constants.values()))
     plain = {name: math.sqrt(sizes[name]) * values[name] for name in names}  # ||c * ones(n)|| = c sqrt(n)
     normalized = {name: plain[name] / sizes[name] for name in names}
@@ -312,7 +321,9 @@ def test_sparse_coo_parameter_exchanger_sparsity_level():
     total = 5 * 5 * 1 * 8 + 5 * 5 * 8 * 16 + 256 * 120 + 120 * 64
     assert total == 41800 == sum(leaf.size for leaf in jax.tree.leaves(model))
 
-    exchanger = jlx.SparseCooParameterExchanger(sparsity_level=0.1, score_gen_function=jlx.largest_final_magnitude_scores)
+    exchanger = jlx.SparseCooParameterExchanger(
+        sparsity_level=0.1, score_gen_function=jlx.largest_final_magnitude_scores
+    )
     values, (indices, shapes, names) = exchanger.select_parameters(model, initial)
 
     selected = sum(len(layer) for layer in values)
@@ -320,7 +331,10 @@ def test_sparse_coo_parameter_exchanger_sparsity_level():
     for layer_values, layer_indices in zip(values, indices):
         assert len(layer_values) == len(layer_indices)
     # Cross-check with numpy: the 4180 largest magnitudes, read back at the sent coordinates.
-    flat = {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(model)}
+    flat = {
+        "/".join(str(k.key) for k in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(model)
+    }
     magnitudes = np.concatenate([np.abs(leaf).ravel() for leaf in flat.values()])
     threshold = np.sort(magnitudes)[::-1][4180 - 1]
     for name, layer_values, layer_indices, shape in zip(names, values, indices, shapes):
@@ -351,7 +365,9 @@ def test_sparse_coo_parameter_exchanger():
     model = with_constants(init_linen(module, 0, IMAGE), {"conv1": 1.5, "conv2": 2.5, "fc1": 3.5, "fc2": 4.5})
     assert sum(leaf.size for leaf in jax.tree.leaves(model)) == 150 + 2400 + 4096 + 64
 
-    exchanger = jlx.SparseCooParameterExchanger(sparsity_level=0.001, score_gen_function=jlx.largest_final_magnitude_scores)
+    exchanger = jlx.SparseCooParameterExchanger(
+        sparsity_level=0.001, score_gen_function=jlx.largest_final_magnitude_scores
+    )
 
     def select_one():
         values, (indices, shapes, names) = exchanger.select_parameters(model, initial)
@@ -474,8 +490,12 @@ def test_nested_model_exclusion():
     np.testing.assert_array_equal(decoder_conv.conv_layer.kernel[...], np.zeros((3, 3, 3, 8, 8)))
     np.testing.assert_array_equal(decoder_conv.block[0].kernel[...], np.zeros((3, 3, 3, 8, 8)))
     after = {name: np.asarray(value) for name, value in jlx.flatten(model).items()}
-    bn_names = [name for name in after if name.rsplit("/", 1)[-1] in ("scale", "mean", "var") or
-                (name.endswith("/bias") and name not in exchanger.layers_to_transfer)]
+    bn_names = [
+        name
+        for name in after
+        if name.rsplit("/", 1)[-1] in ("scale", "mean", "var")
+        or (name.endswith("/bias") and name not in exchanger.layers_to_transfer)
+    ]
     assert len(bn_names) == 28
     for name in bn_names:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)

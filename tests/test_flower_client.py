@@ -631,9 +631,7 @@ def test_evaluate_without_evaluate_fn():
     [("0.5", r"real loss, got '0\.5'"), (1 + 2j, r"real loss, got \(1\+2j\)"), (None, "real loss, got None")],
 )
 def test_evaluate_non_real_loss(loss, match):
-    client, start = initialized_linen_client(
-        percentage_exchanger(0.5), evaluate_fn=lambda model, config: (loss, 4, {})
-    )
+    client, start = initialized_linen_client(percentage_exchanger(0.5), evaluate_fn=lambda model, config: (loss, 4, {}))
     with pytest.raises(TypeError, match=match):
         client.evaluate(packed({}), {})
     assert_layers(ref_flat(client.model), start)
@@ -960,7 +958,7 @@ def test_stateful_client_fn_round_two_starts_from_saved_state():
     res2 = client_fn(context).fit(FitIns(partial, {"r": 2}))
     assert res2.status.code == Code.OK
     assert len(built) == 2 and built[0][0] is not built[1][0]
-    for client, variables in built:  # each made from fresh init variables
+    for _, variables in built:  # each made from fresh init variables
         assert_layers(variables, fresh)
     received2 = record[1]["received"]
     # local BatchNorm layers are round 1's trained values, not the fresh init
@@ -1018,7 +1016,9 @@ def test_get_parameters_is_every_layer_named():
     assert_layers(unpack(payload), start)
 
 
-@pytest.mark.parametrize("loss", [jnp.float32(0.25), jnp.asarray(0.25, jnp.bfloat16), np.float64(0.25), np.asarray(0.25), 1])
+@pytest.mark.parametrize(
+    "loss", [jnp.float32(0.25), jnp.asarray(0.25, jnp.bfloat16), np.float64(0.25), np.asarray(0.25), 1]
+)
 def test_evaluate_accepts_real_scalars_of_any_array_kind(loss):
     # a jnp.mean(...) loss is a 0-d JAX array: it must be accepted, as a float
     client, _ = initialized_linen_client(percentage_exchanger(0.5), evaluate_fn=lambda model, config: (loss, 4, {}))

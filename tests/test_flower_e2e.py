@@ -50,13 +50,36 @@ def _run_federation(record: pathlib.Path, *, fail_client: int | None = None) -> 
     env = _environment()
     min_clients = CLIENTS - (fail_client is not None)
     commands = {
-        "server": [sys.executable, str(EXAMPLE / "server.py"), "--address", address, "--rounds", str(ROUNDS),
-                   "--clients", str(CLIENTS), "--min-clients", str(min_clients), "--round-timeout", "120",
-                   "--record", str(record)],
+        "server": [
+            sys.executable,
+            str(EXAMPLE / "server.py"),
+            "--address",
+            address,
+            "--rounds",
+            str(ROUNDS),
+            "--clients",
+            str(CLIENTS),
+            "--min-clients",
+            str(min_clients),
+            "--round-timeout",
+            "120",
+            "--record",
+            str(record),
+        ],
     }
     for client in range(CLIENTS):
-        command = [sys.executable, str(EXAMPLE / "client.py"), "--address", address, "--client-id", str(client),
-                   "--clients", str(CLIENTS), "--record", str(record)]
+        command = [
+            sys.executable,
+            str(EXAMPLE / "client.py"),
+            "--address",
+            address,
+            "--client-id",
+            str(client),
+            "--clients",
+            str(CLIENTS),
+            "--record",
+            str(record),
+        ]
         if client == fail_client:
             command += ["--fail-in-round", "2"]
         commands[f"client{client}"] = command

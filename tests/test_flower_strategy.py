@@ -248,9 +248,11 @@ def test_weighted_hand_computed_value():
     # One-element layer "x": client values 1, 3, 9 with 1, 2, 1 examples.
     # weighted: (1*1 + 2*3 + 1*9) / (1+2+1) = 16/4 = 4.0; unweighted: (1+3+9)/3 = 13/3.
     model = {"x": np.zeros((1,), np.float32), "y": np.full((1,), 7.0, np.float32)}
-    clients = [("p", {"x": np.array([1.0], np.float32)}, 1),
-               ("q", {"x": np.array([3.0], np.float32)}, 2),
-               ("r", {"x": np.array([9.0], np.float32)}, 1)]
+    clients = [
+        ("p", {"x": np.array([1.0], np.float32)}, 1),
+        ("q", {"x": np.array([3.0], np.float32)}, 2),
+        ("r", {"x": np.array([9.0], np.float32)}, 1),
+    ]
     weighted = strategy_for(model)
     weighted.aggregate_fit(1, results_of(clients), [])
     np.testing.assert_allclose(weighted.global_layers["x"], [4.0], rtol=1e-6)
@@ -296,7 +298,7 @@ def _check_initial(strategy, expected_flat):
     names = arrays[-1]
     assert names.dtype.kind == "U"
     assert names.tolist() == list(expected)
-    for array, (name, value) in zip(arrays[:-1], expected.items()):
+    for array, value in zip(arrays[:-1], expected.values()):
         assert_bit_equal(array, value)
 
 
@@ -342,7 +344,7 @@ def test_order_is_flatten_order_not_sorted_order():
     for source in (model, flat):  # the pytree itself and its flat view
         strategy = strategy_for(source, evaluate_fn=lambda r, arrays, c: calls.append(arrays) or (0.0, {}))
         _check_initial(strategy, flat)
-        (_, ins), = strategy.configure_fit(1, EMPTY_PARAMS, manager("A"))
+        ((_, ins),) = strategy.configure_fit(1, EMPTY_PARAMS, manager("A"))
         assert decode_names(ins.parameters) == order
         strategy.evaluate(0, EMPTY_PARAMS)
         assert len(calls[-1]) == len(order)
@@ -354,8 +356,10 @@ def test_nnx_model_aggregation_updates_named_layers():
     module = NnxNet(nnx.Rngs(1))
     flat = {name: np.asarray(value) for name, value in jaxlayerx.flatten(module).items()}
     strategy = strategy_for(module)
-    clients = [("c0", client_layers(flat, ["bn/mean", "lin/kernel"], 1), 3),
-               ("c1", client_layers(flat, ["lin/kernel"], 2), 5)]
+    clients = [
+        ("c0", client_layers(flat, ["bn/mean", "lin/kernel"], 1), 3),
+        ("c1", client_layers(flat, ["lin/kernel"], 2), 5),
+    ]
     strategy.aggregate_fit(1, results_of(clients), [])
     expected = ref_mean(clients, True)
     for name in flat:
@@ -375,7 +379,10 @@ def _by_cid(instructions):
 
 
 def evaluate_results(*cids: str) -> list[tuple[ClientProxy, EvaluateRes]]:
-    return [(FakeProxy(cid), EvaluateRes(status=Status(code=Code.OK, message="ok"), loss=0.0, num_examples=1, metrics={})) for cid in cids]
+    return [
+        (FakeProxy(cid), EvaluateRes(status=Status(code=Code.OK, message="ok"), loss=0.0, num_examples=1, metrics={}))
+        for cid in cids
+    ]
 
 
 def test_per_client_payloads_track_what_each_client_has():
@@ -697,10 +704,15 @@ def test_failures_without_accept_failures_change_nothing(failure, caplog):
     strategy = strategy_for(model, accept_failures=False)
     before = snapshot(strategy.global_layers)
     if failure == "tuple":
-        failure = (FakeProxy("failed"), FitRes(
-            status=Status(code=Code.FIT_NOT_IMPLEMENTED, message="no fit"),
-            parameters=EMPTY_PARAMS, num_examples=0, metrics={},
-        ))
+        failure = (
+            FakeProxy("failed"),
+            FitRes(
+                status=Status(code=Code.FIT_NOT_IMPLEMENTED, message="no fit"),
+                parameters=EMPTY_PARAMS,
+                num_examples=0,
+                metrics={},
+            ),
+        )
     caplog.set_level(logging.WARNING, logger=LOGGER)
     parameters, _ = strategy.aggregate_fit(1, results_of(good_clients(model)), [failure])
     assert parameters is None
@@ -715,10 +727,15 @@ def test_failures_with_accept_failures_do_not_stop_aggregation(failure):
     model = make_model()
     strategy = strategy_for(model, accept_failures=True)
     if failure == "tuple":
-        failure = (FakeProxy("failed"), FitRes(
-            status=Status(code=Code.FIT_NOT_IMPLEMENTED, message="no fit"),
-            parameters=EMPTY_PARAMS, num_examples=0, metrics={},
-        ))
+        failure = (
+            FakeProxy("failed"),
+            FitRes(
+                status=Status(code=Code.FIT_NOT_IMPLEMENTED, message="no fit"),
+                parameters=EMPTY_PARAMS,
+                num_examples=0,
+                metrics={},
+            ),
+        )
     goods = good_clients(model)
     parameters, metrics = strategy.aggregate_fit(1, results_of(goods), [failure])
     assert parameters is not None
@@ -820,7 +837,7 @@ def test_bfloat16_single_client_round_trip_is_bit_exact():
     assert w0.dtype.kind == "V" and w0.dtype.itemsize == 2
     assert_bit_equal(jaxlayerx.conform_layer("w", w0, model["w"]).view(np.uint16), model["w"].view(np.uint16))
 
-    (_, first), = strategy.configure_fit(1, EMPTY_PARAMS, manager("c0"))
+    ((_, first),) = strategy.configure_fit(1, EMPTY_PARAMS, manager("c0"))
     w_first = decode(first.parameters)["w"]
     assert_bit_equal(jaxlayerx.conform_layer("w", w_first, model["w"]).view(np.uint16), model["w"].view(np.uint16))
 
@@ -841,7 +858,7 @@ def test_bfloat16_single_client_round_trip_is_bit_exact():
     assert_bit_equal(restored.view(np.uint16), sent.view(np.uint16))
     # What the strategy sends next round to the client it served (only "w" changed) is
     # bit-identical too.
-    (_, ins), = strategy.configure_fit(2, EMPTY_PARAMS, manager("c0"))
+    ((_, ins),) = strategy.configure_fit(2, EMPTY_PARAMS, manager("c0"))
     got = decode(ins.parameters)
     assert list(got) == ["w"]
     assert_bit_equal(jaxlayerx.conform_layer("w", got["w"], model["w"]).view(np.uint16), sent.view(np.uint16))
@@ -974,8 +991,10 @@ def test_evaluate_gets_full_global_model_in_flatten_order(linen_variables):
 
     flat = {name: np.asarray(v) for name, v in jaxlayerx.flatten(linen_variables).items()}
     strategy = strategy_for(linen_variables, evaluate_fn=evaluate_fn)
-    clients = [("c0", client_layers(flat, ["params/Dense_0/kernel", "batch_stats/BatchNorm_0/var"], 1), 2),
-               ("c1", client_layers(flat, ["params/Dense_0/kernel"], 2), 6)]
+    clients = [
+        ("c0", client_layers(flat, ["params/Dense_0/kernel", "batch_stats/BatchNorm_0/var"], 1), 2),
+        ("c1", client_layers(flat, ["params/Dense_0/kernel"], 2), 6),
+    ]
     strategy.aggregate_fit(1, results_of(clients), [])
     expected = ref_mean(clients, True)
 

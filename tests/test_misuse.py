@@ -298,7 +298,12 @@ def suggestions(message: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "wrong, first",
-    [("fc.weight", "fc/kernel"), ("bn.running_mean", "bn/mean"), ("bn.running_var", "bn/var"), ("bn.weight", "bn/scale")],
+    [
+        ("fc.weight", "fc/kernel"),
+        ("bn.running_mean", "bn/mean"),
+        ("bn.running_var", "bn/var"),
+        ("bn.weight", "bn/scale"),
+    ],
 )
 def test_torch_names_suggest_flax_names_nnx(wrong, first):
     model = make_net()
@@ -547,7 +552,16 @@ class DigitsNet(nnx.Module):
 
 
 SIM_PARAMS = ["bn/bias", "bn/scale", "linear1/bias", "linear1/kernel", "linear2/bias", "linear2/kernel"]
-SIM_ALL = ["bn/bias", "bn/mean", "bn/scale", "bn/var", "linear1/bias", "linear1/kernel", "linear2/bias", "linear2/kernel"]
+SIM_ALL = [
+    "bn/bias",
+    "bn/mean",
+    "bn/scale",
+    "bn/var",
+    "linear1/bias",
+    "linear1/kernel",
+    "linear2/bias",
+    "linear2/kernel",
+]
 #: float32 bytes of the Param layers: bn 2*16, linear1 64*16 + 16, linear2 16*10 + 10.
 SIM_PARAM_BYTES = 4 * (2 * 16 + 64 * 16 + 16 + 16 * 10 + 10)
 
@@ -632,7 +646,9 @@ def global_model() -> dict[str, np.ndarray]:
 
 
 def strategy(**options) -> FedAvgDynamicLayerStrategy:
-    return FedAvgDynamicLayerStrategy(global_model(), min_fit_clients=1, min_evaluate_clients=1, min_available_clients=1, **options)
+    return FedAvgDynamicLayerStrategy(
+        global_model(), min_fit_clients=1, min_evaluate_clients=1, min_available_clients=1, **options
+    )
 
 
 A32 = np.array([0.1, -1.7, 2.25, 3.3], np.float32)
@@ -755,9 +771,7 @@ def test_fedavg_dynamic_layer_names_the_nan_client_and_layer(bad_client, layer):
 def test_fedavg_sparse_coo_names_the_nan_client_and_layer(nan_client):
     def coo(values):
         values = np.asarray(values, np.float32)
-        return jaxlayerx.pack_coo(
-            [values], [np.array([[0], [2]], np.int64)], [np.array([4], np.int64)], ["w"]
-        )
+        return jaxlayerx.pack_coo([values], [np.array([[0], [2]], np.int64)], [np.array([4], np.int64)], ["w"])
 
     payloads = [(coo([1.0, 2.0]), 3), (coo([3.0, 4.0]), 2)]
     payloads[nan_client] = (coo([np.nan, 2.0]), [3, 2][nan_client])

@@ -253,9 +253,7 @@ def test_pack_non_string_name_is_type_error():
 
 
 def test_payload_nbytes_hand_computed():
-    payload = pack_layers(
-        [np.zeros((2, 3), np.float32), np.zeros(5, BF16), np.zeros(4, np.int8)], ["a", "bb", "ccc"]
-    )
+    payload = pack_layers([np.zeros((2, 3), np.float32), np.zeros(5, BF16), np.zeros(4, np.int8)], ["a", "bb", "ccc"])
     # float32 2x3: 6*4 = 24; bfloat16 x5: 5*2 = 10; int8 x4: 4*1 = 4;
     # names: 3 names of '<U3' (longest name 'ccc'), 4 bytes per char: 3*3*4 = 36.
     assert payload_nbytes(payload) == 24 + 10 + 4 + 36

@@ -46,7 +46,9 @@ def runs():
         "percentage-absolute-0.3": ExchangerSpec("dynamic-percentage", exchange_percentage=0.3, normalize=False),
         "sparse-increase": ExchangerSpec("sparse-largest-magnitude-increase", sparsity_level=0.1),
         "sparse-change": ExchangerSpec("sparse-largest-magnitude-change", sparsity_level=0.1),
-        "percentage-rms-ef": ExchangerSpec("dynamic-percentage", exchange_percentage=0.5, measure="rms", error_feedback=True),
+        "percentage-rms-ef": ExchangerSpec(
+            "dynamic-percentage", exchange_percentage=0.5, measure="rms", error_feedback=True
+        ),
         "budget-ef": ExchangerSpec("dynamic-budget", byte_fraction=0.5, error_feedback=True),
     }
     histories = {name: simulate(spec, config, data) for name, spec in specs.items()}
@@ -108,7 +110,9 @@ def test_bar_2_sparse_with_error_feedback_at_sparsity_five_percent_within_a_poin
 def shift_runs(dataset, module):
     local = {"full": [], "exclude-bn": []}
     for seed in (0, 1, 2):
-        data = make_client_data(dataset.x, dataset.y, 8, beta=None, seed=seed, x_test=dataset.x_test, y_test=dataset.y_test, shift=True)
+        data = make_client_data(
+            dataset.x, dataset.y, 8, beta=None, seed=seed, x_test=dataset.x_test, y_test=dataset.y_test, shift=True
+        )
         for kind in local:
             history = simulate(ExchangerSpec(kind), SimulationConfig(seed=seed), data, module)
             local[kind].append(final(history, "local_accuracy_mean"))
@@ -153,7 +157,11 @@ SCALE_SCRIPT = textwrap.dedent(
 def scale_run(clients, folder):
     completed = subprocess.run(
         [sys.executable, "-c", SCALE_SCRIPT, str(clients), str(folder)],
-        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stderr
     result = json.loads(completed.stdout.strip().splitlines()[-1])

@@ -728,7 +728,9 @@ def test_threshold_and_percentage_match_reference(model, measure, more, p):
     # divides by a constant through its reciprocal, so a tie in exact arithmetic may come
     # out a last bit apart: such cases say nothing about the rule.
     assume(well_separated(drifts.values()))
-    assume(all((float(lib[a]) == float(lib[b])) == (float(drifts[a]) == float(drifts[b])) for a in names for b in names))
+    assume(
+        all((float(lib[a]) == float(lib[b])) == (float(drifts[a]) == float(drifts[b])) for a in names for b in names)
+    )
 
     expected = ref_select_percentage(names, drifts, p, more)
     rule = PercentageRule(p, measure, more)

@@ -18,10 +18,9 @@ import pytest
 from flax import nnx
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from reference import ref_name
 
 import jaxlayerx
-from jaxlayerx import selection as sel
-from reference import ref_name
 from jaxlayerx import (
     LayerSelectionFunctionConstructor,
     check_matching_layers,
@@ -33,6 +32,7 @@ from jaxlayerx import (
     select_layers_by_threshold,
     threshold_mask,
 )
+from jaxlayerx import selection as sel
 
 BF16 = jnp.bfloat16
 DTYPES = [np.float32, np.float16, BF16, np.int32]
@@ -449,12 +449,12 @@ def _scalar_layers(values: dict[str, float]):
 def test_ties_go_to_the_earlier_layer(values, p, more, expected, normalize):
     current, initial = _scalar_layers(values)
     assert list(jaxlayerx.flatten(current)) == ["a", "b", "c", "d"]
-    arrays, names = LayerSelectionFunctionConstructor(1.0, p, normalize, more).select_by_percentage()(
-        current, initial
-    )
+    arrays, names = LayerSelectionFunctionConstructor(1.0, p, normalize, more).select_by_percentage()(current, initial)
     assert names == expected
     assert [float(a[0]) for a in arrays] == [float(values[n]) for n in expected]
-    mask = percentage_mask(drift_norms(jaxlayerx.flatten(current), jaxlayerx.flatten(initial)), p, select_drift_more=more)
+    mask = percentage_mask(
+        drift_norms(jaxlayerx.flatten(current), jaxlayerx.flatten(initial)), p, select_drift_more=more
+    )
     assert [n for n, keep in mask.items() if bool(keep)] == expected
 
 
@@ -632,7 +632,9 @@ def test_model_kinds_hand_expectations(kind):
 # --------------------------------------------------------------------------------------
 
 # Keys are sorted and free of "/", so each flat dict is also a plain model with the same flatten.
-VMAP_SHAPES = collections.OrderedDict([("enc_b", (2,)), ("enc_w", (3, 2)), ("out_b", (1,)), ("out_w", (2, 2)), ("t", ())])
+VMAP_SHAPES = collections.OrderedDict(
+    [("enc_b", (2,)), ("enc_w", (3, 2)), ("out_b", (1,)), ("out_w", (2, 2)), ("t", ())]
+)
 # Client c, layer j: one element of value CLIENT_VALUES[c][j] on zero initial layers.
 # normalize off: drift = |value|; normalize on: |value| / size (sizes 2, 6, 1, 4, 1).
 CLIENT_VALUES = [
@@ -693,9 +695,9 @@ def test_threshold_mask_under_vmap_and_jit(normalize, more):
     names = list(VMAP_SHAPES)
     stacked_cur, stacked_init = _stack(curs), _stack(inits)
     threshold = 1.5 if normalize else 2.5  # far from every drift listed above
-    masks = jax.vmap(lambda c, i: threshold_mask(drift_norms(c, i, normalize=normalize), threshold, select_drift_more=more))(
-        stacked_cur, stacked_init
-    )
+    masks = jax.vmap(
+        lambda c, i: threshold_mask(drift_norms(c, i, normalize=normalize), threshold, select_drift_more=more)
+    )(stacked_cur, stacked_init)
     # an array threshold, one per client, traced under vmap (compared in float32)
     per_client_thresholds = jnp.asarray([threshold, 0.5, 4.5], jnp.float32)
     masks_t = jax.jit(

@@ -147,7 +147,10 @@ def test_small_beta_gives_skewed_clients(digits):
         ((np.zeros(10), 2, -1.0), r"beta must be positive and finite, got -1.0"),
         ((np.zeros(10), 2, float("inf")), r"beta must be positive and finite, got inf"),
         ((np.zeros(10), 2, float("nan")), r"beta must be positive and finite, got nan"),
-        ((np.zeros(10), 6, 0.5), r"more clients than samples: 6 clients x min_size=2 need 12 examples, but there are 10"),
+        (
+            (np.zeros(10), 6, 0.5),
+            r"more clients than samples: 6 clients x min_size=2 need 12 examples, but there are 10",
+        ),
     ],
 )
 def test_split_errors(args, message):
@@ -218,7 +221,9 @@ def check_client_data(data: ClientData, x, y, num_clients, test_fraction):
     assert len(data.y_global_test) == int(data.n_test.sum())
 
 
-@pytest.mark.parametrize("num_clients, beta, test_fraction", [(4, 0.5, 0.2), (6, 0.1, 0.3), (3, 100.0, 0.5), (1, 1.0, 0.1)])
+@pytest.mark.parametrize(
+    "num_clients, beta, test_fraction", [(4, 0.5, 0.2), (6, 0.1, 0.3), (3, 100.0, 0.5), (1, 1.0, 0.1)]
+)
 def test_make_client_data_rows(num_clients, beta, test_fraction):
     x, y = unique_rows_data()
     data = make_client_data(x, y, num_clients, beta=beta, seed=5, test_fraction=test_fraction)
@@ -284,10 +289,25 @@ def test_client_data_is_frozen():
 @pytest.mark.parametrize(
     "x, y, kwargs, message",
     [
-        (np.zeros((10, 3)), np.zeros(9, np.int32), {}, r"x and y must have the same length, got shapes \(10, 3\) and \(9,\)"),
+        (
+            np.zeros((10, 3)),
+            np.zeros(9, np.int32),
+            {},
+            r"x and y must have the same length, got shapes \(10, 3\) and \(9,\)",
+        ),
         (np.zeros((10, 3)), np.zeros(10), {}, r"y must hold integer labels, got dtype float64"),
-        (np.zeros((10, 3)), np.zeros(10, np.int32), {"test_fraction": 0.0}, r"test_fraction must be in \(0, 1\), got 0.0"),
-        (np.zeros((10, 3)), np.zeros(10, np.int32), {"test_fraction": 1.0}, r"test_fraction must be in \(0, 1\), got 1.0"),
+        (
+            np.zeros((10, 3)),
+            np.zeros(10, np.int32),
+            {"test_fraction": 0.0},
+            r"test_fraction must be in \(0, 1\), got 0.0",
+        ),
+        (
+            np.zeros((10, 3)),
+            np.zeros(10, np.int32),
+            {"test_fraction": 1.0},
+            r"test_fraction must be in \(0, 1\), got 1.0",
+        ),
         (np.zeros((10, 3)), np.zeros(10, np.int32), {"test_fraction": -0.2}, r"test_fraction must be in \(0, 1\)"),
         (np.zeros((10, 3)), np.zeros(10, np.int32), {"num_clients": 6}, r"more clients than samples"),
         (np.zeros((10, 3)), np.zeros(10, np.int32), {"num_clients": 0}, r"num_clients must be at least 1"),

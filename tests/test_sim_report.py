@@ -82,7 +82,13 @@ def test_write_run_writes_five_files(run):
     assert paths["metrics_csv"] == folder / "metrics.csv"
     assert paths["plot"] == folder / "plot.png"
     assert paths["plot_total"] == folder / "plot_total.png"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.csv", "metrics.json", "plot.png", "plot_total.png"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "metrics.csv",
+        "metrics.json",
+        "plot.png",
+        "plot_total.png",
+    ]
 
 
 def test_config_json(run):
@@ -104,9 +110,21 @@ def test_metrics_csv(run):
     with paths["metrics_csv"].open(newline="") as file:
         rows = list(csv.reader(file))
     header, body = rows[0], rows[1:]
-    assert tuple(header) == CSV_COLUMNS == (
-        "exchanger", "round", "global_accuracy", "global_loss", "local_accuracy_mean",
-        "upload_bytes", "download_bytes", "cumulative_upload_mb", "layers_sent_mean", "wall_seconds",
+    assert (
+        tuple(header)
+        == CSV_COLUMNS
+        == (
+            "exchanger",
+            "round",
+            "global_accuracy",
+            "global_loss",
+            "local_accuracy_mean",
+            "upload_bytes",
+            "download_bytes",
+            "cumulative_upload_mb",
+            "layers_sent_mean",
+            "wall_seconds",
+        )
     )
     assert len(body) == sum(len(h) for h in histories.values()) == 5
     by_name: dict[str, list[dict]] = {}
@@ -190,7 +208,15 @@ def test_summary_table():
     lines = table.splitlines()
     assert len(lines) == 2 + 2  # header, rule, one row per exchanger
     assert lines[0].split() == [
-        "exchanger", "global_acc", "local_acc", "up_MB", "down_MB", "layers_sent", "wall_s", "frontier", "note",
+        "exchanger",
+        "global_acc",
+        "local_acc",
+        "up_MB",
+        "down_MB",
+        "layers_sent",
+        "wall_s",
+        "frontier",
+        "note",
     ]
     # Sorted by MB uploaded: dynamic-threshold (0.375) before full (4.0).
     assert [line.split()[0] for line in lines[2:]] == ["dynamic-threshold", "full"]
@@ -225,8 +251,14 @@ def test_pareto_frontier_on_hand_made_points():
 
 def repeated_histories():
     """Two seeds of two rounds each; means by hand."""
-    first = [record(1, 0.4, 2.0, [0.5, 0.7], 100, 300, [2, 2], 1.0), record(2, 0.6, 1.0, [0.8, 0.8], 200, 300, [1, 3], 1.0)]
-    second = [record(1, 0.6, 1.0, [0.3, 0.5], 300, 300, [2, 2], 3.0), record(2, 0.9, 0.5, [0.9, 0.9], 100, 300, [2, 2], 2.0)]
+    first = [
+        record(1, 0.4, 2.0, [0.5, 0.7], 100, 300, [2, 2], 1.0),
+        record(2, 0.6, 1.0, [0.8, 0.8], 200, 300, [1, 3], 1.0),
+    ]
+    second = [
+        record(1, 0.6, 1.0, [0.3, 0.5], 300, 300, [2, 2], 3.0),
+        record(2, 0.9, 0.5, [0.9, 0.9], 100, 300, [2, 2], 2.0),
+    ]
     return {"dynamic": [first, second], "full": sample_histories()["full"]}
 
 
@@ -253,7 +285,10 @@ def test_repeats_in_the_table_and_the_files(tmp_path):
     with paths["metrics_csv"].open(newline="") as file:
         rows = list(csv.DictReader(file))
     assert [(r["exchanger"], r["seed"], r["round"]) for r in rows if r["exchanger"] == "dynamic"] == [
-        ("dynamic", "7", "1"), ("dynamic", "7", "2"), ("dynamic", "8", "1"), ("dynamic", "8", "2"),
+        ("dynamic", "7", "1"),
+        ("dynamic", "7", "2"),
+        ("dynamic", "8", "1"),
+        ("dynamic", "8", "2"),
     ]
     assert {r["seed"] for r in rows if r["exchanger"] == "full"} == {"7"}
 

@@ -29,6 +29,7 @@ import pytest
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import ref_name
 
 import jaxlayerx
 from jaxlayerx import (
@@ -42,9 +43,8 @@ from jaxlayerx import (
     smallest_increase_in_magnitude_scores,
     smallest_magnitude_change_scores,
     sparse_masks,
+    sparse_selection,
 )
-from jaxlayerx import sparse_selection
-from reference import ref_name
 
 BF16 = jnp.bfloat16
 KINDS = ["plain", "linen", "nnx"]
@@ -158,8 +158,7 @@ NEEDS_INITIAL = [fn for fn, (needs, _) in SCORE_REFS.items() if needs]
 def ref_score(fn, cur: dict, ini: dict | None) -> dict[str, np.ndarray]:
     _, formula = SCORE_REFS[fn]
     return {
-        name: formula(f32(w), None if ini is None else f32(ini[name])).astype(np.float32)
-        for name, w in cur.items()
+        name: formula(f32(w), None if ini is None else f32(ini[name])).astype(np.float32) for name, w in cur.items()
     }
 
 
@@ -388,7 +387,9 @@ def test_score_functions_needing_initial_reject_none(fn, kind):
     assert_flat_identical(ref_flat(a), before)
 
 
-@pytest.mark.parametrize("fn", [largest_final_magnitude_scores, smallest_final_magnitude_scores], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fn", [largest_final_magnitude_scores, smallest_final_magnitude_scores], ids=lambda f: f.__name__
+)
 def test_final_magnitude_scores_ignore_initial(fn):
     a = make("plain", 3)
     want = ref_score(fn, ref_flat(a), None)
@@ -439,8 +440,11 @@ def check_threshold_and_masks(scores, layers, s, expected_threshold=None, expect
     # both paths of the packed exchange find the same value (compared to each other and
     # to the reference only)
     host = np.float32(sparse_selection._host_threshold(scores, s))
-    device = np.float32(sparse_selection._device_threshold(
-        collections.OrderedDict((n, jnp.asarray(v)) for n, v in scores.items()), sparsity_level=s))
+    device = np.float32(
+        sparse_selection._device_threshold(
+            collections.OrderedDict((n, jnp.asarray(v)) for n, v in scores.items()), sparsity_level=s
+        )
+    )
     assert host == want_t and device == want_t, (host, device, want_t)
     if expected_threshold is not None:
         assert want_t == expected_threshold
@@ -495,7 +499,9 @@ def test_threshold_ties_all_kept():
 def test_threshold_all_equal_scores_keep_everything(s):
     scores = od(a=[2, 2, 2], b=[[2, 2]], c=2)
     layers = od(a=[1, 1, 1], b=[[1, 1]], c=1)
-    check_threshold_and_masks(scores, layers, s, 2.0, {"a": np.ones(3, bool), "b": np.ones((1, 2), bool), "c": np.bool_(True)})
+    check_threshold_and_masks(
+        scores, layers, s, 2.0, {"a": np.ones(3, bool), "b": np.ones((1, 2), bool), "c": np.bool_(True)}
+    )
 
 
 def test_threshold_nan_scores_never_kept():
@@ -517,7 +523,9 @@ def test_threshold_nan_scores_never_kept():
 def test_threshold_infinities():
     inf = np.inf
     # 3 * (1/3) == 1.0 -> k = 1 -> +inf
-    check_threshold_and_masks(od(a=[inf, -inf, 0]), od(a=[1, 1, 1]), 1 / 3, np.float32(inf), {"a": np.array([1, 0, 0], bool)})
+    check_threshold_and_masks(
+        od(a=[inf, -inf, 0]), od(a=[1, 1, 1]), 1 / 3, np.float32(inf), {"a": np.array([1, 0, 0], bool)}
+    )
     # s = 1: k = 3 -> -inf, everything kept
     check_threshold_and_masks(od(a=[inf, -inf, 0]), od(a=[1, 1, 1]), 1.0, np.float32(-inf), {"a": np.ones(3, bool)})
 
@@ -592,7 +600,9 @@ def test_masks_zero_rules():
     layers = od(a=[0, -0.0, 5, 0], b=[0, 0, 0])
     check_threshold_and_masks(scores, layers, 0.4, 7.0, {"a": np.array([1, 1, 1, 0], bool), "b": np.zeros(3, bool)})
     # -0.0 counts as zero for the "all zero" rule
-    check_threshold_and_masks(od(a=[9, 8], b=[1, 1]), od(a=[-0.0, 0.0], b=[1, 1]), 0.5, 8.0, {"a": np.zeros(2, bool), "b": np.zeros(2, bool)})
+    check_threshold_and_masks(
+        od(a=[9, 8], b=[1, 1]), od(a=[-0.0, 0.0], b=[1, 1]), 0.5, 8.0, {"a": np.zeros(2, bool), "b": np.zeros(2, bool)}
+    )
 
 
 def test_threshold_compares_in_float32():
@@ -612,7 +622,17 @@ def test_threshold_empty():
     assert np.asarray(masks["a"]).shape == (0, 3)
 
 
-@pytest.mark.parametrize("s, error", [(0, ValueError), (-0.5, ValueError), (1.5, ValueError), (float("nan"), ValueError), (True, TypeError), ("0.5", TypeError)])
+@pytest.mark.parametrize(
+    "s, error",
+    [
+        (0, ValueError),
+        (-0.5, ValueError),
+        (1.5, ValueError),
+        (float("nan"), ValueError),
+        (True, TypeError),
+        ("0.5", TypeError),
+    ],
+)
 def test_threshold_validates_sparsity(s, error):
     scores = od(a=[1, 2])
     with pytest.raises(error, match="sparsity_level"):
@@ -639,7 +659,12 @@ def test_threshold_and_masks_under_jit_and_vmap_over_clients(s):
     shapes = [(2, 3), (4,), ()]
     clients = 4
     per_client = [_random_scores(rng, shapes) for _ in range(clients)]
-    layers = [collections.OrderedDict((n, rng.choice([0.0, 1.0, -2.0], size=np.shape(v)).astype(np.float32)) for n, v in sc.items()) for sc in per_client]
+    layers = [
+        collections.OrderedDict(
+            (n, rng.choice([0.0, 1.0, -2.0], size=np.shape(v)).astype(np.float32)) for n, v in sc.items()
+        )
+        for sc in per_client
+    ]
     stacked = collections.OrderedDict((n, np.stack([c[n] for c in per_client])) for n in per_client[0])
     stacked_layers = collections.OrderedDict((n, np.stack([c[n] for c in layers])) for n in layers[0])
     thresholds = jax.jit(jax.vmap(lambda sc: score_threshold(sc, s)))(stacked)
@@ -692,7 +717,13 @@ def test_host_and_device_threshold_agree_with_reference(scores, s):
 @given(scores=score_dicts(), s=sparsity, data=st.data())
 def test_sparse_masks_match_reference(scores, s, data):
     layers = collections.OrderedDict(
-        (n, np.array(data.draw(st.lists(st.sampled_from([0.0, -0.0, 1.0, -3.0]), min_size=v.size, max_size=v.size)), np.float32).reshape(v.shape))
+        (
+            n,
+            np.array(
+                data.draw(st.lists(st.sampled_from([0.0, -0.0, 1.0, -3.0]), min_size=v.size, max_size=v.size)),
+                np.float32,
+            ).reshape(v.shape),
+        )
         for n, v in scores.items()
     )
     masks = sparse_masks(scores, layers, s)
@@ -712,7 +743,9 @@ def test_host_and_device_threshold_agree_on_subnormal_scores():
     for s, want in ((0.2, np.float32(1e-40)), (0.4, np.float32(5e-41)), (0.6, np.float32(1e-45))):
         assert ref_threshold(scores, s) == want
         host = np.float32(sparse_selection._host_threshold(scores, s))
-        device = np.float32(sparse_selection._device_threshold(collections.OrderedDict(a=jnp.asarray(SUBNORMALS)), sparsity_level=s))
+        device = np.float32(
+            sparse_selection._device_threshold(collections.OrderedDict(a=jnp.asarray(SUBNORMALS)), sparsity_level=s)
+        )
         assert host == want, (s, host)
         assert device == host, f"s={s}: device threshold {device!r} != host threshold {host!r}"
 
@@ -749,7 +782,12 @@ def test_subnormal_kept_weights_are_not_zero(dtype):
 def test_repeated_entry_detected_in_a_huge_claimed_shape():
     # The repeat check must not depend on a dense bitmap of the claimed layer.
     ex = SparseCooParameterExchanger(0.5, largest_final_magnitude_scores)
-    payload = [np.array([1.0, 2.0], np.float32), np.array([[7], [7]], np.int64), np.array([2**62], np.int64), np.array(["w"])]
+    payload = [
+        np.array([1.0, 2.0], np.float32),
+        np.array([[7], [7]], np.int64),
+        np.array([2**62], np.int64),
+        np.array(["w"]),
+    ]
     with pytest.raises(ValueError, match=r"'w'.*more than once"):
         ex.unpack_parameters(payload)
     payload[1] = np.array([[7], [2**62 - 1]], np.int64)
@@ -970,7 +1008,11 @@ def test_push_matches_reference_payload_and_round_trips(pair, s, fn, with_initia
 
 @pytest.mark.parametrize("kind", KINDS + ["bf16_nnx"])
 @pytest.mark.parametrize("s", [0.05, 0.3, 1.0])
-@pytest.mark.parametrize("fn", [largest_magnitude_change_scores, smallest_final_magnitude_scores, largest_increase_in_magnitude_scores], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fn",
+    [largest_magnitude_change_scores, smallest_final_magnitude_scores, largest_increase_in_magnitude_scores],
+    ids=lambda f: f.__name__,
+)
 def test_push_models_match_reference(kind, s, fn):
     a, a0 = make(kind, 11), make(kind, 12)
     cur, ini = ref_flat(a), ref_flat(a0)
@@ -1005,7 +1047,12 @@ def test_push_zero_rules():
     model = {"a": np.array([-0.0, 0, 5, 0], np.float32), "b": np.zeros(3, np.float32)}
     scores = {"a": np.array([9, 8, 7, 1], np.float32), "b": np.array([1, 1, 1], np.float32)}
     ex = SparseCooParameterExchanger(0.4, lambda m, i: scores)
-    want = [np.array([-0.0, 0, 5], np.float32), np.array([[0], [1], [2]], np.int64), np.array([4], np.int64), np.array(["a"])]
+    want = [
+        np.array([-0.0, 0, 5], np.float32),
+        np.array([[0], [1], [2]], np.int64),
+        np.array([4], np.int64),
+        np.array(["a"]),
+    ]
     assert_payload_identical(ex.push_parameters(model), want)
 
     # a kept zero travels and overwrites a non-zero weight of the receiver
@@ -1021,9 +1068,12 @@ def test_push_zero_size_and_scalar_layers():
     # scores |w|: 4, 1, 2 over 3 weights; k = ceil(1.5) = 2 -> threshold 2: s and v[1]
     payload = ex.push_parameters(model)
     want = [
-        np.array([4.0], np.float32), np.array([2.0], np.float32),
-        np.zeros((1, 0), np.int64), np.array([[1]], np.int64),
-        np.zeros(0, np.int64), np.array([2], np.int64),
+        np.array([4.0], np.float32),
+        np.array([2.0], np.float32),
+        np.zeros((1, 0), np.int64),
+        np.array([[1]], np.int64),
+        np.zeros(0, np.int64),
+        np.array([2], np.int64),
         np.array(["s", "v"]),
     ]
     assert_payload_identical(payload, want)
@@ -1037,13 +1087,18 @@ def test_push_zero_size_and_scalar_layers():
 def hand_payload(entries: dict, shapes: dict, index_dtype=np.int64):
     names = list(entries)
     values = [np.asarray(entries[n][0]) for n in names]
-    indices = [np.asarray(entries[n][1]).astype(index_dtype).reshape(len(values[i]), len(shapes[n])) for i, n in enumerate(names)]
+    indices = [
+        np.asarray(entries[n][1]).astype(index_dtype).reshape(len(values[i]), len(shapes[n]))
+        for i, n in enumerate(names)
+    ]
     shp = [np.array(shapes[n], dtype=np.int64) for n in names]
     return values + indices + shp + [np.array(names, dtype=np.str_)]
 
 
 @settings(max_examples=30, **HYP)
-@given(pair=trees(), seed=st.integers(0, 2**32 - 1), index_dtype=st.sampled_from([np.int64, np.int32, np.uint16, np.int8]))
+@given(
+    pair=trees(), seed=st.integers(0, 2**32 - 1), index_dtype=st.sampled_from([np.int64, np.int32, np.uint16, np.int8])
+)
 def test_pull_writes_exactly_the_sent_entries_pytree(pair, seed, index_dtype):
     source, target = pair
     rng = np.random.default_rng(seed)
@@ -1113,7 +1168,7 @@ def test_round_trip_push_serialize_pull(kind, s):
     # unpack_parameters of the serialized payload gives the same layers
     values, (indices, shapes, names) = ex.unpack_parameters(received)
     assert names == [n for n in cur if masks[n].any()]
-    for v, idx, shp, n in zip(values, indices, shapes, names):
+    for idx, shp, n in zip(indices, shapes, names):
         assert tuple(shp.tolist()) == cur[n].shape
         np.testing.assert_array_equal(idx, np.argwhere(masks[n]))
 
@@ -1195,7 +1250,9 @@ def test_interop_with_fl4health_style_payload():
         dense = np.zeros(tuple(out[2 * k + i]), out[i].dtype)
         for row, v in zip(out[k + i], out[i]):
             dense[tuple(row)] = v
-        assert_identical(dense, np.where(masks[name], src[name], np.zeros((), src[name].dtype)).astype(src[name].dtype), name)
+        assert_identical(
+            dense, np.where(masks[name], src[name], np.zeros((), src[name].dtype)).astype(src[name].dtype), name
+        )
 
 
 @pytest.mark.parametrize("empty", [np.array([]), np.array([], dtype=np.str_)])
@@ -1258,22 +1315,59 @@ MALFORMED = {
     "indices 1-D": (lambda p, n, s: _set(p, 3, p[3].reshape(-1)), ValueError, r"{name}.*indices", True),
     "indices 3-D": (lambda p, n, s: _set(p, 3, p[3][None]), ValueError, r"{name}.*indices", True),
     "indices rows != values": (lambda p, n, s: _set(p, 3, p[3][:1]), ValueError, r"{name}.*indices", True),
-    "indices cols != ndim": (lambda p, n, s: _set(p, 3, np.concatenate([p[3], p[3]], axis=1)), ValueError, r"{name}.*indices", True),
+    "indices cols != ndim": (
+        lambda p, n, s: _set(p, 3, np.concatenate([p[3], p[3]], axis=1)),
+        ValueError,
+        r"{name}.*indices",
+        True,
+    ),
     "shape float": (lambda p, n, s: _set(p, 5, p[5].astype(np.float64)), TypeError, r"{name}.*shape", True),
     "shape 2-D": (lambda p, n, s: _set(p, 5, p[5].reshape(1, -1)), (TypeError, ValueError), r"{name}.*shape", True),
     "shape negative": (lambda p, n, s: _set(p, 5, -p[5]), ValueError, r"{name}.*negative", True),
-    "index too large": (lambda p, n, s: _set(p, 3, p[3] + np.array(s, np.int64)), ValueError, r"{name}.*out of bounds", True),
+    "index too large": (
+        lambda p, n, s: _set(p, 3, p[3] + np.array(s, np.int64)),
+        ValueError,
+        r"{name}.*out of bounds",
+        True,
+    ),
     "index negative": (lambda p, n, s: _set(p, 3, p[3] - 1), ValueError, r"{name}.*out of bounds", True),
-    "index uint64 huge": (lambda p, n, s: _set(p, 3, p[3].astype(np.uint64) + np.uint64(2**63)), ValueError, r"{name}.*out of bounds", True),
-    "entry twice": (lambda p, n, s: _set(p, 3, np.stack([p[3][0], p[3][0]])), ValueError, r"{name}.*more than once", True),
+    "index uint64 huge": (
+        lambda p, n, s: _set(p, 3, p[3].astype(np.uint64) + np.uint64(2**63)),
+        ValueError,
+        r"{name}.*out of bounds",
+        True,
+    ),
+    "entry twice": (
+        lambda p, n, s: _set(p, 3, np.stack([p[3][0], p[3][0]])),
+        ValueError,
+        r"{name}.*more than once",
+        True,
+    ),
     "unknown name": (lambda p, n, s: _set(p, 6, np.array([p[6][0], n + "x"])), KeyError, r"{name}x", False),
     "shape differs from model": (lambda p, n, s: _set(p, 5, p[5] + 1), ValueError, r"{name}.*expected shape", False),
-    "ndim differs from model": (lambda p, n, s: _set(_set(p, 5, np.append(p[5], 1)), 3, np.concatenate([p[3], np.zeros((2, 1), np.int64)], axis=1)), ValueError, r"{name}.*expected shape", False),
-    "values bf16 as |V2 into float32": (lambda p, n, s: _set(p, 1, p[1].astype(BF16).view("V2")), TypeError, r"{name}.*float32", False),
+    "ndim differs from model": (
+        lambda p, n, s: _set(
+            _set(p, 5, np.append(p[5], 1)), 3, np.concatenate([p[3], np.zeros((2, 1), np.int64)], axis=1)
+        ),
+        ValueError,
+        r"{name}.*expected shape",
+        False,
+    ),
+    "values bf16 as |V2 into float32": (
+        lambda p, n, s: _set(p, 1, p[1].astype(BF16).view("V2")),
+        TypeError,
+        r"{name}.*float32",
+        False,
+    ),
     "values complex": (lambda p, n, s: _set(p, 1, p[1].astype(np.complex64)), TypeError, r"{name}.*complex", False),
     "values strings": (lambda p, n, s: _set(p, 1, np.array(["a", "b"])), TypeError, r"{name}", False),
     # 2**62 weights: no machine can hold a dense copy; the product of two overflows int64
-    "claimed shape huge": (lambda p, n, s: _set(p, 5, np.array([2**62] * len(s), np.int64)), ValueError, r"{name}.*(expected shape|int64 flat index)", False),
+    "claimed shape huge": (
+        lambda p, n, s: _set(p, 5, np.array([2**62] * len(s), np.int64)),
+        ValueError,
+        r"{name}.*(expected shape|int64 flat index)",
+        False,
+    ),
 }
 
 
@@ -1320,7 +1414,12 @@ def test_valid_payload_with_huge_claimed_shape(shape):
     # A shape of 2**80 entries cannot be addressed by an int64 flat index: it is refused
     # when read, with the layer named.
     ex = SparseCooParameterExchanger(0.5, largest_final_magnitude_scores)
-    payload = [np.array([1.0], np.float32), np.ones((1, len(shape)), np.int64), np.array(shape, np.int64), np.array(["w"])]
+    payload = [
+        np.array([1.0], np.float32),
+        np.ones((1, len(shape)), np.int64),
+        np.array(shape, np.int64),
+        np.array(["w"]),
+    ]
     model = {"w": np.arange(5, dtype=np.float32)}
     addressable = math.prod(shape) < 2**63
     message = r"'w'.*expected shape \(5,\)" if addressable else r"'w'.*int64 flat index"
@@ -1366,14 +1465,19 @@ def test_dtype_rules_on_pull_bf16_and_int_layers():
         "half": (np.array([1.5, -0.0], BF16).view("V2"), [[1, 2], [0, 0]]),
         "scalar": (np.array([1 / 3], np.float64), np.zeros((1, 0), np.int64)),
     }
-    payload = hand_payload({n: (v, np.asarray(i, np.int64)) for n, (v, i) in entries.items()}, {n: before[n].shape for n in entries})
+    payload = hand_payload(
+        {n: (v, np.asarray(i, np.int64)) for n, (v, i) in entries.items()}, {n: before[n].shape for n in entries}
+    )
     pulled = ex.pull_parameters(payload, model)
-    want = ref_pull(before, {
-        "enc/w": (np.array([0.25, -3.0], np.float32), np.array([[2, 3], [0, 0]])),
-        "count": (np.array([-7], np.int32), np.array([[4]])),
-        "half": (np.array([1.5, -0.0], BF16), np.array([[1, 2], [0, 0]])),
-        "scalar": (np.array([1 / 3]).astype(np.float32), np.zeros((1, 0), np.int64)),
-    })
+    want = ref_pull(
+        before,
+        {
+            "enc/w": (np.array([0.25, -3.0], np.float32), np.array([[2, 3], [0, 0]])),
+            "count": (np.array([-7], np.int32), np.array([[4]])),
+            "half": (np.array([1.5, -0.0], BF16), np.array([[1, 2], [0, 0]])),
+            "scalar": (np.array([1 / 3]).astype(np.float32), np.zeros((1, 0), np.int64)),
+        },
+    )
     assert_flat_identical(ref_flat(pulled), want)
     assert_flat_identical(ref_flat(model), before)
 
@@ -1384,9 +1488,12 @@ def test_malformed_second_layer_leaves_nnx_model_unchanged_in_place():
     model = make("bf16_nnx", 90)
     before = ref_flat(model)
     payload = [
-        np.array([1.0], BF16), np.array([2.0], BF16),
-        np.array([[0, 0]]), np.array([[3]]),
-        np.array([4, 3]), np.array([3]),
+        np.array([1.0], BF16),
+        np.array([2.0], BF16),
+        np.array([[0, 0]]),
+        np.array([[3]]),
+        np.array([4, 3]),
+        np.array([3]),
         np.array(["fc/kernel", "bn/mean"]),
     ]
     ex = SparseCooParameterExchanger(0.5, largest_final_magnitude_scores)
@@ -1396,7 +1503,10 @@ def test_malformed_second_layer_leaves_nnx_model_unchanged_in_place():
     # fix the index: both layers land (and only those entries)
     payload[3] = np.array([[2]])
     ex.pull_parameters(payload, model)
-    want = ref_pull(before, {"fc/kernel": (np.array([1.0], BF16), np.array([[0, 0]])), "bn/mean": (np.array([2.0], BF16), np.array([[2]]))})
+    want = ref_pull(
+        before,
+        {"fc/kernel": (np.array([1.0], BF16), np.array([[0, 0]])), "bn/mean": (np.array([2.0], BF16), np.array([[2]]))},
+    )
     assert_flat_identical(ref_flat(model), want)
 
 

@@ -22,6 +22,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import ref_name
 
 from jaxlayerx import (
     FedAvgSparseCooTensor,
@@ -31,8 +32,6 @@ from jaxlayerx import (
     read_coo,
     write_coo,
 )
-
-from reference import ref_name
 
 BF16 = ml_dtypes.bfloat16
 
@@ -148,8 +147,9 @@ def assert_matches_reference(out, ref, *, float32_atol_scale=2e-6):
             np.testing.assert_allclose(got, mean64, rtol=1e-12, atol=1e-12, err_msg=name)
         else:
             scale = float(np.max(np.abs(mean64), initial=1.0))
-            np.testing.assert_allclose(got.astype(np.float64), mean64, rtol=1e-6,
-                                       atol=float32_atol_scale * scale, err_msg=name)
+            np.testing.assert_allclose(
+                got.astype(np.float64), mean64, rtol=1e-6, atol=float32_atol_scale * scale, err_msg=name
+            )
 
 
 def snapshot(results):
@@ -205,8 +205,7 @@ def hand_results():
     f32 = np.float32
     return [
         (coo_payload({"w": ([(0, 0), (0, 1)], [2.0, 4.0], (2, 2), f32)}), 1),
-        (coo_payload({"w": ([(0, 1), (1, 1)], [8.0, -4.0], (2, 2), f32),
-                      "b": ([(2,)], [5.0], (3,), f32)}), 3),
+        (coo_payload({"w": ([(0, 1), (1, 1)], [8.0, -4.0], (2, 2), f32), "b": ([(2,)], [5.0], (3,), f32)}), 3),
         (coo_payload({"w": ([(1, 1), (0, 0)], [4.0, 10.0], (2, 2), f32)}), 4),  # not row-major on purpose
     ]
 
@@ -257,8 +256,10 @@ def test_per_weight_not_per_tensor_semantics(weighted):
     # per weight: entry 0 = 1 (client 0 alone), entry 1 = (2+6)/2 = 4, entry 2 = 8
     # fl4health's per-tensor average would give entry 0 = (1+0)/2 = 0.5 and entry 2 = 4.
     f32 = np.float32
-    results = [(coo_payload({"w": ([(0,), (1,)], [1.0, 2.0], (4,), f32)}), 2),
-               (coo_payload({"w": ([(1,), (2,)], [6.0, 8.0], (4,), f32)}), 2)]
+    results = [
+        (coo_payload({"w": ([(0,), (1,)], [1.0, 2.0], (4,), f32)}), 2),
+        (coo_payload({"w": ([(1,), (2,)], [6.0, 8.0], (4,), f32)}), 2),
+    ]
     out = aggregate(results, weighted)["w"]
     np.testing.assert_array_equal(out.flat_indices, [0, 1, 2])
     np.testing.assert_array_equal(out.values, np.array([1.0, 4.0, 8.0], f32))
@@ -269,8 +270,10 @@ def test_entry_sent_by_one_of_two_weighted_clients_is_that_value():
     # client 0 (10 examples) sends entry (1,2) = 3.5 only; client 1 (90) sends (0,0) = -1.
     # Each entry has one sender: its own value, whatever the weights.
     f32 = np.float32
-    results = [(coo_payload({"k": ([(1, 2)], [3.5], (2, 3), f32)}), 10),
-               (coo_payload({"k": ([(0, 0)], [-1.0], (2, 3), f32)}), 90)]
+    results = [
+        (coo_payload({"k": ([(1, 2)], [3.5], (2, 3), f32)}), 10),
+        (coo_payload({"k": ([(0, 0)], [-1.0], (2, 3), f32)}), 90),
+    ]
     out = aggregate(results)["k"]
     np.testing.assert_array_equal(out.flat_indices, [0, 5])  # (0,0) -> 0, (1,2) -> 1*3+2 = 5
     np.testing.assert_array_equal(out.values, np.array([-1.0, 3.5], f32))
@@ -279,9 +282,11 @@ def test_entry_sent_by_one_of_two_weighted_clients_is_that_value():
 def test_scalar_layer_and_empty_results():
     # 0-d layers: indices (n, 0), shape array empty. (2*1 + 6*3)/(2+6) = 20/8 = 2.5
     f32 = np.float32
-    results = [(coo_payload({"s": ([()], [1.0], (), f32)}), 2),
-               (coo_payload({"s": ([()], [3.0], (), f32)}), 6),
-               (coo_payload({}), 5)]  # a client that sends nothing
+    results = [
+        (coo_payload({"s": ([()], [1.0], (), f32)}), 2),
+        (coo_payload({"s": ([()], [3.0], (), f32)}), 6),
+        (coo_payload({}), 5),
+    ]  # a client that sends nothing
     out = aggregate(results)
     assert list(out) == ["s"]
     assert out["s"].shape == ()
@@ -294,8 +299,16 @@ def test_scalar_layer_and_empty_results():
 @pytest.mark.parametrize("index_dtype", [np.int32, np.uint8, np.uint64, np.int16])
 def test_any_integer_index_dtype_is_read(index_dtype):
     # The hand example with its indices and shapes in another integer dtype: same result.
-    results = [([np.asarray(a).astype(index_dtype) if 0 < i < len(p) - 1 and i >= (len(p) - 1) // 3 else a
-                 for i, a in enumerate(p)], n) for p, n in hand_results()]
+    results = [
+        (
+            [
+                np.asarray(a).astype(index_dtype) if 0 < i < len(p) - 1 and i >= (len(p) - 1) // 3 else a
+                for i, a in enumerate(p)
+            ],
+            n,
+        )
+        for p, n in hand_results()
+    ]
     assert all(p[(len(p) - 1) // 3].dtype == np.dtype(index_dtype) for p, _ in results)
     assert_sparse_identical(aggregate(results), aggregate(hand_results()))
 
@@ -396,6 +409,7 @@ def test_large_random_case_matches_reference():
 
 def naive_float32_depends_on_order(results, weighted):
     """Whether plain float32 left-to-right per-entry summation gives different bits in some order."""
+
     def naive(rs):
         acc = {}
         for packed, n in rs:
@@ -404,6 +418,7 @@ def naive_float32_depends_on_order(results, weighted):
                 a = acc.setdefault(name, np.zeros(int(np.prod(shape)), np.float32))
                 a[flat] += w * values.astype(np.float32)
         return acc
+
     base = naive(results)
     for perm in itertools.permutations(range(len(results))):
         other = naive([results[i] for i in perm])
@@ -461,8 +476,10 @@ def test_integer_layers_rounded_half_to_even(dtype):
     #             e2 = 3 (client 0 alone); e3 (0+5)/2 = 2.5 -> 2
     # weighted (1 and 3 examples): e0 (1*1 + 3*2)/4 = 7/4 = 1.75 -> 2;
     #             e1 (1*2 + 3*3)/4 = 11/4 = 2.75 -> 3; e2 = 3; e3 (0 + 3*5)/4 = 15/4 = 3.75 -> 4
-    results = [(coo_payload({"i": ([(0,), (1,), (2,), (3,)], [1, 2, 3, 0], (4,), dtype)}), 1),
-               (coo_payload({"i": ([(0,), (1,), (3,)], [2, 3, 5], (4,), dtype)}), 3)]
+    results = [
+        (coo_payload({"i": ([(0,), (1,), (2,), (3,)], [1, 2, 3, 0], (4,), dtype)}), 1),
+        (coo_payload({"i": ([(0,), (1,), (3,)], [2, 3, 5], (4,), dtype)}), 3),
+    ]
     out = aggregate(results, weighted=False)["i"]
     assert out.values.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(out.values, np.array([2, 2, 3, 2], dtype))
@@ -470,13 +487,17 @@ def test_integer_layers_rounded_half_to_even(dtype):
     assert out.values.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(out.values, np.array([2, 3, 3, 4], dtype))
     # (1*2 + 3*0)/4 = 0.5 -> 0 (ties to even); (1*6 + 3*0)/4 = 1.5 -> 2
-    tie = [(coo_payload({"i": ([(0,), (1,)], [2, 6], (2,), dtype)}), 1),
-           (coo_payload({"i": ([(0,), (1,)], [0, 0], (2,), dtype)}), 3)]
+    tie = [
+        (coo_payload({"i": ([(0,), (1,)], [2, 6], (2,), dtype)}), 1),
+        (coo_payload({"i": ([(0,), (1,)], [0, 0], (2,), dtype)}), 3),
+    ]
     np.testing.assert_array_equal(aggregate(tie)["i"].values, np.array([0, 2], dtype))
     if np.issubdtype(dtype, np.signedinteger):
         # (-1 + -2)/2 = -1.5 -> -2; (-3 + -2)/2 = -2.5 -> -2; (-1 + 0)/2 = -0.5 -> -0 = 0
-        neg = [(coo_payload({"i": ([(0,), (1,), (2,)], [-1, -3, -1], (3,), dtype)}), 1),
-               (coo_payload({"i": ([(0,), (1,), (2,)], [-2, -2, 0], (3,), dtype)}), 1)]
+        neg = [
+            (coo_payload({"i": ([(0,), (1,), (2,)], [-1, -3, -1], (3,), dtype)}), 1),
+            (coo_payload({"i": ([(0,), (1,), (2,)], [-2, -2, 0], (3,), dtype)}), 1),
+        ]
         np.testing.assert_array_equal(aggregate(neg, False)["i"].values, np.array([-2, -2, 0], dtype))
 
 
@@ -487,9 +508,11 @@ def test_bool_layers_rounded():
     #   (1,0): client 2 sends F          -> False
     #   (1,1): client 1 sends T          -> True
     b = np.bool_
-    results = [(coo_payload({"m": ([(0, 0), (0, 1)], [True, True], (2, 2), b)}), 1),
-               (coo_payload({"m": ([(0, 0), (0, 1), (1, 1)], [True, False, True], (2, 2), b)}), 1),
-               (coo_payload({"m": ([(0, 0), (1, 0)], [False, False], (2, 2), b)}), 2)]
+    results = [
+        (coo_payload({"m": ([(0, 0), (0, 1)], [True, True], (2, 2), b)}), 1),
+        (coo_payload({"m": ([(0, 0), (0, 1), (1, 1)], [True, False, True], (2, 2), b)}), 1),
+        (coo_payload({"m": ([(0, 0), (1, 0)], [False, False], (2, 2), b)}), 2),
+    ]
     out = aggregate(results, weighted=False)["m"]
     assert out.values.dtype == np.bool_
     np.testing.assert_array_equal(out.flat_indices, [0, 1, 2, 3])
@@ -507,11 +530,28 @@ def test_float_dtypes_preserved_with_values():
     #   f  (float32):  (1*[1,2] + 3*[0.25,0.5]) / 4 = [0.4375, 0.875]
     coords = [(0,), (1,)]
     results = [
-        (coo_payload({"h": (coords, [1, 2], (2,), np.float16), "bf": (coords, [1, 2], (2,), BF16),
-                      "d": (coords, [1, 2], (2,), np.float64), "f": (coords, [1, 2], (2,), np.float32)}), 1),
-        (coo_payload({"h": (coords, [4, 8], (2,), np.float16), "bf": (coords, [5, -2], (2,), BF16),
-                      "d": (coords, [0.1, 0.2], (2,), np.float64),
-                      "f": (coords, [0.25, 0.5], (2,), np.float32)}), 3),
+        (
+            coo_payload(
+                {
+                    "h": (coords, [1, 2], (2,), np.float16),
+                    "bf": (coords, [1, 2], (2,), BF16),
+                    "d": (coords, [1, 2], (2,), np.float64),
+                    "f": (coords, [1, 2], (2,), np.float32),
+                }
+            ),
+            1,
+        ),
+        (
+            coo_payload(
+                {
+                    "h": (coords, [4, 8], (2,), np.float16),
+                    "bf": (coords, [5, -2], (2,), BF16),
+                    "d": (coords, [0.1, 0.2], (2,), np.float64),
+                    "f": (coords, [0.25, 0.5], (2,), np.float32),
+                }
+            ),
+            3,
+        ),
     ]
     before = snapshot(results)
     out = aggregate(results)
@@ -552,8 +592,7 @@ def test_low_precision_and_float64_random_against_reference(dtype):
 
 def mixed_results():
     rng = np.random.default_rng(31)
-    layers = {"w": ((3, 4), np.float32), "s": ((), np.float32), "i": ((5,), np.int32),
-              "d": ((2, 2, 2), np.float64)}
+    layers = {"w": ((3, 4), np.float32), "s": ((), np.float32), "i": ((5,), np.int32), "d": ((2, 2, 2), np.float64)}
     results = []
     for c in range(3):
         dense = {n: random_values(rng, s, d) for n, (s, d) in layers.items()}
@@ -631,10 +670,14 @@ def model_flat(model) -> dict:
 def make_model(kind, seed=0):
     rng = np.random.default_rng(seed)
     if kind == "plain":
-        return {"enc": {"w": rng.normal(size=(3, 4)).astype(np.float32),
-                        "b": jnp.asarray(rng.normal(size=(4,)).astype(np.float32))},
-                "count": rng.integers(0, 9, size=(2, 3)).astype(np.int32),
-                "s": np.array(1.5, np.float32)}
+        return {
+            "enc": {
+                "w": rng.normal(size=(3, 4)).astype(np.float32),
+                "b": jnp.asarray(rng.normal(size=(4,)).astype(np.float32)),
+            },
+            "count": rng.integers(0, 9, size=(2, 3)).astype(np.int32),
+            "s": np.array(1.5, np.float32),
+        }
     if kind == "linen":
         variables = LinenNet().init(jax.random.PRNGKey(seed), jnp.ones((1, 4)))
         return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape).astype(np.float32)), variables)
@@ -728,12 +771,21 @@ def _malformed():
         "names_duplicate": ([v, v, idx, idx, shp, shp, np.array(["w", "w"])], ValueError, r"duplicate.*'w'"),
         "names_count": ([v, idx, shp, np.array(["w", "x"])], ValueError, r"1 arrays but 2"),
         "values_2d": ([v.reshape(2, 1), idx, shp, names], ValueError, r"layer 'w': values must be 1-D"),
-        "index_out_of_bounds": ([v, np.array([[0, 0], [2, 0]]), shp, names], ValueError,
-                                r"layer 'w': index \[2, 0\] is out of bounds"),
-        "index_negative": ([v, np.array([[0, 0], [0, -1]]), shp, names], ValueError,
-                           r"layer 'w': index \[0, -1\] is out of bounds"),
-        "repeated_entry": ([v, np.array([[1, 1], [1, 1]]), shp, names], ValueError,
-                           r"layer 'w': entry 3 .*more than once"),
+        "index_out_of_bounds": (
+            [v, np.array([[0, 0], [2, 0]]), shp, names],
+            ValueError,
+            r"layer 'w': index \[2, 0\] is out of bounds",
+        ),
+        "index_negative": (
+            [v, np.array([[0, 0], [0, -1]]), shp, names],
+            ValueError,
+            r"layer 'w': index \[0, -1\] is out of bounds",
+        ),
+        "repeated_entry": (
+            [v, np.array([[1, 1], [1, 1]]), shp, names],
+            ValueError,
+            r"layer 'w': entry 3 .*more than once",
+        ),
         "float_indices": ([v, idx.astype(np.float64), shp, names], TypeError, r"layer 'w': indices must be integers"),
         "bool_indices": ([v, idx.astype(bool), shp, names], TypeError, r"layer 'w': indices must be integers"),
         "indices_rows": ([v, idx[:1], shp, names], ValueError, r"layer 'w': expected indices of shape \(2, 2\)"),
@@ -760,9 +812,11 @@ def test_malformed_payload_names_the_client(kind, weighted):
 
 
 def test_shape_mismatch_names_layer_and_both_clients():
-    results = [(good_payload(), 3),
-               (coo_payload({"v": ([(0,)], [1.0], (3,), F32)}), 1),
-               (coo_payload({"w": ([(0,), (3,)], [1.0, 2.0], (4,), F32)}), 2)]
+    results = [
+        (good_payload(), 3),
+        (coo_payload({"v": ([(0,)], [1.0], (3,), F32)}), 1),
+        (coo_payload({"w": ([(0,), (3,)], [1.0, 2.0], (4,), F32)}), 2),
+    ]
     before = snapshot(results)
     with pytest.raises(ValueError, match=r"layer 'w'.*client 0 sent \(2, 2\).*client 2 sent \(4,\)"):
         aggregate(results)
@@ -820,8 +874,10 @@ def test_negative_num_examples_value_error(weighted):
 
 def test_numpy_integer_num_examples_accepted():
     # (np.int64(1)*1 + np.uint8(3)*3) / 4 = 10/4 = 2.5 at (0,0)
-    results = [(coo_payload({"w": ([(0, 0)], [1.0], (2, 2), F32)}), np.int64(1)),
-               (coo_payload({"w": ([(0, 0)], [3.0], (2, 2), F32)}), np.uint8(3))]
+    results = [
+        (coo_payload({"w": ([(0, 0)], [1.0], (2, 2), F32)}), np.int64(1)),
+        (coo_payload({"w": ([(0, 0)], [3.0], (2, 2), F32)}), np.uint8(3)),
+    ]
     np.testing.assert_array_equal(aggregate(results)["w"].values, np.array([2.5], F32))
 
 
@@ -849,8 +905,10 @@ def test_result_not_a_pair_names_client(bad):
 def test_weights_sent_only_by_zero_example_clients():
     # client 0 (0 examples) sends (0,0), (0,1); client 1 (5 examples) sends (0,1), (1,1).
     # (0,0) has senders whose weights sum to zero -> ValueError (weighted).
-    results = [(coo_payload({"w": ([(0, 0), (0, 1)], [7.0, 100.0], (2, 2), F32)}), 0),
-               (coo_payload({"w": ([(0, 1), (1, 1)], [2.0, 3.0], (2, 2), F32)}), 5)]
+    results = [
+        (coo_payload({"w": ([(0, 0), (0, 1)], [7.0, 100.0], (2, 2), F32)}), 0),
+        (coo_payload({"w": ([(0, 1), (1, 1)], [2.0, 3.0], (2, 2), F32)}), 5),
+    ]
     before = snapshot(results)
     with pytest.raises(ValueError, match=r"layer 'w'.*zero examples"):
         aggregate(results)
@@ -867,8 +925,10 @@ def test_zero_example_client_sharing_entries_with_others_is_fine():
     # client 0 (0 examples) sends (0,1) = 100 only, which client 1 (5 examples) also sends;
     # a 0 weight contributes nothing: (0,1) = (0*100 + 5*2)/(0+5) = 2; (1,1) = 3.
     # A layer sent only by a zero-example client, with its other layer sent by client 1, too.
-    results = [(coo_payload({"w": ([(0, 1)], [100.0], (2, 2), F32)}), 0),
-               (coo_payload({"w": ([(0, 1), (1, 1)], [2.0, 3.0], (2, 2), F32)}), 5)]
+    results = [
+        (coo_payload({"w": ([(0, 1)], [100.0], (2, 2), F32)}), 0),
+        (coo_payload({"w": ([(0, 1), (1, 1)], [2.0, 3.0], (2, 2), F32)}), 5),
+    ]
     out = aggregate(results)["w"]
     np.testing.assert_array_equal(out.flat_indices, [1, 3])
     np.testing.assert_array_equal(out.values, np.array([2.0, 3.0], F32))
@@ -928,8 +988,11 @@ def test_masked_per_weight_matches_reference(seed, weighted, use_jit):
     fn = functools.partial(masked_fedavg, weighted=weighted)
     if use_jit:
         fn = jax.jit(fn)
-    averages, sent = fn({n: jnp.asarray(a) for n, a in stacked.items()},
-                        {n: jnp.asarray(m) for n, m in masks.items()}, jnp.asarray(counts))
+    averages, sent = fn(
+        {n: jnp.asarray(a) for n, a in stacked.items()},
+        {n: jnp.asarray(m) for n, m in masks.items()},
+        jnp.asarray(counts),
+    )
     ref, ref_sent = reference_masked(stacked, masks, counts, weighted)
     assert sorted(averages) == sorted(sent) == sorted(PW_SHAPES)
     for name, shape in PW_SHAPES.items():
@@ -993,8 +1056,12 @@ def test_masked_mixed_per_layer_and_per_weight_masks(weighted, use_jit):
     fn = functools.partial(masked_fedavg, weighted=weighted)
     if use_jit:
         fn = jax.jit(fn)
-    avg, sent = fn({n: jnp.asarray(a) for n, a in stacked.items()}, {n: jnp.asarray(m) for n, m in masks.items()},
-                   jnp.asarray(counts), fallback={n: jnp.asarray(f) for n, f in fallback.items()})
+    avg, sent = fn(
+        {n: jnp.asarray(a) for n, a in stacked.items()},
+        {n: jnp.asarray(m) for n, m in masks.items()},
+        jnp.asarray(counts),
+        fallback={n: jnp.asarray(f) for n, f in fallback.items()},
+    )
     ref, ref_sent = reference_masked(stacked, masks, counts, weighted, fallback)
     for name in PW_SHAPES:
         np.testing.assert_allclose(np.asarray(avg[name]), ref[name], rtol=1e-6, atol=1e-6, err_msg=name)
@@ -1012,10 +1079,19 @@ def test_masked_bad_mask_shapes_value_error(use_jit):
     counts = np.array([1, 2, 3])
     before = layers["w"].copy()
     fn = jax.jit(masked_fedavg) if use_jit else masked_fedavg
-    for bad in [np.ones((3, 2), bool), np.ones((3, 1, 1), bool), np.ones((2, 2, 2), bool),
-                np.ones((2, 2), bool), np.ones((3, 2, 2, 1), bool), np.ones((2,), bool), np.ones((), bool)]:
-        with pytest.raises(ValueError, match=r"mask of layer 'w': expected shape \(3,\) or \(3, 2, 2\), got "
-                           + re.escape(str(bad.shape))):
+    for bad in [
+        np.ones((3, 2), bool),
+        np.ones((3, 1, 1), bool),
+        np.ones((2, 2, 2), bool),
+        np.ones((2, 2), bool),
+        np.ones((3, 2, 2, 1), bool),
+        np.ones((2,), bool),
+        np.ones((), bool),
+    ]:
+        with pytest.raises(
+            ValueError,
+            match=r"mask of layer 'w': expected shape \(3,\) or \(3, 2, 2\), got " + re.escape(str(bad.shape)),
+        ):
             fn({"w": jnp.asarray(layers["w"])}, {"w": jnp.asarray(bad)}, jnp.asarray(counts))
     np.testing.assert_array_equal(layers["w"], before)
 
@@ -1038,11 +1114,17 @@ def test_masked_per_weight_non_senders_do_not_leak_into_the_average():
 
 def check_agreement(stacked, masks, counts, weighted):
     n_clients = len(counts)
-    results = [(coo_from_masks({n: a[c] for n, a in stacked.items()}, {n: m[c] for n, m in masks.items()}),
-                int(counts[c])) for c in range(n_clients)]
+    results = [
+        (coo_from_masks({n: a[c] for n, a in stacked.items()}, {n: m[c] for n, m in masks.items()}), int(counts[c]))
+        for c in range(n_clients)
+    ]
     coo = aggregate(results, weighted)
-    avg, sent = masked_fedavg({n: jnp.asarray(a) for n, a in stacked.items()},
-                              {n: jnp.asarray(m) for n, m in masks.items()}, jnp.asarray(counts), weighted=weighted)
+    avg, sent = masked_fedavg(
+        {n: jnp.asarray(a) for n, a in stacked.items()},
+        {n: jnp.asarray(m) for n, m in masks.items()},
+        jnp.asarray(counts),
+        weighted=weighted,
+    )
     assert set(coo) == {n for n in stacked if np.asarray(sent[n]).any()}
     for name in stacked:
         sent_flat = np.flatnonzero(np.asarray(sent[name]).reshape(-1))
@@ -1051,8 +1133,9 @@ def check_agreement(stacked, masks, counts, weighted):
             continue
         np.testing.assert_array_equal(np.asarray(coo[name].flat_indices), sent_flat, err_msg=name)
         assert coo[name].values.dtype == np.asarray(avg[name]).dtype, name
-        np.testing.assert_allclose(coo[name].values, np.asarray(avg[name]).reshape(-1)[sent_flat],
-                                   rtol=1e-6, atol=0, err_msg=name)
+        np.testing.assert_allclose(
+            coo[name].values, np.asarray(avg[name]).reshape(-1)[sent_flat], rtol=1e-6, atol=0, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("weighted", [True, False])
@@ -1063,8 +1146,12 @@ def test_masked_and_coo_agree(seed, weighted):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n_clients=st.integers(1, 5), weighted=st.booleans(),
-       density=st.sampled_from([0.0, 0.2, 0.6, 1.0]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_clients=st.integers(1, 5),
+    weighted=st.booleans(),
+    density=st.sampled_from([0.0, 0.2, 0.6, 1.0]),
+)
 def test_masked_and_coo_agree_hypothesis(seed, n_clients, weighted, density):
     rng = np.random.default_rng(seed)
     stacked = {n: rng.uniform(1.0, 2.0, size=(n_clients,) + s).astype(np.float32) for n, s in PW_SHAPES.items()}

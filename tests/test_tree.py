@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import ref_name
 
 import jaxlayerx as jlx
-from reference import ref_name
 from jaxlayerx import conform_layer, flatten, merge_layers, unflatten
 
 BF16 = jnp.bfloat16
@@ -141,12 +141,13 @@ def assert_identical(a, b):
 
 
 def ref_flat(tree, sep="/"):
-    return [
-        (ref_name(path, sep), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
+    return [(ref_name(path, sep), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def nnx_ref_flat(model, filt=nnx.Not(nnx.RngState)):
+NOT_RNG = nnx.Not(nnx.RngState)
+
+
+def nnx_ref_flat(model, filt=NOT_RNG):
     """Independent NNX reference: nnx's own flat state of the filtered state."""
     state = nnx.state(model, filt)
     return [("/".join(str(p) for p in path), var.get_value()) for path, var in nnx.to_flat_state(state)]
@@ -603,7 +604,11 @@ def test_merge_layers_last_bad_changes_nothing_pytree(label, make_bad, exc, patt
     before = snapshot(tree)
     bad_name, bad_value = make_bad()
     updates = collections.OrderedDict(
-        [("conv1/kernel", np.ones((2, 3), np.float32)), ("layers/0/bias", np.ones(3, np.float32)), (bad_name, bad_value)]
+        [
+            ("conv1/kernel", np.ones((2, 3), np.float32)),
+            ("layers/0/bias", np.ones(3, np.float32)),
+            (bad_name, bad_value),
+        ]
     )
     with pytest.raises(exc, match=pattern):
         merge_layers(tree, updates)
@@ -653,7 +658,20 @@ def test_conform_same_dtype(kind, dtype):
         (np.uint8, np.int8),
         (np.float32, np.complex64),
     ],
-    ids=["f16->f32", "bf16->f32", "i8->i32", "f64->f32", "f32->bf16", "bf16->f16", "i32->f32", "i64->f16", "bool->f32", "i64->i32", "u8->i8", "f32->c64"],
+    ids=[
+        "f16->f32",
+        "bf16->f32",
+        "i8->i32",
+        "f64->f32",
+        "f32->bf16",
+        "bf16->f16",
+        "i32->f32",
+        "i64->f16",
+        "bool->f32",
+        "i64->i32",
+        "u8->i8",
+        "f32->c64",
+    ],
 )
 def test_conform_accepted_cast_rounds_to_nearest(kind, src, dst):
     # The dtype policy: floating (and integer, boolean) values of any width into a floating

@@ -1,6 +1,6 @@
 """Flower client for the example: trains its digits partition, sends layers through an exchanger.
 
-    python examples/flower/client.py --address 127.0.0.1:8080 --client-id 0 --clients 3
+python examples/flower/client.py --address 127.0.0.1:8080 --client-id 0 --clients 3
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pathlib
 
 import flwr
 import numpy as np
-
 import task
+
 from jaxlayerx.flower import ExchangerClient, stateful_client_fn
 from jaxlayerx.simulation import EXCHANGER_KINDS
 

@@ -1,6 +1,6 @@
 """Flower server for the example: partial layer exchange on the digits, averaged per layer.
 
-    python examples/flower/server.py --address 127.0.0.1:8080 --rounds 3 --clients 3
+python examples/flower/server.py --address 127.0.0.1:8080 --rounds 3 --clients 3
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pathlib
 
 import flwr
 import numpy as np
-
 import task
+
 from jaxlayerx.flower import FedAvgDynamicLayerStrategy
 from jaxlayerx.tree import unflatten
 
@@ -24,7 +24,9 @@ def main() -> None:
     parser.add_argument("--address", default="127.0.0.1:8080", help="host:port to listen on (default: loopback)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=3, help="clients to wait for before round 1")
-    parser.add_argument("--min-clients", type=int, default=None, help="fewest clients a round goes on with (default: all)")
+    parser.add_argument(
+        "--min-clients", type=int, default=None, help="fewest clients a round goes on with (default: all)"
+    )
     parser.add_argument("--round-timeout", type=float, default=120.0, help="seconds a round waits for clients")
     parser.add_argument("--record", type=pathlib.Path, default=None, help="folder for the global model and history")
     args = parser.parse_args()

@@ -12,9 +12,7 @@ Needs the ``flower`` extra: ``pip install 'jaxlayerx[flower]'``.
 try:
     import flwr  # noqa: F401
 except ImportError as error:  # pragma: no cover - exercised without the extra
-    raise ImportError(
-        "jaxlayerx.flower needs Flower; install it with: pip install 'jaxlayerx[flower]'"
-    ) from error
+    raise ImportError("jaxlayerx.flower needs Flower; install it with: pip install 'jaxlayerx[flower]'") from error
 
 from jaxlayerx.flower.client import ExchangerClient, client_app, stateful_client_fn
 from jaxlayerx.flower.metrics import weighted_metrics_average

@@ -11,10 +11,10 @@ from flax import nnx
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, ClientApp, NumPyClient
 
+from jaxlayerx._host import to_numpy
 from jaxlayerx._results import is_example_count
 from jaxlayerx.base import Config, Exchanger, NDArrays, check_exchanger
 from jaxlayerx.flower.payloads import checked_payload, named_payload
-from jaxlayerx._host import to_numpy
 from jaxlayerx.packing import is_packed, pack_layers, payload_nbytes, unpack_layers
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, merge_layers
 
@@ -238,8 +238,7 @@ def _check_whole_model(payload: NDArrays, layers: Mapping[str, Any]) -> None:
     missing = [name for name in layers if name not in received]
     if missing:
         raise ValueError(
-            f"the first payload must hold every layer of the model; {len(missing)} missing, "
-            f"for example {missing[:3]}"
+            f"the first payload must hold every layer of the model; {len(missing)} missing, for example {missing[:3]}"
         )
 
 

@@ -63,7 +63,11 @@ def named_payload(payload: Sequence[np.ndarray], layer_names: Sequence[str]) -> 
     if is_packed(payload):
         return payload
     if len(payload) != len(layer_names):
-        last = f"an array of dtype {np.asarray(payload[-1]).dtype} and shape {np.shape(payload[-1])}" if payload else "nothing"
+        last = (
+            f"an array of dtype {np.asarray(payload[-1]).dtype} and shape {np.shape(payload[-1])}"
+            if payload
+            else "nothing"
+        )
         raise ValueError(
             f"an unnamed payload must hold one array per expected layer ({len(layer_names)}), got "
             f"{len(payload)} arrays; a named payload must end with a 1-D Unicode names array, "

@@ -11,16 +11,25 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from jaxlayerx._host import to_numpy
 from jaxlayerx._results import is_example_count
 from jaxlayerx.aggregation import FedAvgDynamicLayer, cast_mean
 from jaxlayerx.flower.metrics import weighted_metrics_average
 from jaxlayerx.flower.payloads import checked_payload
-from jaxlayerx._host import to_numpy
 from jaxlayerx.packing import pack_layers, payload_nbytes
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten
 

@@ -69,7 +69,9 @@ class ModelAdapter:
         move in training); pure."""
         if self._nnx:
             rest = jax.tree.map(lambda value: value, self._rest)  # fresh variables, in this trace
-            model = nnx.merge(self._graphs[train], unflatten(layers, like=self.template, nnx_filter=self.nnx_filter), rest)
+            model = nnx.merge(
+                self._graphs[train], unflatten(layers, like=self.template, nnx_filter=self.nnx_filter), rest
+            )
             logits = model(x)
             return logits, flatten(nnx.state(model, self.nnx_filter), nnx_filter=self.nnx_filter)
         variables = unflatten(layers, like=self.template)

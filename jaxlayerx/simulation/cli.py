@@ -55,73 +55,155 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> None:
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--data", default="digits", metavar="NAME|PATH.npz",
+        "--data",
+        default="digits",
+        metavar="NAME|PATH.npz",
         help=f"{', '.join(DATASETS)}, or a .npz file with arrays x and y (and optionally x_test, y_test) (default: digits)",
     )
-    data.add_argument("--model", choices=MODELS, default=None, help="mlp or cnn (default: mlp for digits and .npz, cnn for mnist1d)")
     data.add_argument(
-        "--beta", type=_beta, default=None, metavar="BETA|iid",
+        "--model", choices=MODELS, default=None, help="mlp or cnn (default: mlp for digits and .npz, cnn for mnist1d)"
+    )
+    data.add_argument(
+        "--beta",
+        type=_beta,
+        default=None,
+        metavar="BETA|iid",
         help="Dirichlet concentration of the label split, smaller is more non-IID; or iid (default: 0.5, or iid with --shift)",
     )
-    data.add_argument("--shift", action="store_true", help="feature shift: each client sees its inputs through its own fixed transform")
-    data.add_argument("--test-fraction", type=float, default=0.2, help="share of each client's data held out for testing, when the data has no test split (default: 0.2)")
+    data.add_argument(
+        "--shift",
+        action="store_true",
+        help="feature shift: each client sees its inputs through its own fixed transform",
+    )
+    data.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="share of each client's data held out for testing, when the data has no test split (default: 0.2)",
+    )
     run = parser.add_argument_group("run")
     run.add_argument(
-        "--exchangers", default=default_exchangers, metavar="LIST",
+        "--exchangers",
+        default=default_exchangers,
+        metavar="LIST",
         help=f"comma-separated exchangers among {', '.join(EXCHANGER_KINDS)} (default: {default_exchangers})",
     )
     run.add_argument("--clients", type=int, default=8, help="number of clients (default: 8)")
-    run.add_argument("--clients-per-round", type=int, default=None, metavar="K", help="clients sampled each round, without replacement (default: all)")
-    run.add_argument("--chunk-size", type=int, default=None, metavar="C", help="clients trained at once within a round; bounds memory (default: all sampled clients)")
+    run.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=None,
+        metavar="K",
+        help="clients sampled each round, without replacement (default: all)",
+    )
+    run.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        metavar="C",
+        help="clients trained at once within a round; bounds memory (default: all sampled clients)",
+    )
     run.add_argument("--rounds", type=int, default=20, help="federated rounds (default: 20)")
     run.add_argument("--local-steps", type=int, default=20, help="local steps per client per round (default: 20)")
     run.add_argument(
-        "--local-epochs", type=float, default=None, metavar="E",
+        "--local-epochs",
+        type=float,
+        default=None,
+        metavar="E",
         help="train about E epochs per round instead of --local-steps (steps = ceil(E * mean client size / batch size))",
     )
     run.add_argument("--batch-size", type=int, default=32, help="examples per local step (default: 32)")
-    run.add_argument("--local-optimizer", choices=("sgd", "adam"), default="sgd", help="the clients' optimizer (default: sgd)")
-    run.add_argument("--learning-rate", type=float, default=0.05, help="the local optimizer's learning rate (default: 0.05)")
-    run.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    run.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="avg", help="avg (FedAvg) or FedOpt on the pseudo-gradient: sgd, adam, yogi, adagrad (default: avg)")
     run.add_argument(
-        "--average-over", choices=("senders", "participants"), default="senders",
+        "--local-optimizer", choices=("sgd", "adam"), default="sgd", help="the clients' optimizer (default: sgd)"
+    )
+    run.add_argument(
+        "--learning-rate", type=float, default=0.05, help="the local optimizer's learning rate (default: 0.05)"
+    )
+    run.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    run.add_argument(
+        "--server-optimizer",
+        choices=SERVER_OPTIMIZERS,
+        default="avg",
+        help="avg (FedAvg) or FedOpt on the pseudo-gradient: sgd, adam, yogi, adagrad (default: avg)",
+    )
+    run.add_argument(
+        "--average-over",
+        choices=("senders", "participants"),
+        default="senders",
         help="senders: each layer (weight) averaged over the clients that sent it; participants: moved by the mean "
         "change over the round's clients, unsent counting as no change (default: senders)",
     )
-    run.add_argument("--server-lr", type=float, default=None, help="the server optimizer's learning rate (default: sgd 1, adam and yogi 0.01, adagrad 0.1)")
-    run.add_argument("--seed", type=int, default=0, help="seeds the split, the model, the sampling and the batches (default: 0)")
-    run.add_argument("--repeat", type=int, default=1, metavar="S", help="run S seeds (seed, seed + 1, ...) and report their mean and spread (default: 1)")
+    run.add_argument(
+        "--server-lr",
+        type=float,
+        default=None,
+        help="the server optimizer's learning rate (default: sgd 1, adam and yogi 0.01, adagrad 0.1)",
+    )
+    run.add_argument(
+        "--seed", type=int, default=0, help="seeds the split, the model, the sampling and the batches (default: 0)"
+    )
+    run.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="S",
+        help="run S seeds (seed, seed + 1, ...) and report their mean and spread (default: 1)",
+    )
     run.add_argument("--unweighted", action="store_true", help="average clients uniformly instead of by example count")
     exchange = parser.add_argument_group("exchangers")
     exchange.add_argument(
-        "--layers", default=None, metavar="GLOBS",
+        "--layers",
+        default=None,
+        metavar="GLOBS",
         help="fixed: comma-separated layer names or globs (default: every layer but the model's head)",
     )
-    exchange.add_argument("--norm-threshold", type=float, default=1e-4, help="dynamic-threshold: drift threshold, > 0 (default: 1e-4)")
-    exchange.add_argument("--exchange-percentage", type=float, default=0.5, help="dynamic-percentage: share of layers sent, in (0, 1] (default: 0.5)")
-    exchange.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True, help="fl4health's measure switch when --measure is not given: l2/size if on, l2 if off (default: on)")
     exchange.add_argument(
-        "--measure", choices=MEASURES, default=None,
+        "--norm-threshold", type=float, default=1e-4, help="dynamic-threshold: drift threshold, > 0 (default: 1e-4)"
+    )
+    exchange.add_argument(
+        "--exchange-percentage",
+        type=float,
+        default=0.5,
+        help="dynamic-percentage: share of layers sent, in (0, 1] (default: 0.5)",
+    )
+    exchange.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fl4health's measure switch when --measure is not given: l2/size if on, l2 if off (default: on)",
+    )
+    exchange.add_argument(
+        "--measure",
+        choices=MEASURES,
+        default=None,
         help="drift measure of dynamic-threshold and dynamic-percentage: l2/size (fl4health's normalize), l2, "
         "rms (l2 / sqrt(size)) or relative (l2 / l2 of the start) (default: set by --normalize)",
     )
     exchange.add_argument(
-        "--budget", default="0.5", metavar="F[,F...]",
+        "--budget",
+        default="0.5",
+        metavar="F[,F...]",
         help="dynamic-budget: share of the model's bytes a client may send, in (0, 1]; a comma-separated "
         "list runs one line per value (default: 0.5)",
     )
-    exchange.add_argument("--select-drift-less", action="store_true", help="send the layers that drifted least instead of most")
     exchange.add_argument(
-        "--error-feedback", action="store_true",
+        "--select-drift-less", action="store_true", help="send the layers that drifted least instead of most"
+    )
+    exchange.add_argument(
+        "--error-feedback",
+        action="store_true",
         help="dynamic-* and sparse-*: measure drift from the last values pulled, so what was not sent accumulates",
     )
     exchange.add_argument(
-        "--sparsity-level", type=float, default=0.1,
+        "--sparsity-level",
+        type=float,
+        default=0.1,
         help="sparse-*: fraction of all weights sent each round, in (0, 1]; bytes count the COO indices (default: 0.1)",
     )
     output = parser.add_argument_group("output")
-    output.add_argument("--out", type=pathlib.Path, default=None, help="run folder (default: runs/<command>-<timestamp>)")
+    output.add_argument(
+        "--out", type=pathlib.Path, default=None, help="run folder (default: runs/<command>-<timestamp>)"
+    )
     output.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -145,23 +227,29 @@ def specs_from_args(args: argparse.Namespace) -> list[ExchangerSpec]:
     if len(set(names)) != len(names):
         raise ValueError(f"--exchangers repeats a name: {args.exchangers}")
     model = args.model or DEFAULT_MODEL.get(str(args.data), "mlp")
-    layers = BODY_LAYERS[model] if args.layers is None else tuple(glob.strip() for glob in args.layers.split(",") if glob.strip())
+    layers = (
+        BODY_LAYERS[model]
+        if args.layers is None
+        else tuple(glob.strip() for glob in args.layers.split(",") if glob.strip())
+    )
     specs = []
     for name in names:
         for byte_fraction in _budgets(args.budget) if name == "dynamic-budget" else [0.5]:
             adaptive = name.startswith(("dynamic-", "sparse-"))
-            specs.append(ExchangerSpec(
-                kind=name,
-                layers=layers,
-                norm_threshold=args.norm_threshold,
-                exchange_percentage=args.exchange_percentage,
-                normalize=args.normalize,
-                select_drift_more=not args.select_drift_less,
-                sparsity_level=args.sparsity_level,
-                measure=args.measure,
-                byte_fraction=byte_fraction,
-                error_feedback=args.error_feedback and adaptive,
-            ))
+            specs.append(
+                ExchangerSpec(
+                    kind=name,
+                    layers=layers,
+                    norm_threshold=args.norm_threshold,
+                    exchange_percentage=args.exchange_percentage,
+                    normalize=args.normalize,
+                    select_drift_more=not args.select_drift_less,
+                    sparsity_level=args.sparsity_level,
+                    measure=args.measure,
+                    byte_fraction=byte_fraction,
+                    error_feedback=args.error_feedback and adaptive,
+                )
+            )
     return specs
 
 
@@ -186,10 +274,20 @@ def config_from_args(args: argparse.Namespace, seed: int) -> Any:
     from jaxlayerx.simulation.engine import SimulationConfig
 
     return SimulationConfig(
-        rounds=args.rounds, local_steps=args.local_steps, local_epochs=args.local_epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, momentum=args.momentum, local_optimizer=args.local_optimizer,
-        weighted=not args.unweighted, seed=seed, clients_per_round=args.clients_per_round, chunk_size=args.chunk_size,
-        server_optimizer=args.server_optimizer, server_lr=args.server_lr, average_over=args.average_over,
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        momentum=args.momentum,
+        local_optimizer=args.local_optimizer,
+        weighted=not args.unweighted,
+        seed=seed,
+        clients_per_round=args.clients_per_round,
+        chunk_size=args.chunk_size,
+        server_optimizer=args.server_optimizer,
+        server_lr=args.server_lr,
+        average_over=args.average_over,
     )
 
 
@@ -219,8 +317,15 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
     simulations_by_seed = []
     for seed, config in zip(seeds, configs):
         data = make_client_data(
-            dataset.x, dataset.y, args.clients, beta=beta, seed=seed, test_fraction=args.test_fraction,
-            x_test=dataset.x_test, y_test=dataset.y_test, shift=args.shift,
+            dataset.x,
+            dataset.y,
+            args.clients,
+            beta=beta,
+            seed=seed,
+            test_fraction=args.test_fraction,
+            x_test=dataset.x_test,
+            y_test=dataset.y_test,
+            shift=args.shift,
         )
         module = make_model(model_name, dataset.num_classes)
         simulations_by_seed.append([Simulation(spec, config, data, module) for spec in specs])
@@ -231,9 +336,16 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
             if simulation.personalized:
                 notes[simulation.label] = PERSONALIZED
     run_config = {
-        "command": args.command, "data": dataset.name, "model": model_name, "num_clients": args.clients,
-        "beta": beta, "shift": args.shift, "test_fraction": args.test_fraction, "seeds": seeds,
-        **dataclasses.asdict(configs[0]), "local_steps_run": simulations_by_seed[0][0].local_steps,
+        "command": args.command,
+        "data": dataset.name,
+        "model": model_name,
+        "num_clients": args.clients,
+        "beta": beta,
+        "shift": args.shift,
+        "test_fraction": args.test_fraction,
+        "seeds": seeds,
+        **dataclasses.asdict(configs[0]),
+        "local_steps_run": simulations_by_seed[0][0].local_steps,
         "exchangers": [{"label": spec.label, **dataclasses.asdict(spec)} for spec in specs],
     }
     # Written beside the folder, then moved into place: an interrupted run leaves the folder
@@ -257,7 +369,9 @@ def run_folder(args: argparse.Namespace) -> pathlib.Path:
         if args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file, not a folder")
         if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
-            raise ValueError(f"--out {args.out} exists and is not empty: pass --overwrite to replace it, or choose another folder")
+            raise ValueError(
+                f"--out {args.out} exists and is not empty: pass --overwrite to replace it, or choose another folder"
+            )
         return args.out
     stem = pathlib.Path("runs") / f"{args.command}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     folder, suffix = stem, 1
@@ -275,7 +389,11 @@ def _progress_bar(name: str, rounds: int, disabled: bool):
 
     def update(round_index: int, record: dict[str, Any]) -> None:
         uploaded[0] += record["upload_bytes"] / 1e6
-        bar.set_postfix(acc=f"{record['global_accuracy']:.3f}", local=f"{record['local_accuracy_mean']:.3f}", MB=f"{uploaded[0]:.2f}")
+        bar.set_postfix(
+            acc=f"{record['global_accuracy']:.3f}",
+            local=f"{record['local_accuracy_mean']:.3f}",
+            MB=f"{uploaded[0]:.2f}",
+        )
         bar.update(1)
         if round_index == rounds:
             bar.close()

@@ -223,7 +223,10 @@ def make_client_data(
     x_train, y_train, n_train = _stack_padded(x, y, clients)
     x_held, y_held, n_test = _stack_padded(x_test, y_test, held_out)
     if shift:
-        x_train, x_held = (_shifted(stack, counts, x, seed, part) for part, (stack, counts) in enumerate(((x_train, n_train), (x_held, n_test))))
+        x_train, x_held = (
+            _shifted(stack, counts, x, seed, part)
+            for part, (stack, counts) in enumerate(((x_train, n_train), (x_held, n_test)))
+        )
     x_global = np.concatenate([x_held[c, : n_test[c]] for c in range(num_clients)])
     y_global = np.concatenate([y_held[c, : n_test[c]] for c in range(num_clients)])
     return ClientData(x_train, y_train, n_train, x_held, y_held, n_test, x_global, y_global)
@@ -264,9 +267,7 @@ def _shifted(stacked: np.ndarray, counts: np.ndarray, x: np.ndarray, seed: int, 
     return out
 
 
-def _stack_padded(
-    x: np.ndarray, y: np.ndarray, groups: list[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _stack_padded(x: np.ndarray, y: np.ndarray, groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``x[g]`` and ``y[g]`` for each group ``g``, stacked and zero-padded to the largest."""
     counts = np.array([len(group) for group in groups], dtype=np.int32)
     width = max(int(counts.max()), 1)

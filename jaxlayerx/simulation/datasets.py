@@ -155,7 +155,9 @@ def _examples(file: str, x: np.ndarray, y: np.ndarray, x_key: str, y_key: str) -
     if x.ndim >= 1 and len(x) == 0:
         raise ValueError(f"{file}: {x_key!r} holds no examples")
     if x.ndim < 1 or x.dtype.kind not in "biuf":
-        raise ValueError(f"{file}: {x_key!r} must be a numeric array with one example per row, got dtype {x.dtype} and shape {x.shape}")
+        raise ValueError(
+            f"{file}: {x_key!r} must be a numeric array with one example per row, got dtype {x.dtype} and shape {x.shape}"
+        )
     if y.ndim != 1:
         raise ValueError(f"{file}: {y_key!r} must be 1-D (one label per example), got shape {y.shape}")
     if len(x) != len(y):

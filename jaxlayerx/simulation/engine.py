@@ -120,9 +120,13 @@ class SimulationConfig:
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.local_optimizer not in LOCAL_OPTIMIZERS:
-            raise ValueError(f"unknown local optimizer {self.local_optimizer!r}; choose from {', '.join(LOCAL_OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown local optimizer {self.local_optimizer!r}; choose from {', '.join(LOCAL_OPTIMIZERS)}"
+            )
         if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise ValueError(f"unknown server optimizer {self.server_optimizer!r}; choose from {', '.join(SERVER_OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown server optimizer {self.server_optimizer!r}; choose from {', '.join(SERVER_OPTIMIZERS)}"
+            )
         if self.server_lr is not None and self.server_optimizer == "avg":
             raise ValueError("server-lr needs a server optimizer (sgd, adam, yogi or adagrad); avg takes the average")
         server_optimizer(self.server_optimizer, self.server_lr)  # checks the learning rate
@@ -250,7 +254,9 @@ class Simulation:
         self.mask_shapes = _mask_shapes(exchanger, abstract)
         self.layer_shapes = [tuple(layer.shape) for layer in abstract.values()]
         self.layer_itemsizes = [layer.dtype.itemsize for layer in abstract.values()]
-        self.layer_nbytes = np.array([math.prod(shape) * size for shape, size in zip(self.layer_shapes, self.layer_itemsizes)])
+        self.layer_nbytes = np.array(
+            [math.prod(shape) * size for shape, size in zip(self.layer_shapes, self.layer_itemsizes)]
+        )
         self.optimizer = config.optimizer
         self.server_optimizer = server_optimizer(config.server_optimizer, config.server_lr)
         chunked = config.chunk_size is not None and config.chunk_size < self.clients_per_round
@@ -293,7 +299,9 @@ class Simulation:
         """Runs every round; returns one metrics dict per round (see ``report.py``)."""
         return [record for record, _ in self.iterate(progress)]
 
-    def iterate(self, progress: Callable[[int, dict[str, Any]], None] | None = None) -> Iterator[tuple[dict[str, Any], RoundOutput]]:
+    def iterate(
+        self, progress: Callable[[int, dict[str, Any]], None] | None = None
+    ) -> Iterator[tuple[dict[str, Any], RoundOutput]]:
         """Yields ``(metrics record, round output)`` round by round."""
         state = self.init_state()
         for round_index in range(1, self.config.rounds + 1):
@@ -308,25 +316,54 @@ class Simulation:
 
     # -- the jitted round ------------------------------------------------------------------
 
-    def _round_fn(self, state: SimulationState, round_index, clients, keys, x_train, y_train, n_train, x_test, y_test, n_test, x_global, y_global):
+    def _round_fn(
+        self,
+        state: SimulationState,
+        round_index,
+        clients,
+        keys,
+        x_train,
+        y_train,
+        n_train,
+        x_test,
+        y_test,
+        n_test,
+        x_global,
+        y_global,
+    ):
         take = functools.partial(_take, clients)
         synced = state.synced[clients]
         pull_masks = FlatView(
             (name, rounds[None] > synced.reshape(-1, *(1,) * rounds.ndim)) for name, rounds in state.updated_in.items()
         )
-        inputs = (pull_masks, take(state.client_layers), take(state.references), keys, *map(take, (x_train, y_train, n_train)))
+        inputs = (
+            pull_masks,
+            take(state.client_layers),
+            take(state.references),
+            keys,
+            *map(take, (x_train, y_train, n_train)),
+        )
         starts, trained, masks, references = self._map_clients(
             functools.partial(self.client_update, state.global_layers), self._shard(inputs)
         )
         trained, masks = self._replicate(trained), self._replicate(masks)
         counts = take(n_train).astype(jnp.float32)
         averages, sent = masked_fedavg(
-            trained, masks, counts, weighted=self.config.weighted, fallback=state.global_layers, over=self.config.average_over
+            trained,
+            masks,
+            counts,
+            weighted=self.config.weighted,
+            fallback=state.global_layers,
+            over=self.config.average_over,
         )
-        global_layers, server_state = server_step(self.server_optimizer, state.global_layers, averages, sent, state.server_state)
+        global_layers, server_state = server_step(
+            self.server_optimizer, state.global_layers, averages, sent, state.server_state
+        )
         personal = FlatView((n, jnp.where(sent[n], global_layers[n], trained[n])) for n in trained)
         global_loss, global_accuracy = self._evaluate(global_layers, x_global, y_global, jnp.asarray(len(y_global)))
-        evaluated = self._map_clients(lambda args: self._evaluate(*args), (personal, *map(take, (x_test, y_test, n_test))))
+        evaluated = self._map_clients(
+            lambda args: self._evaluate(*args), (personal, *map(take, (x_test, y_test, n_test)))
+        )
         new_state = SimulationState(
             global_layers=global_layers,
             client_layers=_put(state.client_layers, clients, trained),
@@ -354,7 +391,9 @@ class Simulation:
             return jax.vmap(lambda args: function(args))(inputs)
         return jax.lax.map(function, inputs, batch_size=chunk)
 
-    def client_update(self, global_layers: FlatView, inputs: tuple[Any, ...]) -> tuple[FlatView, FlatView, FlatView, FlatView]:
+    def client_update(
+        self, global_layers: FlatView, inputs: tuple[Any, ...]
+    ) -> tuple[FlatView, FlatView, FlatView, FlatView]:
         """One client's round (pure): merge what it pulls, train, pick what to send.
 
         ``inputs`` is ``(pull_mask, own layers, reference, key, x, y, n)``; ``reference``
@@ -423,7 +462,9 @@ class Simulation:
             "clients": clients.tolist(),
             "global_accuracy": float(metrics["global_accuracy"]),
             "global_loss": float(metrics["global_loss"]),
-            "local_accuracy_mean": float(np.mean([a for a in local if a is not None])) if any(has_test) else float("nan"),
+            "local_accuracy_mean": float(np.mean([a for a in local if a is not None]))
+            if any(has_test)
+            else float("nan"),
             "local_accuracy": local,
             "upload_bytes": int(sum(upload)),
             "download_bytes": int(sum(download)),
@@ -504,7 +545,16 @@ def _merged(pull_mask: FlatView, pulled: FlatView, own: FlatView) -> FlatView:
 
 
 def _client_arrays(data: ClientData) -> tuple[np.ndarray, ...]:
-    return (data.x_train, data.y_train, data.n_train, data.x_test, data.y_test, data.n_test, data.x_global_test, data.y_global_test)
+    return (
+        data.x_train,
+        data.y_train,
+        data.n_train,
+        data.x_test,
+        data.y_test,
+        data.n_test,
+        data.x_global_test,
+        data.y_global_test,
+    )
 
 
 def _mask_shapes(exchanger: Exchanger, layers: FlatView) -> FlatView:

@@ -79,9 +79,13 @@ class ExchangerSpec:
         if self.kind == "fixed" and not self.layers:
             raise ValueError("the fixed exchanger needs at least one layer name or glob")
         if self.error_feedback and not self.adaptive:
-            raise ValueError(f"error feedback needs a dynamic or sparse exchanger; {self.kind} always sends the same layers")
+            raise ValueError(
+                f"error feedback needs a dynamic or sparse exchanger; {self.kind} always sends the same layers"
+            )
         if self.kind == "dynamic-budget" and not self.select_drift_more:
-            raise ValueError("dynamic-budget sends the layers that moved most per byte; it has no select-drift-less form")
+            raise ValueError(
+                "dynamic-budget sends the layers that moved most per byte; it has no select-drift-less form"
+            )
 
     @property
     def adaptive(self) -> bool:
@@ -115,13 +119,17 @@ class ExchangerSpec:
         if self.kind == "full":
             return FullParameterExchanger(nnx_filter=nnx_filter)
         if self.kind == "fixed":
-            return FixedLayerExchanger(match_layers(self.layers, flatten(variables, nnx_filter=nnx_filter)), nnx_filter=nnx_filter)
+            return FixedLayerExchanger(
+                match_layers(self.layers, flatten(variables, nnx_filter=nnx_filter)), nnx_filter=nnx_filter
+            )
         if self.kind == "exclude-bn" and isinstance(module, nnx.Module):
             return LayerExchangerWithExclusions(module, {nnx.BatchNorm}, nnx_filter=nnx_filter)
         if self.kind == "exclude-bn":
             return LayerExchangerWithExclusions(module, {nn.BatchNorm}, *example_args, nnx_filter=nnx_filter)
         if self.kind in SPARSE_KINDS:
-            return SparseCooParameterExchanger(self.sparsity_level, self.score_function, self.error_feedback, nnx_filter=nnx_filter)
+            return SparseCooParameterExchanger(
+                self.sparsity_level, self.score_function, self.error_feedback, nnx_filter=nnx_filter
+            )
         rules = LayerSelectionFunctionConstructor(
             self.norm_threshold, self.exchange_percentage, self.normalize, self.select_drift_more, measure=self.measure
         )

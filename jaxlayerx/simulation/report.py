@@ -151,7 +151,9 @@ def write_run(
     paths["metrics_json"].write_text(json.dumps(means, indent=2, default=_jsonable) + "\n")
     _write_csv(paths["metrics_csv"], seeds, config.get("seeds"))
     _write_plot(paths["plot"], config, seeds, notes or {}, cumulative_upload_mb, "cumulative upload (MB)")
-    _write_plot(paths["plot_total"], config, seeds, notes or {}, cumulative_total_mb, "cumulative upload + download (MB)")
+    _write_plot(
+        paths["plot_total"], config, seeds, notes or {}, cumulative_total_mb, "cumulative upload + download (MB)"
+    )
     return paths
 
 
@@ -180,20 +182,28 @@ def summary_table(runs: Mapping[str, Sequence[Any]], notes: Mapping[str, str] | 
         if summary is None:
             rows.append((label, *("-" for _ in header[1:-1]), notes.get(label, "")))
             continue
-        rows.append((
-            label,
-            _accuracy(summary["global"]),
-            _accuracy(summary["local"]),
-            f"{summary['up']:.2f}",
-            f"{summary['down']:.2f}",
-            f"{summary['layers']:.1f}",
-            f"{summary['wall']:.1f}",
-            ",".join(on_frontier[label]) or "-",
-            notes.get(label, ""),
-        ))
+        rows.append(
+            (
+                label,
+                _accuracy(summary["global"]),
+                _accuracy(summary["local"]),
+                f"{summary['up']:.2f}",
+                f"{summary['down']:.2f}",
+                f"{summary['layers']:.1f}",
+                f"{summary['wall']:.1f}",
+                ",".join(on_frontier[label]) or "-",
+                notes.get(label, ""),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [
-        "  ".join([row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:-2], widths[1:-2])), *(cell.ljust(w) for cell, w in zip(row[-2:], widths[-2:]))])
+        "  ".join(
+            [
+                row[0].ljust(widths[0]),
+                *(cell.rjust(w) for cell, w in zip(row[1:-2], widths[1:-2])),
+                *(cell.ljust(w) for cell, w in zip(row[-2:], widths[-2:])),
+            ]
+        )
         for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -274,19 +284,21 @@ def _write_csv(path: pathlib.Path, runs: Mapping[str, list[History]], seeds: Seq
             for index, history in enumerate(histories):
                 seed = (seeds[index] if seeds is not None and index < len(seeds) else index,) if several else ()
                 for record, cumulative in zip(history, cumulative_upload_mb(history)):
-                    writer.writerow([
-                        name,
-                        int(record["round"]),
-                        float(record["global_accuracy"]),
-                        float(record["global_loss"]),
-                        float(record["local_accuracy_mean"]),
-                        int(record["upload_bytes"]),
-                        int(record["download_bytes"]),
-                        cumulative,
-                        _mean(record["layers_sent"]),
-                        float(record["wall_seconds"]),
-                        *seed,
-                    ])
+                    writer.writerow(
+                        [
+                            name,
+                            int(record["round"]),
+                            float(record["global_accuracy"]),
+                            float(record["global_loss"]),
+                            float(record["local_accuracy_mean"]),
+                            int(record["upload_bytes"]),
+                            int(record["download_bytes"]),
+                            cumulative,
+                            _mean(record["layers_sent"]),
+                            float(record["wall_seconds"]),
+                            *seed,
+                        ]
+                    )
 
 
 def _write_plot(
@@ -309,7 +321,9 @@ def _write_plot(
         raise ImportError("plotting a run needs matplotlib: pip install 'jaxlayerx[demo]'") from error
     figure = Figure(figsize=(12, 5), layout="constrained")
     panels = figure.subplots(1, 2)
-    for axes, key, what in zip(panels, ("global_accuracy", "local_accuracy_mean"), ("global test accuracy", "mean local test accuracy")):
+    for axes, key, what in zip(
+        panels, ("global_accuracy", "local_accuracy_mean"), ("global test accuracy", "mean local test accuracy")
+    ):
         finals = []
         for name, histories in runs.items():
             if not histories or not histories[0]:
@@ -320,12 +334,21 @@ def _write_plot(
             label = f"{name} ({notes[name]})" if name in notes else name
             (line,) = axes.plot(megabytes, mean, marker="o", markersize=3, linewidth=1.2, label=label)
             if len(histories) > 1:
-                axes.fill_between(megabytes, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(), alpha=0.15)
+                axes.fill_between(
+                    megabytes, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(), alpha=0.15
+                )
             axes.plot(megabytes[-1:], mean[-1:], marker="*", markersize=12, color=line.get_color(), linestyle="none")
             finals.append((float(megabytes[-1]), float(mean[-1])))
         frontier = sorted(point for point, flag in zip(finals, pareto_frontier(finals)) if flag)
         if frontier:
-            axes.plot(*zip(*frontier), linestyle="--", color="0.35", linewidth=1, drawstyle="steps-post", label="Pareto frontier")
+            axes.plot(
+                *zip(*frontier),
+                linestyle="--",
+                color="0.35",
+                linewidth=1,
+                drawstyle="steps-post",
+                label="Pareto frontier",
+            )
         axes.set_xlabel(x_label)
         axes.set_ylabel(what)
         axes.set_title(what.capitalize())

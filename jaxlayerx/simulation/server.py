@@ -92,7 +92,9 @@ def server_step(
         # A layer keeps its state where it did not move: per weight, and for the scalars
         # of the state (the step count) when nothing of the layer was sent.
         new_state[name] = jax.tree.map(
-            lambda new, old, moved=moved: jnp.where(moved if jnp.shape(new) == jnp.shape(moved) else jnp.any(moved), new, old),
+            lambda new, old, moved=moved: jnp.where(
+                moved if jnp.shape(new) == jnp.shape(moved) else jnp.any(moved), new, old
+            ),
             stepped,
             state[name],
         )

@@ -66,9 +66,7 @@ def draw_shift(feature_shape: tuple[int, ...], seed: int, client: int) -> Client
     return ClientShift(contrast, brightness, noise, (), tuple(int(i) for i in order))
 
 
-def apply_shift(
-    x: np.ndarray, shift: ClientShift, mean: float, std: float, rng: np.random.Generator
-) -> np.ndarray:
+def apply_shift(x: np.ndarray, shift: ClientShift, mean: float, std: float, rng: np.random.Generator) -> np.ndarray:
     """``x`` (``(n, *feature_shape)`` float32) seen through ``shift``; noise drawn from ``rng``."""
     x = np.asarray(x, np.float32)
     out = np.float32(mean) + np.float32(shift.contrast) * (x - np.float32(mean)) + np.float32(shift.brightness * std)
