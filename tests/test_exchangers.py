@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import bits, ref_flat, ref_name
 from flax import nnx
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -176,33 +177,6 @@ def make(kind: str, seed: int):
 # ---------------------------------------------------------------------------------------
 # Independent references
 # ---------------------------------------------------------------------------------------
-
-
-def _part(key) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    raise AssertionError(key)
-
-
-def ref_flat(model) -> dict[str, np.ndarray]:
-    """name -> numpy copy of every array leaf, in jax tree order (nnx: of nnx.state)."""
-    tree = nnx.state(model) if isinstance(model, nnx.Module) else model
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    out = {}
-    for path, leaf in leaves:
-        if isinstance(leaf, nnx.Variable):
-            leaf = leaf.get_value()
-        name = "/".join(_part(k) for k in path)
-        assert name not in out
-        out[name] = np.array(leaf, copy=True)
-    return out
-
-
-def bits(a) -> np.ndarray:
-    """A view of the raw bytes, for bit-exact comparisons (NaN-safe, -0.0-aware)."""
-    a = np.ascontiguousarray(np.asarray(a))
-    return a.view(np.uint8)
 
 
 def assert_arrays_identical(got, want, what=""):
@@ -541,7 +515,7 @@ def test_linen_module_types_maps_paths_to_types():
     # abstract init has the same layer names and shapes as a real init, and no values
     real = ref_flat(linen_template())
     abstract_leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    assert ["/".join(_part(k) for k in p) for p, _ in abstract_leaves] == list(real)
+    assert [ref_name(p) for p, _ in abstract_leaves] == list(real)
     for (_, leaf), (name, arr) in zip(abstract_leaves, real.items()):
         assert isinstance(leaf, jax.ShapeDtypeStruct)
         assert leaf.shape == arr.shape and leaf.dtype == arr.dtype, name

@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
+from conftest import LinenNet  # noqa: E402
 from flax import nnx  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -50,16 +51,6 @@ from jaxlayerx.flower import ExchangerClient, client_app, stateful_client_fn  # 
 # ---------------------------------------------------------------------------------------
 
 X = jnp.zeros((1, 4), jnp.float32)
-
-
-class LinenNet(nn.Module):
-    """Dense(3) -> BatchNorm -> Dense(2): params and batch_stats."""
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Dense(3)(x)
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        return nn.Dense(2)(x)
 
 
 class NNXNet(nnx.Module):

@@ -19,11 +19,11 @@ import pytest
 
 pytest.importorskip("flwr")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
+from conftest import LinenNet, fake_proxy  # noqa: E402
 from flax import nnx  # noqa: E402
 from flwr.common import (  # noqa: E402
     Code,
@@ -53,29 +53,10 @@ LOGGER = "jaxlayerx.flower"
 # ---------------------------------------------------------------------------------------
 
 
-class FakeProxy(ClientProxy):
-    """A client proxy that is never called: the tests drive the strategy directly."""
-
-    def get_properties(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def get_parameters(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def fit(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def evaluate(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-
 def manager(*cids: str) -> SimpleClientManager:
     cm = SimpleClientManager()
     for cid in cids:
-        assert cm.register(FakeProxy(cid))
+        assert cm.register(fake_proxy(cid))
     return cm
 
 
@@ -94,7 +75,7 @@ def raw_fit_res(payload: list, num_examples: int, metrics: dict | None = None) -
 
 
 def results_of(clients: list[tuple[str, dict, int]]) -> list[tuple[ClientProxy, FitRes]]:
-    return [(FakeProxy(cid), fit_res(layers, n)) for cid, layers, n in clients]
+    return [(fake_proxy(cid), fit_res(layers, n)) for cid, layers, n in clients]
 
 
 def decode(parameters: Parameters) -> dict[str, np.ndarray]:
@@ -177,14 +158,6 @@ def strategy_for(model, **options) -> FedAvgDynamicLayerStrategy:
 
 
 EMPTY_PARAMS = Parameters(tensors=[], tensor_type="numpy.ndarray")
-
-
-class LinenNet(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Dense(3)(x)
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        return nn.Dense(2)(x)
 
 
 class NnxNet(nnx.Module):
@@ -380,7 +353,7 @@ def _by_cid(instructions):
 
 def evaluate_results(*cids: str) -> list[tuple[ClientProxy, EvaluateRes]]:
     return [
-        (FakeProxy(cid), EvaluateRes(status=Status(code=Code.OK, message="ok"), loss=0.0, num_examples=1, metrics={}))
+        (fake_proxy(cid), EvaluateRes(status=Status(code=Code.OK, message="ok"), loss=0.0, num_examples=1, metrics={}))
         for cid in cids
     ]
 
@@ -594,7 +567,7 @@ def _bad_result(case: str, model: dict) -> tuple[ClientProxy, FitRes]:
         )
     else:
         res = raw_fit_res(build(model), n)
-    return FakeProxy("bad-client"), res
+    return fake_proxy("bad-client"), res
 
 
 def _mixed_results(case, model, goods):
@@ -705,7 +678,7 @@ def test_failures_without_accept_failures_change_nothing(failure, caplog):
     before = snapshot(strategy.global_layers)
     if failure == "tuple":
         failure = (
-            FakeProxy("failed"),
+            fake_proxy("failed"),
             FitRes(
                 status=Status(code=Code.FIT_NOT_IMPLEMENTED, message="no fit"),
                 parameters=EMPTY_PARAMS,
@@ -728,7 +701,7 @@ def test_failures_with_accept_failures_do_not_stop_aggregation(failure):
     strategy = strategy_for(model, accept_failures=True)
     if failure == "tuple":
         failure = (
-            FakeProxy("failed"),
+            fake_proxy("failed"),
             FitRes(
                 status=Status(code=Code.FIT_NOT_IMPLEMENTED, message="no fit"),
                 parameters=EMPTY_PARAMS,
@@ -757,8 +730,8 @@ def test_fl4health_layout_payloads_are_accepted():
     before = snapshot(strategy.global_layers)
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     results = [
-        (FakeProxy("fl4h"), raw_fit_res([a, np.array(["a"])], 3)),
-        (FakeProxy("empty"), raw_fit_res([np.array([])], 2)),
+        (fake_proxy("fl4h"), raw_fit_res([a, np.array(["a"])], 3)),
+        (fake_proxy("empty"), raw_fit_res([np.array([])], 2)),
     ]
     parameters, _ = strategy.aggregate_fit(1, results, [])
     assert strategy.history[-1].rejected == ()
@@ -846,7 +819,7 @@ def test_bfloat16_single_client_round_trip_is_bit_exact():
     wire = parameters_to_ndarrays(res.parameters)
     assert wire[0].dtype.kind == "V"  # the premise: Flower lost the dtype
 
-    parameters, _ = strategy.aggregate_fit(1, [(FakeProxy("c0"), res)], [])
+    parameters, _ = strategy.aggregate_fit(1, [(fake_proxy("c0"), res)], [])
 
     assert strategy.global_layers["w"].dtype == BF16
     assert_bit_equal(strategy.global_layers["w"].view(np.uint16), sent.view(np.uint16))
@@ -902,7 +875,7 @@ def test_default_fit_metrics_and_records():
     ]
     payloads = [jaxlayerx.pack_layers(list(lay.values()), list(lay)) for lay in layers]
     fit_results = [raw_fit_res(p, n, m) for p, n, m in zip(payloads, counts, client_metrics)]
-    results = [(FakeProxy(f"c{i}"), r) for i, r in enumerate(fit_results)]
+    results = [(fake_proxy(f"c{i}"), r) for i, r in enumerate(fit_results)]
 
     _, metrics = strategy.aggregate_fit(1, results, [])
 
@@ -964,8 +937,8 @@ def test_user_fit_metrics_aggregation_fn_is_used():
     model = make_model()
     strategy = strategy_for(model, fit_metrics_aggregation_fn=aggregate)
     results = [
-        (FakeProxy("c0"), fit_res(client_layers(model, "a", 1), 4, {"loss": 1.0})),
-        (FakeProxy("c1"), fit_res(client_layers(model, "b", 2), 6, {"loss": 3.0})),
+        (fake_proxy("c0"), fit_res(client_layers(model, "a", 1), 4, {"loss": 1.0})),
+        (fake_proxy("c1"), fit_res(client_layers(model, "b", 2), 6, {"loss": 3.0})),
     ]
     _, metrics = strategy.aggregate_fit(1, results, [])
     assert seen == [[(4, {"loss": 1.0}), (6, {"loss": 3.0})]]

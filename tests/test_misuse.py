@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import LinenNet, fake_proxy  # noqa: E402
 from flax import nnx
 from flwr.common import (
     Code,
@@ -36,7 +37,6 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server.client_proxy import ClientProxy
 
 import jaxlayerx
 from jaxlayerx import (
@@ -81,16 +81,6 @@ SHAPES = {
     "head/bias": (2,),
     "head/kernel": (8, 2),
 }
-
-
-class LinenNet(nn.Module):
-    """Dense(3) -> BatchNorm -> Dense(2)."""
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Dense(3)(x)
-        x = nn.BatchNorm(use_running_average=not train)(x)
-        return nn.Dense(2)(x)
 
 
 X4 = jnp.ones((1, 4), jnp.float32)
@@ -603,25 +593,6 @@ def test_simulation_nnx_default_filter_includes_batch_stats(digits3):
 # ---------------------------------------------------------------------------------------
 
 
-class FakeProxy(ClientProxy):
-    """A client proxy that is never called: the strategy is driven directly."""
-
-    def get_properties(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def get_parameters(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def fit(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def evaluate(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-
 def fit_res(layers: dict, num_examples: int) -> FitRes:
     payload = jaxlayerx.pack_layers(list(layers.values()), list(layers))
     return FitRes(
@@ -633,7 +604,7 @@ def fit_res(layers: dict, num_examples: int) -> FitRes:
 
 
 def results(*clients) -> list:
-    return [(FakeProxy(cid), fit_res(layers, n)) for cid, layers, n in clients]
+    return [(fake_proxy(cid), fit_res(layers, n)) for cid, layers, n in clients]
 
 
 def decode(parameters) -> dict[str, np.ndarray]:

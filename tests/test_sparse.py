@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import bits, ref_flat
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import ref_name
 
 import jaxlayerx
 from jaxlayerx import (
@@ -124,20 +124,6 @@ def make(kind: str, seed: int):
 # ---------------------------------------------------------------------------------------
 
 
-def ref_flat(model) -> dict[str, np.ndarray]:
-    """name -> numpy copy of every array leaf, in jax tree order (nnx: of nnx.state)."""
-    tree = nnx.state(model) if isinstance(model, nnx.Module) else model
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    out = {}
-    for path, leaf in leaves:
-        if isinstance(leaf, nnx.Variable):
-            leaf = leaf.get_value()
-        name = ref_name(path)
-        assert name not in out
-        out[name] = np.array(leaf, copy=True)
-    return out
-
-
 def f32(a) -> np.ndarray:
     return np.asarray(a).astype(np.float32)
 
@@ -206,11 +192,6 @@ def ref_pull(before: dict[str, np.ndarray], entries: dict[str, tuple[np.ndarray,
         for row, v in zip(np.asarray(idx), np.asarray(values)):
             layer[tuple(int(i) for i in row)] = np.asarray(v).astype(layer.dtype)
     return out
-
-
-def bits(a) -> np.ndarray:
-    a = np.ascontiguousarray(np.asarray(a))
-    return a.view(np.uint8)
 
 
 def assert_identical(got, want, what=""):

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import ref_name
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import ref_name
 
 from jaxlayerx import (
     FedAvgSparseCooTensor,
