@@ -7,10 +7,12 @@ this folder on the path.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -85,3 +87,16 @@ def fake_proxy_class() -> type:
 
 def fake_proxy(cid: str) -> Any:
     return fake_proxy_class()(cid)
+
+
+def nest(flat: Mapping[str, Any], array: Callable[[Any], Any] = jnp.asarray) -> dict[str, Any]:
+    """The nested dict whose layers are ``flat`` (``a/b/c -> {"a": {"b": {"c": ...}}}``),
+    each value passed through ``array`` (JAX arrays by default; ``np.array`` for copies)."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = array(value)
+    return tree

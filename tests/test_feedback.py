@@ -28,6 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import nest, ref_flat
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -51,32 +52,9 @@ BF16 = jnp.bfloat16
 # ---------------------------------------------------------------------------------------
 
 
-def _walk(tree: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
-    if isinstance(tree, Mapping):
-        for key in sorted(tree):
-            _walk(tree[key], f"{prefix}{key}/", out)
-    else:
-        out[prefix[:-1]] = np.array(tree, copy=True)
-
-
-def ref_flat(model: Any) -> dict[str, np.ndarray]:
-    """``name -> numpy copy`` of every layer: nested dicts in sorted key order (nnx: its state)."""
-    tree = nnx.to_pure_dict(nnx.state(model)) if isinstance(model, nnx.Module) else model
-    out: dict[str, np.ndarray] = {}
-    _walk(tree, "", out)
-    return out
-
-
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """The nested dict of numpy copies whose ``ref_flat`` is ``flat``."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = np.array(value, copy=True)
-    return tree
+def nest_copies(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The nested dict of numpy copies whose layers are ``flat``."""
+    return nest(flat, lambda value: np.array(value, copy=True))
 
 
 def packed(layers: Mapping[str, Any]) -> list[np.ndarray]:
@@ -217,7 +195,7 @@ DYNAMIC_DELTA = {"enc/fast": F32(3.0), "enc/slow": F32(0.4), "head/still": F32(0
 
 def train(model: Any, delta: Mapping[str, Any]) -> dict[str, Any]:
     """A new nested dict: every layer plus its delta (0 if absent), in its own dtype."""
-    return nest({n: v + np.asarray(delta.get(n, 0), v.dtype) for n, v in ref_flat(model).items()})
+    return nest_copies({n: v + np.asarray(delta.get(n, 0), v.dtype) for n, v in ref_flat(model).items()})
 
 
 def run_dynamic_rounds(exchanger: DynamicLayerExchanger, start: Mapping[str, np.ndarray], rounds: int = ROUNDS):
@@ -225,7 +203,7 @@ def run_dynamic_rounds(exchanger: DynamicLayerExchanger, start: Mapping[str, np.
     sent the round before (as the only client, the average is its own values). Each round
     the client pulls, snapshots the model as initial_model, trains (adds DYNAMIC_DELTA) and
     pushes. Returns the pushed payloads and the final model."""
-    model = nest({n: np.zeros_like(v) for n, v in start.items()})
+    model = nest_copies({n: np.zeros_like(v) for n, v in start.items()})
     to_pull = dict(start)
     payloads = []
     for _ in range(rounds):
@@ -287,7 +265,7 @@ def test_dynamic_percentage_rule_with_feedback_sends_the_accumulated_layer():
     sent = {}
     for feedback in (False, True):
         exchanger = DynamicLayerExchanger(rule, error_feedback=feedback)
-        model = nest({"a/big": np.zeros(1, F32), "b/small": np.zeros(1, F32)})
+        model = nest_copies({"a/big": np.zeros(1, F32), "b/small": np.zeros(1, F32)})
         to_pull = ref_flat(model)
         sent[feedback] = []
         for _ in range(4):
@@ -309,7 +287,7 @@ def test_dynamic_percentage_rule_with_feedback_sends_the_accumulated_layer():
 
 
 def mixed_model() -> dict[str, Any]:
-    return nest(
+    return nest_copies(
         {
             "a/bf": np.array([1.0, -2.0, 0.5], BF16),
             "a/int": np.array([[1, 2], [3, 4]], np.int32),
@@ -377,7 +355,7 @@ def test_reference_of_bf16_and_int32_layers_drives_the_next_selection():
         "b/f": np.array([0.5, 0.5], F32),
     }
     model = exchanger.pull_parameters(packed(pulled), mixed_model())
-    trained = nest(
+    trained = nest_copies(
         {
             "a/bf": np.array([3.5, 1.0, -2.0], BF16),
             "a/int": np.array([[2, 3], [3, 4]], np.int32),
@@ -431,9 +409,9 @@ FALLBACK_PULLED_A = np.array([1.0, 1.0], F32)
 
 
 def fallback_setup(exchanger):
-    model = nest({"p/a": np.zeros(2, F32), "p/b": np.zeros(2, F32), "q/c": np.zeros(1, F32)})
+    model = nest_copies({"p/a": np.zeros(2, F32), "p/b": np.zeros(2, F32), "q/c": np.zeros(1, F32)})
     exchanger.pull_parameters(packed({"p/a": FALLBACK_PULLED_A}), model)
-    return nest(FALLBACK_TRAINED)
+    return nest_copies(FALLBACK_TRAINED)
 
 
 @pytest.mark.parametrize(
@@ -453,15 +431,15 @@ def test_dynamic_unpulled_layers_fall_back_to_initial_model(initial, expected):
     trained = fallback_setup(exchanger)
     against = dict(initial, **{"p/a": FALLBACK_PULLED_A})
     assert ref_threshold_pick(FALLBACK_TRAINED, against, 1.0) == expected
-    sent = unpack(exchanger.push_parameters(trained, nest(initial)))
+    sent = unpack(exchanger.push_parameters(trained, nest_copies(initial)))
     assert list(sent) == expected
     for name in expected:
         assert_identical(sent[name], FALLBACK_TRAINED[name], name)
-    arrays, names = exchanger.select_parameters(trained, nest(initial))
+    arrays, names = exchanger.select_parameters(trained, nest_copies(initial))
     assert names == expected
 
     # without feedback, p/a is measured against the initial [6, 1] too: 4.5 > 1
-    plain = unpack(threshold_exchanger().push_parameters(trained, nest(initial)))
+    plain = unpack(threshold_exchanger().push_parameters(trained, nest_copies(initial)))
     assert list(plain) == ref_threshold_pick(FALLBACK_TRAINED, initial, 1.0)
     assert "p/a" in plain
 
@@ -484,7 +462,7 @@ def test_dynamic_partially_pulled_without_initial_model_is_a_value_error():
 
 
 def test_nothing_pulled_and_no_initial_model_behaves_as_without_feedback():
-    trained = nest(FALLBACK_TRAINED)
+    trained = nest_copies(FALLBACK_TRAINED)
     for feedback in (False, True):
         with pytest.raises(ValueError, match="needs initial_model"):
             threshold_exchanger(error_feedback=feedback).push_parameters(trained)
@@ -498,22 +476,22 @@ def test_sparse_unpulled_layers_fall_back_and_partial_pull_needs_initial_model()
     # [2, 2] against the initial [0, 0.5]: scores [2, 1.5]. Level 0.4 of 5 weights:
     # k = ceil(2.0) = 2, scores sorted 3, 2, 1.5, 0, 0 -> threshold 2: u/x[1] and v/y[0].
     exchanger = sparse_exchanger(0.4, error_feedback=True)
-    model = nest({"u/x": np.zeros(3, F32), "v/y": np.zeros(2, F32)})
+    model = nest_copies({"u/x": np.zeros(3, F32), "v/y": np.zeros(2, F32)})
     exchanger.pull_parameters(coo_payload({"u/x": ([0, 1, 2], [1.0, 1.0, 1.0])}, {"u/x": (3,)}), model)
     assert_flat(exchanger.reference, {"u/x": np.ones(3, F32)})
     trained = {"u/x": np.array([1.0, 4.0, 1.0], F32), "v/y": np.array([2.0, 2.0], F32)}
     initial = {"u/x": np.full(3, 5.0, F32), "v/y": np.array([0.0, 0.5], F32)}
     expected = ref_sparse_pick(trained, {"u/x": np.ones(3, F32), "v/y": initial["v/y"]}, 0.4)
     assert {n: f.tolist() for n, f in expected.items()} == {"u/x": [1], "v/y": [0]}
-    got = unpack_coo(exchanger.push_parameters(nest(trained), nest(initial)))
+    got = unpack_coo(exchanger.push_parameters(nest_copies(trained), nest_copies(initial)))
     assert {n: f.tolist() for n, (_, f, _) in got.items()} == {"u/x": [1], "v/y": [0]}
     assert_identical(got["u/x"][0], np.array([4.0], F32))
     assert_identical(got["v/y"][0], np.array([2.0], F32))
 
     with pytest.raises(ValueError, match="initial_model"):
-        exchanger.push_parameters(nest(trained))
+        exchanger.push_parameters(nest_copies(trained))
     with pytest.raises(ValueError, match="initial_model"):
-        exchanger.select_parameters(nest(trained))
+        exchanger.select_parameters(nest_copies(trained))
 
 
 # ---------------------------------------------------------------------------------------
@@ -564,7 +542,7 @@ SPARSE_SHAPES = {"l/w": (2, 3), "m/v": (4,)}
 
 
 def sparse_model() -> dict[str, Any]:
-    return nest({"l/w": np.array([[1, 2, 3], [4, 5, 6]], F32), "m/v": np.array([1, 2, 3, 4], F32)})
+    return nest_copies({"l/w": np.array([[1, 2, 3], [4, 5, 6]], F32), "m/v": np.array([1, 2, 3, 4], F32)})
 
 
 def _bad_sparse(case: str) -> list[np.ndarray]:
@@ -631,7 +609,7 @@ def test_sparse_reference_is_updated_weight_by_weight():
     current = ref_flat(model)
     against = {"l/w": reference_l, "m/v": np.array([2, 3, 0.5, 5], F32)}
     assert {n: f.tolist() for n, f in ref_sparse_pick(current, against, 0.4).items()} == {"l/w": [1, 2, 3, 5]}
-    sent = unpack_coo(exchanger.push_parameters(model, nest({n: v + 100 for n, v in current.items()})))
+    sent = unpack_coo(exchanger.push_parameters(model, nest_copies({n: v + 100 for n, v in current.items()})))
     assert list(sent) == ["l/w"]
     values, flat, shape = sent["l/w"]
     assert flat.tolist() == [1, 2, 3, 5] and shape == (2, 3)
@@ -644,7 +622,7 @@ def run_sparse_rounds(exchanger: SparseCooParameterExchanger, rounds: int = ROUN
     unpacked (and appends them as sent to ``raw``)."""
     shapes = {"a/w": (3,), "b/w": (1,)}
     start = {"a/w": np.array([1.0, 2.0, 3.0], F32), "b/w": np.array([5.0], F32)}
-    model = nest({n: np.zeros_like(v) for n, v in start.items()})
+    model = nest_copies({n: np.zeros_like(v) for n, v in start.items()})
     to_pull = coo_payload({n: (list(range(v.size)), v.tolist()) for n, v in start.items()}, shapes)
     delta = {"a/w": np.array([3.0, 0.0, 0.0], F32), "b/w": F32(1.25)}
     sent = []
@@ -706,13 +684,15 @@ def test_dynamic_without_feedback_pushes_exactly_as_a_plain_exchanger():
     # one round by hand, against a numpy reference measured from initial_model
     exchanger = DynamicLayerExchanger(rule, error_feedback=False)
     model = exchanger.pull_parameters(
-        packed(FALLBACK_TRAINED), nest({n: np.zeros_like(v) for n, v in FALLBACK_TRAINED.items()})
+        packed(FALLBACK_TRAINED), nest_copies({n: np.zeros_like(v) for n, v in FALLBACK_TRAINED.items()})
     )
     initial = {"p/a": np.array([6.0, 1.0], F32), "p/b": np.array([0.0, 0.0], F32), "q/c": np.array([0.0], F32)}
-    sent = unpack(exchanger.push_parameters(model, nest(initial)))
+    sent = unpack(exchanger.push_parameters(model, nest_copies(initial)))
     assert list(sent) == ref_threshold_pick(FALLBACK_TRAINED, initial, 1.0) == ["p/a", "p/b"]
     assert len(exchanger.reference) == 0
-    assert_payloads_identical(exchanger.push_parameters(model, nest(initial)), pack_layers(*rule(model, nest(initial))))
+    assert_payloads_identical(
+        exchanger.push_parameters(model, nest_copies(initial)), pack_layers(*rule(model, nest_copies(initial)))
+    )
 
 
 def test_sparse_without_feedback_pushes_exactly_as_a_plain_exchanger():
@@ -728,8 +708,8 @@ def test_sparse_without_feedback_pushes_exactly_as_a_plain_exchanger():
     # fl4health's behaviour: scored from the round's start, a/w[0] (3 > 1.25) every round
     assert all(list(s) == ["a/w"] and s["a/w"][1].tolist() == [0] for s in sent)
     rng = np.random.default_rng(3)
-    model = nest({"l/w": rng.standard_normal((2, 3)).astype(F32), "m/v": rng.standard_normal(4).astype(F32)})
-    initial = nest({"l/w": rng.standard_normal((2, 3)).astype(F32), "m/v": rng.standard_normal(4).astype(F32)})
+    model = nest_copies({"l/w": rng.standard_normal((2, 3)).astype(F32), "m/v": rng.standard_normal(4).astype(F32)})
+    initial = nest_copies({"l/w": rng.standard_normal((2, 3)).astype(F32), "m/v": rng.standard_normal(4).astype(F32)})
     off.pull_parameters(coo_payload({"l/w": ([0, 5], [1.0, 2.0])}, SPARSE_SHAPES), model)
     a = default.push_parameters(model, initial)
     b = off.push_parameters(model, initial)
@@ -831,13 +811,13 @@ def test_bf16_reference_survives_savez_and_the_next_push_is_unchanged(tmp_path):
     # The documented recipe (numpy.savez / dict(numpy.load)) with a bfloat16 layer.
     # l2, threshold 1.0: w pulled at [1, 2], trained to [2.5, 2] -> drift 1.5 > 1 (sent).
     exchanger = threshold_exchanger(error_feedback=True)
-    model = nest({"m/w": np.array([0.0, 0.0], BF16)})
+    model = nest_copies({"m/w": np.array([0.0, 0.0], BF16)})
     model = exchanger.pull_parameters(packed({"m/w": np.array([1.0, 2.0], BF16)}), model)
     path = tmp_path / "reference.npz"
     np.savez(path, **exchanger.reference)
     restored = threshold_exchanger(error_feedback=True)
     restored.reference = dict(np.load(path))
-    trained = nest({"m/w": np.array([2.5, 2.0], BF16)})
+    trained = nest_copies({"m/w": np.array([2.5, 2.0], BF16)})
     expected = exchanger.push_parameters(trained, model)
     assert list(unpack(expected)) == ["m/w"]
     assert_payloads_identical(restored.push_parameters(trained, model), expected)
@@ -893,7 +873,9 @@ def test_stateful_client_keeps_the_reference_between_rebuilt_clients():
     built = []
 
     def make_client(context):
-        client = ExchangerClient(nest(FLOWER_START), threshold_exchanger(1.0, error_feedback=True), flower_train_fn)
+        client = ExchangerClient(
+            nest_copies(FLOWER_START), threshold_exchanger(1.0, error_feedback=True), flower_train_fn
+        )
         built.append(client)
         return client
 
@@ -917,7 +899,7 @@ def test_stateful_client_keeps_the_reference_between_rebuilt_clients():
     assert_flat(reference_record(context), dict(SERVER_FULL, **{"enc/fast": SERVER_FAST}), ordered=False)
 
     # the same two messages to one client that is never rebuilt: the same payloads
-    lone = ExchangerClient(nest(FLOWER_START), threshold_exchanger(1.0, error_feedback=True), flower_train_fn)
+    lone = ExchangerClient(nest_copies(FLOWER_START), threshold_exchanger(1.0, error_feedback=True), flower_train_fn)
     lone1, _, _ = lone.fit(packed(SERVER_FULL), {})
     lone2, _, _ = lone.fit(packed({"enc/fast": SERVER_FAST}), {})
     assert_payloads_identical(sent1, lone1)
@@ -927,7 +909,7 @@ def test_stateful_client_keeps_the_reference_between_rebuilt_clients():
 @needs_flower
 def test_stateful_client_without_feedback_saves_no_reference():
     def make_client(context):
-        return ExchangerClient(nest(FLOWER_START), threshold_exchanger(1.0), flower_train_fn)
+        return ExchangerClient(nest_copies(FLOWER_START), threshold_exchanger(1.0), flower_train_fn)
 
     client_fn = stateful_client_fn(make_client)
     context = new_context()
@@ -949,7 +931,7 @@ def test_stateful_client_keeps_a_bf16_reference():
         return train(model, {"m/w": np.array([0.75, 0.0], BF16)}), 1, {}
 
     client_fn = stateful_client_fn(
-        lambda context: ExchangerClient(nest(start), threshold_exchanger(1.0, error_feedback=True), train_fn)
+        lambda context: ExchangerClient(nest_copies(start), threshold_exchanger(1.0, error_feedback=True), train_fn)
     )
     context = new_context()
     assert list(unpack(fit(client_fn, context, server))) == []
@@ -991,7 +973,7 @@ def test_dynamic_feedback_matches_the_accumulate_until_sent_process(case):
     start, deltas, offsets, full_first, threshold = case
     exchanger = threshold_exchanger(threshold, error_feedback=True, normalize=False)
 
-    model = nest(start)  # the library's model
+    model = nest_copies(start)  # the library's model
     current = copies(start)  # the numpy process
     pulled: dict[str, np.ndarray] = {}  # name -> value at its last pull
     to_pull = copies(start) if full_first else {}

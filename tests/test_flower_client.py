@@ -24,7 +24,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
-from conftest import LinenNet  # noqa: E402
+from conftest import (  # noqa: E402
+    LinenNet,  # noqa: E402
+    nest,
+    ref_flat,
+)
 from flax import nnx  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -130,34 +134,6 @@ def percentage_exchanger(p: float, normalize: bool = True) -> DynamicLayerExchan
 # ---------------------------------------------------------------------------------------
 # Independent references
 # ---------------------------------------------------------------------------------------
-
-
-def _walk(tree: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
-    if isinstance(tree, Mapping):
-        for key in sorted(tree):
-            _walk(tree[key], f"{prefix}{key}/", out)
-    else:
-        out[prefix[:-1]] = np.array(tree)  # a copy: later in-place updates do not reach it
-
-
-def ref_flat(model: Any) -> dict[str, np.ndarray]:
-    """``name -> numpy copy`` of every layer: nested dicts in sorted key order."""
-    tree = nnx.to_pure_dict(nnx.state(model)) if isinstance(model, nnx.Module) else model
-    out: dict[str, np.ndarray] = {}
-    _walk(tree, "", out)
-    return out
-
-
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """The nested dict (of jax arrays) whose ``ref_flat`` is ``flat``."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = jnp.asarray(value)
-    return tree
 
 
 def set_nnx_layer(module: nnx.Module, name: str, value: Any) -> None:

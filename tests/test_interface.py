@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import nest, ref_flat
 
 import jaxlayerx as jlx
 from jaxlayerx import (
@@ -91,33 +92,6 @@ def random_layers(shapes: Mapping[str, tuple[int, ...]], seed: int, offset: floa
 def flat_view(layers: Mapping[str, np.ndarray]) -> Flat:
     """A flat view in TINY_NAMES order (as the engine passes them: an OrderedDict of arrays)."""
     return Flat((name, jnp.asarray(layers[name])) for name in layers)
-
-
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """The nested variables dict whose layers are ``flat``."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = jnp.asarray(value)
-    return tree
-
-
-def layers_of(model: Any) -> dict[str, np.ndarray]:
-    """``name -> numpy copy`` of a nested dict, keys in sorted order at every level."""
-    out: dict[str, np.ndarray] = {}
-
-    def walk(tree, prefix):
-        if isinstance(tree, Mapping):
-            for key in sorted(tree):
-                walk(tree[key], f"{prefix}{key}/")
-        else:
-            out[prefix[:-1]] = np.array(tree)
-
-    walk(model, "")
-    return out
 
 
 def assert_layers_equal(actual: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
@@ -588,7 +562,7 @@ def test_simulation_positional_user_exchanger_keeps_other_layers_local(positiona
 
 def shifting_train_fn(deltas, record):
     def train_fn(model, config):
-        received = layers_of(model)
+        received = ref_flat(model)
         record.append(received)
         trained = {name: value + np.float32(deltas.get(name, 0.0)) for name, value in received.items()}
         return nest(trained), 7, {"seen": 1}
