@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -23,7 +23,7 @@ def read_results(
     if not isinstance(results, (list, tuple)):
         raise TypeError(f"results must be a list of (payload, num_examples), got {type(results).__name__}")
     for client, result in enumerate(results):
-        if not isinstance(result, (list, tuple)) or len(result) != 2:
+        if not isinstance(cast(object, result), (list, tuple)) or len(result) != 2:
             raise ValueError(f"client {client}: expected a (payload, num_examples) pair")
         payload, num_examples = result
         _check_num_examples(client, num_examples)
@@ -40,7 +40,7 @@ def is_example_count(value: Any) -> bool:
 
 
 def _is_integer(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
 
 
 def _check_num_examples(client: int, num_examples: Any) -> None:

@@ -25,7 +25,7 @@ import collections
 import functools
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +97,7 @@ class FedAvgDynamicLayer:
                 owners[id(array)] = client
         for name, items in contributions.items():
             check_total_weight(name, [weight for weight, _ in items])
-        averages = {}
+        averages: dict[str, np.ndarray] = {}
         for name in sorted(contributions):
             weights, arrays = zip(*canonical_order(contributions[name]))
             try:
@@ -115,10 +115,10 @@ def _unpacked(payload: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]:
 
 
 def _named_arrays(layers: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
-    if not isinstance(layers, Mapping):
+    if not isinstance(cast(object, layers), Mapping):
         raise TypeError(f"decoded layers are a name -> array mapping, got {type(layers).__name__}")
     for name in layers:
-        if not isinstance(name, str):
+        if not isinstance(cast(object, name), str):
             raise TypeError(f"layer names must be strings, got {type(name).__name__} {name!r}")
     return [(name, np.asarray(array)) for name, array in layers.items()]
 
@@ -186,7 +186,7 @@ def masked_fedavg(
             summed, total = _masked_sums(stacked, mask, weights, accumulate)
             mean = summed / jnp.where(total > 0, total, 1.0).astype(accumulate)
         else:
-            base = jnp.asarray(fallback[name]).astype(accumulate)
+            base = jnp.asarray(cast(Mapping[str, jax.Array], fallback)[name]).astype(accumulate)  # checked above
             changes, total = _masked_sums(stacked.astype(accumulate) - base, mask, weights, accumulate)
             everyone = jnp.sum(weights).astype(accumulate)
             mean = base + changes / jnp.where(everyone > 0, everyone, 1.0)
@@ -313,7 +313,7 @@ def _weighted_mean(arrays: list[np.ndarray], weights: list[float], finite: bool 
     return cast_mean(mean.reshape(arrays[0].shape), dtype, np)
 
 
-def host_accumulator(dtype: Any) -> type:
+def host_accumulator(dtype: Any) -> type[np.float32] | type[np.float64]:
     """The host dtype a layer's average is summed in: float32 for floating layers up to
     32 bits, float64 for float64, integer and boolean layers."""
     return np.float32 if _is_floating(dtype) and dtype != np.float64 else np.float64

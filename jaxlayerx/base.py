@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import jax
 import numpy as np
@@ -31,7 +31,12 @@ import numpy as np
 Model = TypeVar("Model")
 
 #: A flat view of a model: ``name -> array`` in flatten order (see :func:`jaxlayerx.flatten`).
-FlatView = collections.OrderedDict
+#: At runtime the plain ``collections.OrderedDict`` class (so ``FlatView(...)`` builds one);
+#: for type checkers ``OrderedDict[str, Any]``.
+if TYPE_CHECKING:
+    FlatView: TypeAlias = collections.OrderedDict[str, Any]
+else:
+    FlatView = collections.OrderedDict
 
 #: Flower-style payload: a list of numpy arrays.
 NDArrays = list[np.ndarray]

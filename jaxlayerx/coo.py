@@ -20,10 +20,11 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxlayerx._host import to_numpy
 from jaxlayerx.base import Model, NDArrays
@@ -89,7 +90,7 @@ def read_coo(payload: Sequence[Any]) -> collections.OrderedDict[str, SparseLayer
         )
     k = (len(payload) - 1) // 3
     names = read_names(payload[-1], k)
-    layers = collections.OrderedDict()
+    layers: collections.OrderedDict[str, SparseLayer] = collections.OrderedDict()
     for i, name in enumerate(names):
         layers[name] = _read_layer(name, payload[i], payload[k + i], payload[2 * k + i])
     return layers
@@ -203,7 +204,7 @@ def _check_distinct(name: str, flat: np.ndarray, size: int) -> None:
 
 
 def merge_sparse_layers(
-    model: Model, layers: Mapping[str, SparseLayer], *, nnx_filter: Any = DEFAULT_NNX_FILTER
+    model: Model, layers: Mapping[str, SparseLayer], *, nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER
 ) -> Model:
     """Returns ``model`` with exactly the given entries of the named layers replaced.
 
@@ -216,7 +217,7 @@ def merge_sparse_layers(
       TypeError: values that cannot be cast to the layer's dtype without loss.
     """
     current = flatten(model, nnx_filter=nnx_filter)
-    checked = {}
+    checked: dict[str, Any] = {}
     for name, layer in layers.items():
         if name not in current:
             raise unknown_layer(name, current)
@@ -231,7 +232,7 @@ def merge_sparse_layers(
 def _scatter(like: Any, flat: np.ndarray, values: Any) -> Any:
     """A copy of the layer ``like`` with ``values`` written at row-major ``flat`` positions."""
     if isinstance(like, (np.ndarray, np.generic)):
-        updated = np.array(like, copy=True, order="C")
+        updated = np.array(cast("np.ndarray | np.generic[Any]", like), copy=True, order="C")
         updated.reshape(-1)[flat] = np.asarray(values).astype(updated.dtype, copy=False)
         return updated
     like = jnp.asarray(like)

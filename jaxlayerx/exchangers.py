@@ -14,8 +14,8 @@ payloads name what they hold.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import flax.linen as linen
 import numpy as np
@@ -29,6 +29,7 @@ from jaxlayerx.base import (
     MaskedSelectionFunction,
     Model,
     NDArrays,
+    PayloadKind,
     ScoreGenFunction,
 )
 from jaxlayerx.coo import merge_sparse_layers, pack_coo, read_coo, unpack_coo
@@ -44,7 +45,7 @@ class _Layers:
     """How an exchanger reads and writes a model's layers: through flat views of the NNX
     variables its ``nnx_filter`` selects (every other leaf of a pytree is always a layer)."""
 
-    nnx_filter: Any = DEFAULT_NNX_FILTER
+    nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER
 
     def _flatten(self, model: Any) -> FlatView:
         return flatten(model, nnx_filter=self.nnx_filter)
@@ -76,10 +77,10 @@ class FullParameterExchanger(_Layers):
       nnx_filter: which NNX variables are layers (default: all but RNG state).
     """
 
-    payload_kind = "positional"
+    payload_kind: PayloadKind = "positional"
     error_feedback = False
 
-    def __init__(self, *, nnx_filter: Any = DEFAULT_NNX_FILTER) -> None:
+    def __init__(self, *, nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER) -> None:
         self.nnx_filter = nnx_filter
 
     def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
@@ -103,10 +104,12 @@ class FixedLayerExchanger(_Layers):
       nnx_filter: which NNX variables are layers (default: all but RNG state).
     """
 
-    payload_kind = "positional"
+    payload_kind: PayloadKind = "positional"
     error_feedback = False
 
-    def __init__(self, layers_to_transfer: Sequence[str], *, nnx_filter: Any = DEFAULT_NNX_FILTER) -> None:
+    def __init__(
+        self, layers_to_transfer: Sequence[str], *, nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER
+    ) -> None:
         self.layers_to_transfer = _checked_layer_list(layers_to_transfer)
         self.nnx_filter = nnx_filter
 
@@ -159,7 +162,7 @@ class LayerExchangerWithExclusions(_Layers):
       **example_kwargs: example keyword inputs for a Linen module's ``init``.
     """
 
-    payload_kind = "positional"
+    payload_kind: PayloadKind = "positional"
     error_feedback = False
 
     def __init__(
@@ -167,13 +170,13 @@ class LayerExchangerWithExclusions(_Layers):
         model: Any,
         module_exclusions: Iterable[type],
         *example_args: Any,
-        nnx_filter: Any = DEFAULT_NNX_FILTER,
+        nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
         **example_kwargs: Any,
     ) -> None:
         self.nnx_filter = nnx_filter
         self.module_exclusions = set(module_exclusions)
         for excluded in self.module_exclusions:
-            if not isinstance(excluded, type):
+            if not isinstance(cast(object, excluded), type):
                 raise TypeError(f"module_exclusions must hold module types, got {excluded!r}")
         self._collection_prefixed = isinstance(model, linen.Module)
         if isinstance(model, linen.Module):
@@ -255,14 +258,14 @@ class DynamicLayerExchanger(ErrorFeedback, _Layers):
         each layer. Assign a saved one to restore it.
     """
 
-    payload_kind = "named"
+    payload_kind: PayloadKind = "named"
 
     def __init__(
         self,
         layer_selection_function: LayerSelectionFunction,
         error_feedback: bool = False,
         *,
-        nnx_filter: Any = DEFAULT_NNX_FILTER,
+        nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
     ) -> None:
         if not callable(layer_selection_function):
             raise TypeError("layer_selection_function must be callable")
@@ -300,7 +303,7 @@ class DynamicLayerExchanger(ErrorFeedback, _Layers):
             self.record_pull(self._flatten(model), names)
         return model
 
-    def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+    def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> Mapping[str, Any]:
         """The selection rule's pure mask form: ``name -> bool`` scalar.
 
         Raises:
@@ -351,7 +354,7 @@ class SparseCooParameterExchanger(ErrorFeedback, _Layers):
         ``score_gen_function`` that is not callable.
     """
 
-    payload_kind = "sparse"
+    payload_kind: PayloadKind = "sparse"
 
     def __init__(
         self,
@@ -359,7 +362,7 @@ class SparseCooParameterExchanger(ErrorFeedback, _Layers):
         score_gen_function: ScoreGenFunction,
         error_feedback: bool = False,
         *,
-        nnx_filter: Any = DEFAULT_NNX_FILTER,
+        nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
     ) -> None:
         validate_sparsity_level(sparsity_level)
         if not callable(score_gen_function):
@@ -427,7 +430,7 @@ class SparseCooParameterExchanger(ErrorFeedback, _Layers):
         return unpack_coo(packed_parameters)
 
 
-def _constant_mask(names: Iterable[str], sends: Any) -> FlatView:
+def _constant_mask(names: Iterable[str], sends: Callable[[str], bool]) -> FlatView:
     """``name -> numpy bool`` for every name, in order: ``sends(name)``, whatever the values."""
     return collections.OrderedDict((name, np.bool_(sends(name))) for name in names)
 
@@ -453,7 +456,7 @@ def _checked_layer_list(names: Sequence[str]) -> list[str]:
         raise TypeError("layers_to_transfer must be a list of layer names, not one string")
     names = list(names)
     for name in names:
-        if not isinstance(name, str):
+        if not isinstance(cast(object, name), str):
             raise TypeError(f"layer names must be strings, got {name!r}")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class ErrorFeedback:
     """
 
     def __init__(self, error_feedback: bool) -> None:
-        if not isinstance(error_feedback, (bool, np.bool_)):
+        if not isinstance(cast(object, error_feedback), (bool, np.bool_)):
             raise TypeError(f"error_feedback must be True or False, got {error_feedback!r}")
         self.error_feedback = bool(error_feedback)
         self._reference: FlatView = collections.OrderedDict()
@@ -51,7 +51,7 @@ class ErrorFeedback:
 
     @reference.setter
     def reference(self, layers: Mapping[str, Any]) -> None:
-        if not isinstance(layers, Mapping) or not all(map(is_array_leaf, layers.values())):
+        if not isinstance(cast(object, layers), Mapping) or not all(map(is_array_leaf, layers.values())):
             raise TypeError("a reference is a name -> array mapping (as exchanger.reference holds)")
         self._reference = collections.OrderedDict(
             (str(name), np.array(value, copy=True)) for name, value in zip(layers, to_numpy(layers.values()))
@@ -78,7 +78,8 @@ class ErrorFeedback:
                 f"{missing[0]!r}, and no initial_model to fall back on: pass initial_model=..."
             )
         return collections.OrderedDict(
-            (name, self._pulled(name, layer) if name in self._reference else initial[name])
+            # initial is not None here: a layer with no pulled value raised above without it
+            (name, self._pulled(name, layer) if name in self._reference else cast(Mapping[str, Any], initial)[name])
             for name, layer in current.items()
         )
 

@@ -12,11 +12,13 @@ Paths are tuples of keys; the root (path ``()``) is included.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import flax.linen as linen
 import jax
 from flax import nnx
+from flax.linen.module import InterceptorContext
 
 from jaxlayerx.tree import is_array_leaf, is_nnx_variable, key_part
 
@@ -41,15 +43,17 @@ def linen_module_types(
     """
     types: dict[ModulePath, type] = {}
 
-    def record(next_fun, args, kwargs, context):
+    def record(
+        next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], context: InterceptorContext
+    ) -> Any:
         types.setdefault(tuple(context.module.path), type(context.module))
         return next_fun(*args, **kwargs)
 
-    def init():
-        return module.init(jax.random.key(0), *example_args, **example_kwargs)
+    def init() -> Mapping[str, Any]:
+        return module.init(jax.random.key(0), *example_args, **example_kwargs)  # pyright: ignore[reportUnknownMemberType]
 
     with linen.intercept_methods(record):
-        variables = jax.eval_shape(init)
+        variables = jax.eval_shape(init)  # pyright: ignore[reportUnknownMemberType]
     return types, variables
 
 
@@ -60,7 +64,8 @@ def pytree_node_types(tree: Any) -> dict[ModulePath, type]:
     def visit(node: Any, path: ModulePath) -> None:
         if is_array_leaf(node) or is_nnx_variable(node) or node is None:
             return
-        children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+        is_child: Callable[[Any], bool] = lambda x: x is not node
+        children = cast(list[tuple[ModulePath, Any]], jax.tree_util.tree_flatten_with_path(node, is_leaf=is_child)[0])  # pyright: ignore[reportUnknownMemberType]
         if len(children) == 1 and children[0][0] == ():
             return  # a leaf that is not an array
         types[path] = type(node)

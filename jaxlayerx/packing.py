@@ -12,7 +12,7 @@ it survives ``numpy.save(..., allow_pickle=False)`` (Flower's serialization).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -94,7 +94,7 @@ def _check_names(names: list[str], count: int) -> None:
     if len(names) != count:
         raise ValueError(f"{count} arrays but {len(names)} layer names")
     for name in names:
-        if not isinstance(name, str):
+        if not isinstance(cast(object, name), str):
             raise TypeError(f"layer names must be strings, got {type(name).__name__} {name!r}")
     if len(set(names)) != len(names):
         repeated = sorted({name for name in names if names.count(name) > 1})

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -33,32 +33,36 @@ from jaxlayerx.tree import as_flat_view, check_matching_layers
 
 def largest_final_magnitude_scores(model: Any, initial_model: Any = None) -> FlatView:
     """``|w|``: keeps the largest weights (``initial_model`` is not used)."""
-    return _final_magnitude(as_flat_view(model), negate=False)
+    return cast(FlatView, _final_magnitude(as_flat_view(model), negate=False))
 
 
 def smallest_final_magnitude_scores(model: Any, initial_model: Any = None) -> FlatView:
     """``-|w|``: keeps the smallest weights (``initial_model`` is not used)."""
-    return _final_magnitude(as_flat_view(model), negate=True)
+    return cast(FlatView, _final_magnitude(as_flat_view(model), negate=True))
 
 
 def largest_magnitude_change_scores(model: Any, initial_model: Any) -> FlatView:
     """``|w - w0|``: keeps the weights that moved most."""
-    return _change(*_flat_pair(model, initial_model, "largest_magnitude_change_scores"), negate=False)
+    return cast(FlatView, _change(*_flat_pair(model, initial_model, "largest_magnitude_change_scores"), negate=False))
 
 
 def smallest_magnitude_change_scores(model: Any, initial_model: Any) -> FlatView:
     """``-|w - w0|``: keeps the weights that moved least."""
-    return _change(*_flat_pair(model, initial_model, "smallest_magnitude_change_scores"), negate=True)
+    return cast(FlatView, _change(*_flat_pair(model, initial_model, "smallest_magnitude_change_scores"), negate=True))
 
 
 def largest_increase_in_magnitude_scores(model: Any, initial_model: Any) -> FlatView:
     """``|w| - |w0|``: keeps the weights whose magnitude grew most."""
-    return _increase(*_flat_pair(model, initial_model, "largest_increase_in_magnitude_scores"), negate=False)
+    return cast(
+        FlatView, _increase(*_flat_pair(model, initial_model, "largest_increase_in_magnitude_scores"), negate=False)
+    )
 
 
 def smallest_increase_in_magnitude_scores(model: Any, initial_model: Any) -> FlatView:
     """``|w0| - |w|``: keeps the weights whose magnitude shrank most."""
-    return _increase(*_flat_pair(model, initial_model, "smallest_increase_in_magnitude_scores"), negate=True)
+    return cast(
+        FlatView, _increase(*_flat_pair(model, initial_model, "smallest_increase_in_magnitude_scores"), negate=True)
+    )
 
 
 #: The score functions by the names the ``jaxlayerx simulate`` command uses.
@@ -88,20 +92,20 @@ def _signed(score: jax.Array, negate: bool) -> jax.Array:
     return -score if negate else score
 
 
-@functools.partial(jax.jit, static_argnames="negate")
-def _final_magnitude(current, *, negate):
+@functools.partial(jax.jit, static_argnames="negate")  # pyright: ignore[reportUnknownMemberType]
+def _final_magnitude(current: Mapping[str, Any], *, negate: bool) -> FlatView:
     return FlatView((name, _signed(jnp.abs(_as_float32(w)), negate)) for name, w in current.items())
 
 
-@functools.partial(jax.jit, static_argnames="negate")
-def _change(current, initial, *, negate):
+@functools.partial(jax.jit, static_argnames="negate")  # pyright: ignore[reportUnknownMemberType]
+def _change(current: Mapping[str, Any], initial: Mapping[str, Any], *, negate: bool) -> FlatView:
     return FlatView(
         (name, _signed(jnp.abs(_as_float32(w) - _as_float32(initial[name])), negate)) for name, w in current.items()
     )
 
 
-@functools.partial(jax.jit, static_argnames="negate")
-def _increase(current, initial, *, negate):
+@functools.partial(jax.jit, static_argnames="negate")  # pyright: ignore[reportUnknownMemberType]
+def _increase(current: Mapping[str, Any], initial: Mapping[str, Any], *, negate: bool) -> FlatView:
     return FlatView(
         (name, _signed(jnp.abs(_as_float32(w)) - jnp.abs(_as_float32(initial[name])), negate))
         for name, w in current.items()

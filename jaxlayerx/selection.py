@@ -52,7 +52,7 @@ import functools
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,10 @@ import numpy as np
 from jaxlayerx._host import to_numpy
 from jaxlayerx.base import FlatView, NDArrays
 from jaxlayerx.tree import as_flat_view, check_matching_layers, check_snapshot
+
+#: A real number as :func:`_exact` reads it (``numbers.Real`` alone: type checkers do not
+#: count ``float`` and numpy floats as its subclasses, which they are at runtime).
+_Real: TypeAlias = "numbers.Real | float | np.floating[Any]"
 
 #: The drift measures, by name (see the module docstring).
 MEASURES: tuple[str, ...] = ("l2/size", "l2", "rms", "relative")
@@ -74,7 +78,7 @@ def resolve_measure(measure: str | None, normalize: bool = True) -> str:
     """
     if measure is None:
         return "l2/size" if normalize else "l2"
-    if not isinstance(measure, str) or measure not in MEASURES:
+    if not isinstance(cast(object, measure), str) or measure not in MEASURES:
         raise ValueError(f"unknown drift measure {measure!r}; choose from {', '.join(MEASURES)}")
     return measure
 
@@ -291,11 +295,14 @@ class ThresholdRule(_LayerSelectionRule):
         norms = drift_norms(current, reference, measure=self.measure)
         return threshold_mask(norms, self.norm_threshold, select_drift_more=self.select_drift_more)
 
-    def _mask_vector(self, names, current, initial):
+    def _mask_vector(self, names: tuple[str, ...], current: list[Any], initial: list[Any]) -> jax.Array:
         # The threshold is a traced argument: a new value does not compile again.
         threshold = jnp.asarray(_float32_floor(self.norm_threshold), jnp.float32)
-        return _threshold_mask_vector(
-            names, current, initial, threshold, measure=self.measure, select_drift_more=self.select_drift_more
+        return cast(
+            jax.Array,
+            _threshold_mask_vector(
+                names, current, initial, threshold, measure=self.measure, select_drift_more=self.select_drift_more
+            ),
         )
 
 
@@ -316,14 +323,17 @@ class PercentageRule(_LayerSelectionRule):
         norms = drift_norms(current, reference, measure=self.measure)
         return percentage_mask(norms, self.exchange_percentage, select_drift_more=self.select_drift_more)
 
-    def _mask_vector(self, names, current, initial):
-        return _percentage_mask_vector(
-            names,
-            current,
-            initial,
-            exchange_percentage=float(self.exchange_percentage),
-            measure=self.measure,
-            select_drift_more=self.select_drift_more,
+    def _mask_vector(self, names: tuple[str, ...], current: list[Any], initial: list[Any]) -> jax.Array:
+        return cast(
+            jax.Array,
+            _percentage_mask_vector(
+                names,
+                current,
+                initial,
+                exchange_percentage=float(self.exchange_percentage),
+                measure=self.measure,
+                select_drift_more=self.select_drift_more,
+            ),
         )
 
 
@@ -339,8 +349,8 @@ class BudgetRule(_LayerSelectionRule):
     def mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
         return budget_mask(current, reference, self.byte_fraction)
 
-    def _mask_vector(self, names, current, initial):
-        return _budget_mask_vector(names, current, initial, byte_fraction=self.byte_fraction)
+    def _mask_vector(self, names: tuple[str, ...], current: list[Any], initial: list[Any]) -> jax.Array:
+        return cast(jax.Array, _budget_mask_vector(names, current, initial, byte_fraction=self.byte_fraction))
 
 
 def select_layers_by_threshold(
@@ -435,20 +445,38 @@ class LayerSelectionFunctionConstructor:
 # list dispatches about twice as fast as an OrderedDict of the same arrays.
 
 
-@functools.partial(jax.jit, static_argnames=("names", "measure", "select_drift_more"))
-def _threshold_mask_vector(names, current, initial, threshold, *, measure, select_drift_more):
+@functools.partial(jax.jit, static_argnames=("names", "measure", "select_drift_more"))  # pyright: ignore[reportUnknownMemberType]
+def _threshold_mask_vector(
+    names: tuple[str, ...],
+    current: list[Any],
+    initial: list[Any],
+    threshold: jax.Array,
+    *,
+    measure: str,
+    select_drift_more: bool,
+) -> jax.Array:
     norms = drift_norms(_named(names, current), _named(names, initial), measure=measure)
     return _stack(threshold_mask(norms, threshold, select_drift_more=select_drift_more))
 
 
-@functools.partial(jax.jit, static_argnames=("names", "exchange_percentage", "measure", "select_drift_more"))
-def _percentage_mask_vector(names, current, initial, *, exchange_percentage, measure, select_drift_more):
+@functools.partial(jax.jit, static_argnames=("names", "exchange_percentage", "measure", "select_drift_more"))  # pyright: ignore[reportUnknownMemberType]
+def _percentage_mask_vector(
+    names: tuple[str, ...],
+    current: list[Any],
+    initial: list[Any],
+    *,
+    exchange_percentage: float,
+    measure: str,
+    select_drift_more: bool,
+) -> jax.Array:
     norms = drift_norms(_named(names, current), _named(names, initial), measure=measure)
     return _stack(percentage_mask(norms, exchange_percentage, select_drift_more=select_drift_more))
 
 
-@functools.partial(jax.jit, static_argnames=("names", "byte_fraction"))
-def _budget_mask_vector(names, current, initial, *, byte_fraction):
+@functools.partial(jax.jit, static_argnames=("names", "byte_fraction"))  # pyright: ignore[reportUnknownMemberType]
+def _budget_mask_vector(
+    names: tuple[str, ...], current: list[Any], initial: list[Any], *, byte_fraction: float
+) -> jax.Array:
     return _stack(budget_mask(_named(names, current), _named(names, initial), byte_fraction))
 
 
@@ -477,7 +505,7 @@ def _float32_floor(threshold: Any) -> Any:
     return floor
 
 
-def _exact(value: numbers.Real) -> fractions.Fraction:
+def _exact(value: _Real) -> fractions.Fraction:
     """The exact rational value of a real number: ints and fractions as they are, floats bit
     for bit."""
     if isinstance(value, numbers.Rational):
@@ -486,7 +514,7 @@ def _exact(value: numbers.Real) -> fractions.Fraction:
 
 
 def _validate_real(value: Any, what: str) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a real number, got {value!r}")
 
 

@@ -64,7 +64,9 @@ class FedAvgSparseCooTensor:
             for name in sorted(contributions)
         )
 
-    def _collect(self, results: Sequence[tuple[NDArrays, int]]):
+    def _collect(
+        self, results: Sequence[tuple[NDArrays, int]]
+    ) -> tuple[dict[str, list[tuple[float, np.ndarray, np.ndarray]]], dict[str, tuple[int, ...]]]:
         """Reads and checks every payload; ``name -> [(weight, values, flat indices)]`` and shapes."""
         contributions: dict[str, list[tuple[float, np.ndarray, np.ndarray]]] = {}
         first_senders: dict[str, tuple[int, tuple[int, ...]]] = {}

@@ -25,10 +25,11 @@ which was measured faster there (``benchmarks/``, case ``sparse``).
 
 from __future__ import annotations
 
+import collections
 import math
 import numbers
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +48,9 @@ _INF_BITS = np.uint32(0x7F800000)
 
 def validate_sparsity_level(sparsity_level: Any) -> None:
     """Raises ``TypeError`` unless a real number, ``ValueError`` unless in ``(0, 1]``."""
-    if not isinstance(sparsity_level, numbers.Real) or isinstance(sparsity_level, bool):
+    if isinstance(sparsity_level, bool) or not isinstance(sparsity_level, numbers.Real):
         raise TypeError(f"sparsity_level must be a real number, got {sparsity_level!r}")
-    if not 0 < sparsity_level <= 1:
+    if not 0 < cast(float, sparsity_level) <= 1:  # a real number (numbers.Real has no typed comparisons)
         raise ValueError(f"sparsity_level must be in (0, 1], got {sparsity_level}")
 
 
@@ -81,7 +82,7 @@ def sparse_masks(
     scores: Mapping[str, jax.Array],
     layers: Mapping[str, jax.Array],
     sparsity_level: float,
-) -> FlatView[str, jax.Array]:
+) -> collections.OrderedDict[str, jax.Array]:
     """Per-weight booleans: what a client sends at ``sparsity_level``; pure and jit/vmap-able.
 
     Args:
@@ -98,7 +99,7 @@ def sparse_masks(
 
 def masks_at_threshold(
     scores: Mapping[str, jax.Array], layers: Mapping[str, jax.Array], threshold: jax.Array
-) -> FlatView[str, jax.Array]:
+) -> collections.OrderedDict[str, jax.Array]:
     """Per-weight booleans ``score >= threshold``, cleared in layers whose kept values are all zero."""
     # Compared as sortable keys, bit for bit: XLA flushes subnormal floats to zero in
     # arithmetic and comparisons, and that must not merge distinct scores.
@@ -126,8 +127,11 @@ def select_sparse_coo(
     """
     validate_sparsity_level(sparsity_level)
     scores = check_scores(score_gen_function(current, initial), current)
-    masks = to_numpy(_masks_at(scores, current, _threshold(scores, sparsity_level)).values())
-    values, indices, shapes, names = [], [], [], []
+    masks = to_numpy(cast(FlatView, _masks_at(scores, current, _threshold(scores, sparsity_level))).values())
+    values: list[np.ndarray] = []
+    indices: list[np.ndarray] = []
+    shapes: list[np.ndarray] = []
+    names: list[str] = []
     for (name, layer), mask in zip(current.items(), masks):
         if not mask.any():
             continue
@@ -140,9 +144,9 @@ def select_sparse_coo(
     return values, (indices, shapes, names)
 
 
-def check_scores(scores: Mapping[str, Any], layers: Mapping[str, Any]) -> FlatView[str, Any]:
+def check_scores(scores: Mapping[str, Any], layers: Mapping[str, Any]) -> FlatView:
     """``scores`` in the order of ``layers``, after checking they match name for name and shape for shape."""
-    if not isinstance(scores, Mapping):
+    if not isinstance(cast(object, scores), Mapping):
         raise TypeError(f"a score function must return a name -> array mapping, got {type(scores).__name__}")
     for name in scores:
         if name not in layers:
@@ -161,11 +165,11 @@ def check_scores(scores: Mapping[str, Any], layers: Mapping[str, Any]) -> FlatVi
     return ordered
 
 
-def _threshold(scores: Mapping[str, Any], sparsity_level: float) -> Any:
+def _threshold(scores: Mapping[str, Any], sparsity_level: float) -> jax.Array | np.float32:
     """The k-th largest score: ``numpy.partition`` for scores in host memory, else on device."""
     if all(isinstance(s, np.ndarray) or (isinstance(s, jax.Array) and in_host_memory(s)) for s in scores.values()):
         return _host_threshold(scores, sparsity_level)
-    return _device_threshold(scores, sparsity_level=sparsity_level)
+    return cast(jax.Array, _device_threshold(scores, sparsity_level=sparsity_level))
 
 
 def _host_threshold(scores: Mapping[str, Any], sparsity_level: float) -> np.float32:
@@ -184,8 +188,8 @@ def _host_threshold(scores: Mapping[str, Any], sparsity_level: float) -> np.floa
     return np.float32(flat[position] + np.float32(0))  # -0.0 and 0.0 are the same score
 
 
-_device_threshold = jax.jit(score_threshold, static_argnames="sparsity_level")
-_masks_at = jax.jit(masks_at_threshold)
+_device_threshold = jax.jit(score_threshold, static_argnames="sparsity_level")  # pyright: ignore[reportUnknownMemberType]
+_masks_at = jax.jit(masks_at_threshold)  # pyright: ignore[reportUnknownMemberType]
 
 
 def _float32_bits(score: Any) -> jax.Array:

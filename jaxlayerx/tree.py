@@ -17,12 +17,14 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.tree_util import PyTreeDef
 
 from jaxlayerx.base import FlatView, Model
 from jaxlayerx.dtypes import conform_dtype
@@ -31,6 +33,10 @@ from jaxlayerx.errors import unknown_layer
 #: NNX variables that a flat view holds by default: everything ``nnx.state`` holds but
 #: RNG state (keys and counters are not weights and must not be averaged).
 DEFAULT_NNX_FILTER: nnx.filterlib.Filter = nnx.Not(nnx.RngState)
+
+#: ``(key path, leaf)`` pairs as ``jax.tree_util.tree_flatten_with_path`` returns them (its
+#: own annotation leaves the key type unknown to type checkers).
+_PathLeaves: TypeAlias = list[tuple[tuple[Any, ...], Any]]
 
 
 def flatten(
@@ -65,11 +71,13 @@ def as_flat_view(model: Any, sep: str = "/", *, nnx_filter: nnx.filterlib.Filter
     sorted key order, the order JAX traverses a ``dict`` in. Their keys may contain
     ``sep`` (``params/Dense_0/kernel``). Anything else is flattened.
     """
-    if isinstance(model, Mapping) and not isinstance(model, nnx.State) and all(map(is_array_leaf, model.values())):
-        if isinstance(model, collections.OrderedDict):
-            return model
-        if all(isinstance(name, str) for name in model):
-            return collections.OrderedDict(sorted(model.items()))
+    if isinstance(model, Mapping) and not isinstance(model, nnx.State):
+        mapping = cast("Mapping[Any, Any]", model)
+        if all(map(is_array_leaf, mapping.values())):
+            if isinstance(mapping, collections.OrderedDict):
+                return mapping
+            if all(isinstance(name, str) for name in mapping):
+                return collections.OrderedDict(sorted(mapping.items()))
     return flatten(model, sep, nnx_filter=nnx_filter)
 
 
@@ -105,7 +113,7 @@ def _nnx_variables(model: Any) -> list[tuple[Any, Any]]:
     """``(path, variable)`` of every NNX variable of an ``nnx.Module`` or ``nnx.State``, else none."""
     if not isinstance(model, (nnx.Module, nnx.State)):
         return []
-    leaves = jax.tree_util.tree_flatten_with_path(_as_tree(model), is_leaf=is_nnx_variable)[0]
+    leaves = cast(_PathLeaves, jax.tree_util.tree_flatten_with_path(_as_tree(model), is_leaf=is_nnx_variable)[0])  # pyright: ignore[reportUnknownMemberType]
     return [(path, leaf) for path, leaf in leaves if is_nnx_variable(leaf)]
 
 
@@ -199,16 +207,18 @@ def conform_layer(name: str, value: Any, like: Any) -> Any:
 
 def _place_like(value: Any, like: Any) -> Any:
     if isinstance(like, np.generic):
-        return np.array(value, dtype=like.dtype)[()]  # a numpy scalar stays a numpy scalar
+        return np.array(value, dtype=cast(np.generic, like).dtype)[()]  # a numpy scalar stays a numpy scalar
     if isinstance(like, np.ndarray):
-        return np.array(value, dtype=like.dtype, copy=True)
+        return np.array(value, dtype=cast(np.ndarray, like).dtype, copy=True)
     placed = jnp.array(value, dtype=like.dtype, copy=True)
     if isinstance(like, jax.Array) and not isinstance(like, jax.core.Tracer) and like.committed:
-        placed = jax.device_put(placed, like.sharding)
+        placed = jax.device_put(placed, like.sharding)  # pyright: ignore[reportUnknownMemberType]
     return placed
 
 
-def _replace(model: Model, layers: Mapping[str, Any], sep: str, nnx_filter, *, in_place: bool) -> Model:
+def _replace(
+    model: Model, layers: Mapping[str, Any], sep: str, nnx_filter: nnx.filterlib.Filter, *, in_place: bool
+) -> Model:
     tree = _as_tree(model)
     leaves, treedef, entries = _walk(tree, sep, nnx_filter)
     index = {name: position for name, _, position in entries}
@@ -227,20 +237,22 @@ def _replace(model: Model, layers: Mapping[str, Any], sep: str, nnx_filter, *, i
     if not isinstance(model, nnx.Module):
         return new_tree
     if in_place:
-        nnx.update(model, new_tree)
+        nnx.update(model, new_tree)  # pyright: ignore[reportUnknownMemberType]
         return model
-    graphdef, _ = nnx.split(model)
+    graphdef, _ = nnx.split(model)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
     return nnx.merge(graphdef, new_tree)
 
 
 def _as_tree(model: Any) -> Any:
     """The pytree to walk: the full state of an NNX module, else the model itself."""
     if isinstance(model, nnx.Module):
-        return nnx.state(model)
+        return nnx.state(model)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
     return model
 
 
-def _walk(tree: Any, sep: str, nnx_filter) -> tuple[list[Any], Any, list[tuple[str, Any, int]]]:
+def _walk(
+    tree: Any, sep: object, nnx_filter: nnx.filterlib.Filter
+) -> tuple[list[Any], PyTreeDef, list[tuple[str, Any, int]]]:
     """Flattens ``tree`` (NNX variables as leaves) and names the leaves in the view.
 
     Returns the leaves, the treedef, and ``(name, array, leaf position)`` for each leaf
@@ -254,11 +266,11 @@ def _walk(tree: Any, sep: str, nnx_filter) -> tuple[list[Any], Any, list[tuple[s
     try:
         paths, names, unique = _leaf_names(treedef, sep)
     except _NoSkeleton:  # a custom node that cannot hold integers: name the leaves directly
-        path_leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)[0]
+        path_leaves = cast(_PathLeaves, jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)[0])  # pyright: ignore[reportUnknownMemberType]
         paths, names, unique = _names_of(tuple(path for path, _ in path_leaves), sep)
     kinds = set(map(type, leaves))
     if all(issubclass(kind, _ARRAY_TYPES) for kind in kinds):  # plain arrays: nothing to unwrap
-        entries = list(zip(names, leaves, range(len(leaves))))
+        entries: list[tuple[str, Any, int]] = list(zip(names, leaves, range(len(leaves))))
         if not unique:
             _check_unique([(name, paths[position]) for name, _, position in entries])
         return leaves, treedef, entries
@@ -280,7 +292,7 @@ def _walk(tree: Any, sep: str, nnx_filter) -> tuple[list[Any], Any, list[tuple[s
 
 
 @functools.lru_cache(maxsize=256)
-def _holds_nnx_variables(treedef: Any) -> bool:
+def _holds_nnx_variables(treedef: PyTreeDef) -> bool:
     """Whether ``treedef`` has an NNX variable among its nodes; cached per structure.
 
     Flattening without an ``is_leaf`` callback is about twice as fast, and only trees
@@ -289,7 +301,7 @@ def _holds_nnx_variables(treedef: Any) -> bool:
     return any(_is_variable_type(node_type) for node_type in _node_types(treedef))
 
 
-def _node_types(treedef: Any) -> Iterator[type]:
+def _node_types(treedef: PyTreeDef) -> Iterator[type]:
     """The types of every internal node of ``treedef``, depth first."""
     node = treedef.node_data()  # None for a leaf
     if node is not None:
@@ -299,7 +311,7 @@ def _node_types(treedef: Any) -> Iterator[type]:
 
 
 @functools.lru_cache(maxsize=256)
-def _leaf_names(treedef: Any, sep: str) -> tuple[tuple[tuple[Any, ...], ...], tuple[str, ...], bool]:
+def _leaf_names(treedef: PyTreeDef, sep: str) -> tuple[tuple[tuple[Any, ...], ...], tuple[str, ...], bool]:
     """Path parts and names of every leaf of ``treedef``, and whether the names are all
     distinct; cached, as models keep their structure.
 
@@ -307,7 +319,7 @@ def _leaf_names(treedef: Any, sep: str) -> tuple[tuple[tuple[Any, ...], ...], tu
     """
     try:
         skeleton = treedef.unflatten(list(range(treedef.num_leaves)))
-        path_leaves = jax.tree_util.tree_flatten_with_path(skeleton)[0]
+        path_leaves = cast(_PathLeaves, jax.tree_util.tree_flatten_with_path(skeleton)[0])  # pyright: ignore[reportUnknownMemberType]
     except Exception as error:
         raise _NoSkeleton from error
     if [position for _, position in path_leaves] != list(range(treedef.num_leaves)):
@@ -354,7 +366,7 @@ def key_part(key: Any) -> Any:
     return str(key)
 
 
-def is_nnx_variable(x: Any) -> bool:
+def is_nnx_variable(x: object) -> bool:
     return _is_variable_type(type(x))
 
 

@@ -10,7 +10,7 @@ Needs the ``flower`` extra: ``pip install 'jaxlayerx[flower]'``.
 """
 
 try:
-    import flwr  # noqa: F401
+    import flwr as flwr  # noqa: F401
 except ImportError as error:  # pragma: no cover - exercised without the extra
     raise ImportError("jaxlayerx.flower needs Flower; install it with: pip install 'jaxlayerx[flower]'") from error
 

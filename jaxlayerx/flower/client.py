@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, cast
 
 import jax
 import numpy as np
@@ -23,6 +23,13 @@ Metrics = dict[str, Any]
 TrainFn = Callable[[Any, Config], tuple[Any, int, Metrics]]
 #: ``(model, config) -> (loss, num_examples, metrics)``.
 EvaluateFn = Callable[[Any, Config], tuple[float, int, Metrics]]
+
+
+class _WithReference(Protocol):
+    """An exchanger with ``error_feedback`` set also has ``reference`` (see :class:`jaxlayerx.Exchanger`)."""
+
+    reference: Mapping[str, Any]
+
 
 #: Keys of the client's saved state in a Flower ``Context.state``.
 STATE_LAYERS = "jaxlayerx.layers"
@@ -73,7 +80,7 @@ class ExchangerClient(NumPyClient):
         train_fn: TrainFn,
         evaluate_fn: EvaluateFn | None = None,
         *,
-        nnx_filter: Any = DEFAULT_NNX_FILTER,
+        nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
     ) -> None:
         if not callable(train_fn):
             raise TypeError("train_fn must be callable: (model, config) -> (model, num_examples, metrics)")
@@ -149,7 +156,7 @@ class ExchangerClient(NumPyClient):
         state[STATE_LAYERS] = _array_record(self._layers())
         state[STATE_FLAGS] = ConfigRecord({"initialized": self.initialized})
         if self.exchanger.error_feedback:
-            state[STATE_REFERENCE] = _array_record(self.exchanger.reference)
+            state[STATE_REFERENCE] = _array_record(cast(_WithReference, self.exchanger).reference)
 
     def load_state(self, state: Any) -> None:
         """Restores what :meth:`save_state` wrote (nothing happens for an empty state)."""
@@ -161,7 +168,9 @@ class ExchangerClient(NumPyClient):
         self.initialized = bool(state[STATE_FLAGS]["initialized"])
         if self.exchanger.error_feedback and STATE_REFERENCE in state:
             reference = state[STATE_REFERENCE]
-            self.exchanger.reference = {name: reference[name].numpy() for name in reference.keys()}
+            cast(_WithReference, self.exchanger).reference = {
+                name: reference[name].numpy() for name in reference.keys()
+            }
 
     def _layers(self) -> Mapping[str, Any]:
         return flatten(self.model, nnx_filter=self.nnx_filter)
@@ -198,7 +207,7 @@ def stateful_client_fn(make_client: Callable[[Context], ExchangerClient]) -> Cal
 
     def client_fn(context: Context) -> Client:
         client = make_client(context)
-        if not isinstance(client, ExchangerClient):
+        if not isinstance(cast(object, client), ExchangerClient):
             raise TypeError(f"make_client must return an ExchangerClient, got {type(client).__name__}")
         client.load_state(context.state)
         return _Persisting(client, context).to_client()
@@ -255,16 +264,17 @@ def _snapshot(model: Any) -> Any:
     """
     if isinstance(model, nnx.Module):
         return nnx.clone(model)
-    return jax.tree.map(lambda leaf: leaf, model)
+    same: Callable[[Any], Any] = lambda leaf: leaf
+    return jax.tree.map(same, model)
 
 
 def _checked_triple(result: Any, what: str, form: str) -> tuple[Any, int, Metrics]:
-    if not isinstance(result, tuple) or len(result) != 3:
+    if not isinstance(cast(object, result), tuple) or len(result) != 3:
         raise TypeError(f"{what} must return {form}, got {type(result).__name__}")
     first, num_examples, metrics = result
     if not is_example_count(num_examples):
         raise TypeError(f"{what} must return an integer num_examples >= 0, got {num_examples!r}")
-    if not isinstance(metrics, Mapping):
+    if not isinstance(cast(object, metrics), Mapping):
         raise TypeError(f"{what} must return a metrics dict, got {type(metrics).__name__}")
     return first, int(num_examples), dict(metrics)
 

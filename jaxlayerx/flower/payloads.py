@@ -39,7 +39,7 @@ def checked_payload(
       TypeError: a dtype the layer does not accept.
     """
     weights, names = unpack_layers(list(payload))
-    checked = collections.OrderedDict()
+    checked: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
     for name, weight in zip(names, weights):
         if name not in reference:
             raise unknown_layer(name, reference)

@@ -6,7 +6,7 @@ import collections
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -123,7 +123,7 @@ class FedAvgDynamicLayerStrategy(FedAvg):
         *,
         weighted_aggregation: bool = True,
         allow_nonfinite: bool = False,
-        nnx_filter: Any = DEFAULT_NNX_FILTER,
+        nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
         **fedavg_options: Any,
     ) -> None:
         if "initial_parameters" in fedavg_options:
@@ -294,7 +294,7 @@ class FedAvgDynamicLayerStrategy(FedAvg):
         return metrics
 
 
-def _global_copy(model: Any, nnx_filter: Any) -> collections.OrderedDict[str, np.ndarray]:
+def _global_copy(model: Any, nnx_filter: nnx.filterlib.Filter) -> collections.OrderedDict[str, np.ndarray]:
     if _is_flat_view(model):
         layers = collections.OrderedDict(model)
     else:
@@ -309,7 +309,10 @@ def _is_flat_view(model: Any) -> bool:
     return (
         isinstance(model, Mapping)
         and not isinstance(model, nnx.State)
-        and all(isinstance(value, (np.ndarray, np.generic, jax.Array)) for value in model.values())
+        and all(
+            isinstance(value, (np.ndarray, np.generic, jax.Array))
+            for value in cast("Mapping[Any, Any]", model).values()
+        )
     )
 
 

@@ -15,7 +15,8 @@ The simulation trains, evaluates and exchanges flat views (``name -> array``, se
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias, cast
 
 import flax.linen as nn
 import jax
@@ -23,6 +24,9 @@ from flax import nnx
 
 from jaxlayerx.base import FlatView
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, unflatten
+
+#: What ``nnx.split(model, filter, ...)`` returns (flax leaves the states' types unknown).
+_Split: TypeAlias = "tuple[nnx.GraphDef[Any], nnx.State[Any, Any], nnx.State[Any, Any]]"
 
 
 class ModelAdapter:
@@ -43,21 +47,25 @@ class ModelAdapter:
     """
 
     def __init__(
-        self, model: nn.Module | nnx.Module, example: jax.Array, key: jax.Array, nnx_filter: Any = DEFAULT_NNX_FILTER
+        self,
+        model: nn.Module | nnx.Module,
+        example: jax.Array,
+        key: jax.Array,
+        nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
     ) -> None:
         self.nnx_filter = nnx_filter
         if isinstance(model, nnx.Module):
             self._nnx = True
             self._graphs = {mode: _nnx_graph(model, mode, nnx_filter) for mode in (True, False)}
-            _, state, self._rest = nnx.split(model, nnx_filter, ...)
-            self.template = jax.eval_shape(lambda: state)
+            _, state, self._rest = cast(_Split, nnx.split(model, nnx_filter, ...))  # pyright: ignore[reportUnknownMemberType]
+            self.template = jax.eval_shape(lambda: state)  # pyright: ignore[reportUnknownMemberType]
             self.initial_layers = flatten(state, nnx_filter=nnx_filter)
             trainable = set(flatten(model, nnx_filter=nnx.Param))
-        elif isinstance(model, nn.Module):
+        elif isinstance(cast(object, model), nn.Module):
             self._nnx = False
             self._module = model
-            variables = model.init(key, example, train=False)
-            self.template = jax.eval_shape(lambda: variables)
+            variables = model.init(key, example, train=False)  # pyright: ignore[reportUnknownMemberType]
+            self.template = jax.eval_shape(lambda: variables)  # pyright: ignore[reportUnknownMemberType]
             self.initial_layers = flatten(variables)
             trainable = {name for name in self.initial_layers if name.startswith("params/")}
         else:
@@ -68,26 +76,29 @@ class ModelAdapter:
         """The logits of ``x``, and the layers as the call left them (BatchNorm statistics
         move in training); pure."""
         if self._nnx:
-            rest = jax.tree.map(lambda value: value, self._rest)  # fresh variables, in this trace
+            same: Callable[[Any], Any] = lambda value: value
+            rest = jax.tree.map(same, self._rest)  # fresh variables, in this trace
             model = nnx.merge(
                 self._graphs[train], unflatten(layers, like=self.template, nnx_filter=self.nnx_filter), rest
             )
             logits = model(x)
-            return logits, flatten(nnx.state(model, self.nnx_filter), nnx_filter=self.nnx_filter)
+            state = nnx.state(model, self.nnx_filter)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+            return logits, flatten(state, nnx_filter=self.nnx_filter)
         variables = unflatten(layers, like=self.template)
         if not train:
-            return self._module.apply(variables, x, train=False), layers
+            return cast(jax.Array, self._module.apply(variables, x, train=False)), layers  # pyright: ignore[reportUnknownMemberType]
         mutable = [collection for collection in variables if collection != "params"]
         if not mutable:
-            return self._module.apply(variables, x, train=True), layers
-        logits, updates = self._module.apply(variables, x, train=True, mutable=mutable)
+            return cast(jax.Array, self._module.apply(variables, x, train=True)), layers  # pyright: ignore[reportUnknownMemberType]
+        applied = self._module.apply(variables, x, train=True, mutable=mutable)  # pyright: ignore[reportUnknownMemberType]
+        logits, updates = cast("tuple[jax.Array, Mapping[str, Any]]", applied)
         moved = flatten({"params": variables["params"], **updates})
         return logits, FlatView((name, moved[name]) for name in layers)
 
 
-def _nnx_graph(model: nnx.Module, train: bool, nnx_filter: Any) -> Any:
+def _nnx_graph(model: nnx.Module, train: bool, nnx_filter: nnx.filterlib.Filter) -> Any:
     """The graph of ``model`` in training or evaluation mode (BatchNorm, Dropout)."""
     copy = nnx.clone(model)
-    copy.train() if train else copy.eval()
-    graph, _, _ = nnx.split(copy, nnx_filter, ...)
+    copy.train() if train else copy.eval()  # pyright: ignore[reportUnknownMemberType]
+    graph, _, _ = cast(_Split, nnx.split(copy, nnx_filter, ...))  # pyright: ignore[reportUnknownMemberType]
     return graph

@@ -9,8 +9,8 @@ import os
 import pathlib
 import shutil
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from jaxlayerx import __version__
 from jaxlayerx.selection import MEASURES
@@ -18,6 +18,9 @@ from jaxlayerx.simulation.datasets import DATASETS
 from jaxlayerx.simulation.exchange import EXCHANGER_KINDS, ExchangerSpec
 from jaxlayerx.simulation.models import BODY_LAYERS, DEFAULT_MODEL, MODELS
 from jaxlayerx.simulation.server import SERVER_OPTIMIZERS
+
+if TYPE_CHECKING:
+    from jaxlayerx.simulation.engine import SimulationConfig
 
 #: The note of an exchanger whose global model is not meant to be used on its own.
 PERSONALIZED = "personalized: read local_acc"
@@ -232,7 +235,7 @@ def specs_from_args(args: argparse.Namespace) -> list[ExchangerSpec]:
         if args.layers is None
         else tuple(glob.strip() for glob in args.layers.split(",") if glob.strip())
     )
-    specs = []
+    specs: list[ExchangerSpec] = []
     for name in names:
         for byte_fraction in _budgets(args.budget) if name == "dynamic-budget" else [0.5]:
             adaptive = name.startswith(("dynamic-", "sparse-"))
@@ -269,7 +272,7 @@ def _budgets(text: str) -> list[float]:
     return values
 
 
-def config_from_args(args: argparse.Namespace, seed: int) -> Any:
+def config_from_args(args: argparse.Namespace, seed: int) -> SimulationConfig:
     """The :class:`SimulationConfig` of the parsed options, for ``seed`` (ValueError on a bad one)."""
     from jaxlayerx.simulation.engine import SimulationConfig
 
@@ -314,7 +317,7 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
     # Everything that can be wrong is checked before any training: data, exchangers, globs.
     runs: dict[str, list[list[dict[str, Any]]]] = {spec.label: [] for spec in specs}
     notes: dict[str, str] = {}
-    simulations_by_seed = []
+    simulations_by_seed: list[list[Simulation]] = []
     for seed, config in zip(seeds, configs):
         data = make_client_data(
             dataset.x,
@@ -381,7 +384,7 @@ def run_folder(args: argparse.Namespace) -> pathlib.Path:
     return folder
 
 
-def _progress_bar(name: str, rounds: int, disabled: bool):
+def _progress_bar(name: str, rounds: int, disabled: bool) -> Callable[[int, dict[str, Any]], None]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=rounds, desc=f"{name:>26}", unit="round", disable=disabled, leave=True)
@@ -389,7 +392,7 @@ def _progress_bar(name: str, rounds: int, disabled: bool):
 
     def update(round_index: int, record: dict[str, Any]) -> None:
         uploaded[0] += record["upload_bytes"] / 1e6
-        bar.set_postfix(
+        bar.set_postfix(  # pyright: ignore[reportUnknownMemberType]
             acc=f"{record['global_accuracy']:.3f}",
             local=f"{record['local_accuracy_mean']:.3f}",
             MB=f"{uploaded[0]:.2f}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import cast
 
 import numpy as np
 
@@ -63,6 +64,7 @@ def _label_split(
     classes = np.unique(labels if test_labels is None else np.concatenate([labels, test_labels]))
     class_indices = [np.flatnonzero(labels == label) for label in classes]
     test_indices = None if test_labels is None else [np.flatnonzero(test_labels == label) for label in classes]
+    sizes: list[int] = []  # bound by the first draw (MAX_SPLIT_TRIES >= 1)
     for _ in range(MAX_SPLIT_TRIES):
         clients, proportions = _draw_split(class_indices, num_clients, beta, rng)
         sizes = [len(indices) for indices in clients]
@@ -103,7 +105,7 @@ def _draw_split(
     """One Dirichlet draw per class: the class's shuffled indices cut in those proportions.
     Returns the clients' indices and the proportions of each class."""
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    proportions = []
+    proportions: list[np.ndarray] = []
     for indices in class_indices:
         indices = rng.permutation(indices)
         proportions.append(rng.dirichlet(np.full(num_clients, beta)))
@@ -207,7 +209,7 @@ def make_client_data(
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if x_test is not None:
-        x_test, y_test = _checked_examples(x_test, y_test, "x_test", "y_test")
+        x_test, y_test = _checked_examples(x_test, cast(np.ndarray, y_test), "x_test", "y_test")  # both or neither
         if x_test.shape[1:] != x.shape[1:]:
             raise ValueError(f"x_test examples have shape {x_test.shape[1:]}, x examples {x.shape[1:]}")
     if beta is None:
@@ -221,7 +223,8 @@ def make_client_data(
         x_test, y_test = x, y
         clients, held_out = _hold_out(clients, test_fraction, seed)
     x_train, y_train, n_train = _stack_padded(x, y, clients)
-    x_held, y_held, n_test = _stack_padded(x_test, y_test, held_out)
+    # x_test and y_test are set: given, or the examples themselves when held out of them
+    x_held, y_held, n_test = _stack_padded(cast(np.ndarray, x_test), cast(np.ndarray, y_test), held_out)
     if shift:
         x_train, x_held = (
             _shifted(stack, counts, x, seed, part)
@@ -246,7 +249,8 @@ def _checked_examples(x: np.ndarray, y: np.ndarray, x_name: str, y_name: str) ->
 def _hold_out(clients: list[np.ndarray], test_fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Each client's examples, shuffled, split into train and the last ``test_fraction``."""
     rng = np.random.default_rng([seed, 1])  # a stream apart from the split's
-    train, test = [], []
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
     for indices in clients:
         indices = rng.permutation(indices)
         n_test = min(max(round(test_fraction * len(indices)), 1), len(indices) - 1)

@@ -18,6 +18,7 @@ import os
 import pathlib
 import random
 import zipfile
+from typing import Any, cast
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class Dataset:
         return tuple(self.x.shape[1:])
 
 
-def load_dataset(source: str | os.PathLike) -> Dataset:
+def load_dataset(source: str | os.PathLike[str]) -> Dataset:
     """``digits``, ``mnist1d``, or the path of a ``.npz`` file (see :func:`load_npz`).
 
     Raises:
@@ -76,7 +77,7 @@ def load_digits_data() -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as error:
         raise ImportError("the digits data set needs scikit-learn: pip install 'jaxlayerx[demo]'") from error
-    digits = sklearn_digits()
+    digits = cast(Any, sklearn_digits())  # a Bunch, whose attributes scikit-learn leaves untyped
     x = np.asarray(digits.data, dtype=np.float32) / np.float32(16.0)
     y = np.asarray(digits.target, dtype=np.int32)
     return x, y
@@ -99,12 +100,12 @@ def load_mnist1d() -> Dataset:
       ImportError: ``mnist1d`` is not installed.
     """
     try:
-        from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.data import get_dataset_args, make_dataset  # pyright: ignore[reportUnknownVariableType]
     except ImportError as error:
         raise ImportError("the mnist1d data set needs the mnist1d package: pip install 'jaxlayerx[demo]'") from error
     numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
-        data = make_dataset(get_dataset_args())
+        data = cast("dict[str, Any]", make_dataset(get_dataset_args()))
     finally:
         np.random.set_state(numpy_state)
         random.setstate(python_state)
@@ -113,7 +114,7 @@ def load_mnist1d() -> Dataset:
     return Dataset("mnist1d", x, y, x_test, y_test, 10)
 
 
-def load_npz(path: str | os.PathLike) -> Dataset:
+def load_npz(path: str | os.PathLike[str]) -> Dataset:
     """Arrays ``x`` and ``y`` (and optionally ``x_test`` and ``y_test``) from a ``.npz`` file.
 
     ``x`` holds one example per row, of any shape (cast to float32); ``y`` one integer label

@@ -34,7 +34,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -115,7 +115,7 @@ class SimulationConfig:
             raise ValueError(f"local-epochs must be a finite number > 0, got {self.local_epochs}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning-rate must be a finite number > 0, got {self.learning_rate}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+        if not isinstance(cast(object, self.seed), int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
@@ -228,8 +228,8 @@ class Simulation:
         module: nn.Module | nnx.Module | None = None,
         *,
         label: str | None = None,
-        nnx_filter: Any = DEFAULT_NNX_FILTER,
-    ):
+        nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
+    ) -> None:
         self.config, self.data = config, data
         self.clients_per_round = config.clients_per_round or data.num_clients
         if self.clients_per_round > data.num_clients:
@@ -249,7 +249,7 @@ class Simulation:
         check_exchanger(exchanger)
         self.exchanger = exchanger
         self.label = label or type(exchanger).__name__
-        abstract = jax.eval_shape(lambda: self.initial_layers)
+        abstract: FlatView = jax.eval_shape(lambda: self.initial_layers)  # pyright: ignore[reportUnknownMemberType]
         self.layer_names = list(abstract)
         self.mask_shapes = _mask_shapes(exchanger, abstract)
         self.layer_shapes = [tuple(layer.shape) for layer in abstract.values()]
@@ -262,7 +262,7 @@ class Simulation:
         chunked = config.chunk_size is not None and config.chunk_size < self.clients_per_round
         self._client_sharding, self._replicated = (None, None) if chunked else _shardings(self.clients_per_round)
         self._arrays = tuple(jnp.asarray(a) for a in _client_arrays(data))
-        self._round = jax.jit(self._round_fn)
+        self._round = jax.jit(self._round_fn)  # pyright: ignore[reportUnknownMemberType]
 
     def init_state(self) -> SimulationState:
         """Before round 1: every client holds the initial model and has never taken part."""
@@ -293,7 +293,10 @@ class Simulation:
         """Runs round ``round_index`` (from 1) from ``state``."""
         clients = self.sample_clients(round_index)
         keys = jax.random.split(jax.random.fold_in(self._batch_key, round_index), self.data.num_clients)[clients]
-        return self._round(state, jnp.asarray(round_index, jnp.int32), jnp.asarray(clients), keys, *self._arrays)
+        return cast(
+            RoundOutput,
+            self._round(state, jnp.asarray(round_index, jnp.int32), jnp.asarray(clients), keys, *self._arrays),
+        )
 
     def run(self, progress: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """Runs every round; returns one metrics dict per round (see ``report.py``)."""
@@ -319,18 +322,18 @@ class Simulation:
     def _round_fn(
         self,
         state: SimulationState,
-        round_index,
-        clients,
-        keys,
-        x_train,
-        y_train,
-        n_train,
-        x_test,
-        y_test,
-        n_test,
-        x_global,
-        y_global,
-    ):
+        round_index: jax.Array,
+        clients: jax.Array,
+        keys: jax.Array,
+        x_train: jax.Array,
+        y_train: jax.Array,
+        n_train: jax.Array,
+        x_test: jax.Array,
+        y_test: jax.Array,
+        n_test: jax.Array,
+        x_global: jax.Array,
+        y_global: jax.Array,
+    ) -> RoundOutput:
         take = functools.partial(_take, clients)
         synced = state.synced[clients]
         pull_masks = FlatView(
@@ -388,8 +391,9 @@ class Simulation:
         ``lax.map`` over chunks of ``chunk_size`` clients."""
         chunk = self.config.chunk_size
         if chunk is None or chunk >= self.clients_per_round:
-            return jax.vmap(lambda args: function(args))(inputs)
-        return jax.lax.map(function, inputs, batch_size=chunk)
+            per_client: Callable[[Any], Any] = lambda args: function(args)
+            return jax.vmap(per_client)(inputs)
+        return jax.lax.map(function, inputs, batch_size=chunk)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
 
     def client_update(
         self, global_layers: FlatView, inputs: tuple[Any, ...]
@@ -408,14 +412,17 @@ class Simulation:
         mask = self.exchanger.send_mask(trained, reference if self.exchanger.error_feedback else start)
         return start, trained, FlatView((name, jnp.asarray(mask[name], bool)) for name in trained), reference
 
-    def _train(self, start: FlatView, key, x, y, n) -> FlatView:
+    def _train(self, start: FlatView, key: jax.Array, x: jax.Array, y: jax.Array, n: jax.Array) -> FlatView:
         params = FlatView((name, start[name]) for name in self.model.trainable)
         carry = (params, start, self.optimizer.init(params))
+        step: Callable[[tuple[Any, Any, Any], jax.Array], tuple[tuple[Any, Any, Any], None]]
         step = lambda carry, step_key: (self.local_step(carry, step_key, x, y, n), None)  # noqa: E731
         (params, layers, _), _ = jax.lax.scan(step, carry, jax.random.split(key, self.local_steps))
         return FlatView((name, params[name] if name in params else value) for name, value in layers.items())
 
-    def local_step(self, carry: tuple[Any, Any, Any], key, x, y, n) -> tuple[Any, Any, Any]:
+    def local_step(
+        self, carry: tuple[Any, Any, Any], key: jax.Array, x: jax.Array, y: jax.Array, n: jax.Array
+    ) -> tuple[Any, Any, Any]:
         """One local step (pure): a batch drawn from the client's ``n`` examples, one update.
 
         ``carry`` is ``(trainable layers, all layers, optimizer state)``; the untrainable
@@ -425,16 +432,16 @@ class Simulation:
         index = jax.random.randint(key, (self.config.batch_size,), 0, n)
         xb, yb = x[index], y[index]
 
-        def loss_fn(params):
+        def loss_fn(params: FlatView) -> tuple[jax.Array, FlatView]:
             logits, moved = self.model.apply(_with(layers, params), xb, train=True)
             return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), moved
 
-        (_, moved), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, moved), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)  # pyright: ignore[reportUnknownMemberType]
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params = cast(FlatView, optax.apply_updates(params, updates))
         return params, _with(moved, params), opt_state
 
-    def _evaluate(self, layers: FlatView, x, y, n):
+    def _evaluate(self, layers: FlatView, x: jax.Array, y: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits, _ = self.model.apply(layers, x, train=False)
         valid = jnp.arange(y.shape[0]) < n
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
@@ -511,19 +518,20 @@ class Simulation:
         masks = self.exchanger.send_mask(self.initial_layers, self.initial_layers)
         return not all(bool(np.all(mask)) for mask in masks.values())
 
-    def _shard(self, tree):
+    def _shard(self, tree: Any) -> Any:
         if self._client_sharding is None:
             return tree
-        return jax.lax.with_sharding_constraint(tree, self._client_sharding)
+        return jax.lax.with_sharding_constraint(tree, self._client_sharding)  # pyright: ignore[reportUnknownMemberType]
 
-    def _replicate(self, tree):
+    def _replicate(self, tree: Any) -> Any:
         if self._replicated is None:
             return tree
-        return jax.lax.with_sharding_constraint(tree, self._replicated)
+        return jax.lax.with_sharding_constraint(tree, self._replicated)  # pyright: ignore[reportUnknownMemberType]
 
 
 def _take(clients: jax.Array, tree: Any) -> Any:
-    return jax.tree.map(lambda value: value[clients], tree)
+    take: Callable[[Any], Any] = lambda value: value[clients]
+    return jax.tree.map(take, tree)
 
 
 def _put(stacked: FlatView, clients: jax.Array, values: FlatView) -> FlatView:
@@ -565,9 +573,10 @@ def _mask_shapes(exchanger: Exchanger, layers: FlatView) -> FlatView:
       TypeError, ValueError: a mask that is not boolean, or of another shape.
     """
     what = type(exchanger).__name__
-    masks = jax.eval_shape(exchanger.send_mask, layers, layers)
+    masks = jax.eval_shape(exchanger.send_mask, layers, layers)  # pyright: ignore[reportUnknownMemberType]
     if not isinstance(masks, Mapping):
         raise TypeError(f"{what}.send_mask must return a name -> bool mapping, got {type(masks).__name__}")
+    masks = cast("Mapping[str, jax.ShapeDtypeStruct]", masks)
     for name in masks:
         if name not in layers:
             raise unknown_layer(name, layers, what=f"the model ({what}.send_mask names it)")

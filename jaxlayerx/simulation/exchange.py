@@ -112,7 +112,11 @@ class ExchangerSpec:
         return f"{self.kind}({', '.join(parameters)})" if parameters else self.kind
 
     def make_exchanger(
-        self, module: nn.Module | nnx.Module, variables: Any, *example_args: Any, nnx_filter: Any = DEFAULT_NNX_FILTER
+        self,
+        module: nn.Module | nnx.Module,
+        variables: Any,
+        *example_args: Any,
+        nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
     ) -> Exchanger:
         """The core exchanger this spec names, for ``module`` (Linen, traced on
         ``example_args``, or NNX) and its ``variables``, reading NNX variables through ``nnx_filter``."""

@@ -20,8 +20,8 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 
@@ -69,7 +69,7 @@ def cumulative_total_mb(history: Sequence[Mapping[str, Any]]) -> list[float]:
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[bool]:
     """Which ``(cost, value)`` points no other point beats: none has a cost as low and a
     value as high, one of them strictly. NaN values are never on the frontier."""
-    flags = []
+    flags: list[bool] = []
     for cost, value in points:
         beaten = math.isnan(value) or any(
             other_cost <= cost and other_value >= value and (other_cost < cost or other_value > value)
@@ -94,7 +94,7 @@ def mean_history(runs: Sequence[History]) -> History:
     when there are several."""
     if len(runs) == 1:
         return runs[0]
-    merged = []
+    merged: History = []
     for records in zip(*runs, strict=True):
         record = dict(records[0])
         by_seed = {key: [r[key] for r in records] for key in _MEANS}
@@ -105,7 +105,7 @@ def mean_history(runs: Sequence[History]) -> History:
 
 
 def write_run(
-    folder: str | os.PathLike,
+    folder: str | os.PathLike[str],
     config: Mapping[str, Any],
     runs: Mapping[str, Sequence[Any]],
     notes: Mapping[str, str] | None = None,
@@ -169,14 +169,15 @@ def summary_table(runs: Mapping[str, Sequence[Any]], notes: Mapping[str, str] | 
     notes = notes or {}
     summaries = {label: _summary(seed_histories(run)) for label, run in runs.items()}
     done = [label for label, summary in summaries.items() if summary is not None]
-    on_frontier = {label: [] for label in summaries}
+    on_frontier: dict[str, list[str]] = {label: [] for label in summaries}
     for metric in ("global", "local"):
-        points = [(summaries[label]["up"], summaries[label][metric][0]) for label in done]
+        finished = [cast("dict[str, Any]", summaries[label]) for label in done]  # the summaries that are not None
+        points = [(summary["up"], summary[metric][0]) for summary in finished]
         for label, flag in zip(done, pareto_frontier(points)):
             if flag:
                 on_frontier[label].append(metric)
     header = ("exchanger", "global_acc", "local_acc", "up_MB", "down_MB", "layers_sent", "wall_s", "frontier", "note")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for label in sorted(summaries, key=lambda label: _upload_key(summaries[label])):
         summary = summaries[label]
         if summary is None:
@@ -242,7 +243,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _cumulative_mb(history: Sequence[Mapping[str, Any]], keys: tuple[str, ...]) -> list[float]:
-    total, sums = 0, []
+    total = 0
+    sums: list[float] = []
     for record in history:
         total += sum(int(record[key]) for key in keys)
         sums.append(total / 1e6)
@@ -269,9 +271,9 @@ def _mean(values: Any) -> float:
 def _jsonable(value: Any) -> Any:
     """``json.dumps``'s fallback: numpy values as Python ones, paths as strings."""
     if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
+        return cast("np.generic[Any] | np.ndarray", value).tolist()
     if isinstance(value, os.PathLike):
-        return os.fspath(value)
+        return os.fspath(cast("os.PathLike[Any]", value))
     raise TypeError(f"cannot write a {type(value).__name__} as JSON: {value!r}")
 
 
@@ -306,7 +308,7 @@ def _write_plot(
     config: Mapping[str, Any],
     runs: Mapping[str, list[History]],
     notes: Mapping[str, str],
-    megabytes_of: Any,
+    megabytes_of: Callable[[History], list[float]],
     x_label: str,
 ) -> None:
     """Two panels, global and mean local test accuracy against cumulative MB; each line the
@@ -324,7 +326,7 @@ def _write_plot(
     for axes, key, what in zip(
         panels, ("global_accuracy", "local_accuracy_mean"), ("global test accuracy", "mean local test accuracy")
     ):
-        finals = []
+        finals: list[tuple[float, float]] = []
         for name, histories in runs.items():
             if not histories or not histories[0]:
                 continue
@@ -355,12 +357,12 @@ def _write_plot(
         axes.grid(True, alpha=0.3)
         if finals:
             axes.legend(fontsize="small")
-    figure.suptitle(_plot_title(config))
-    figure.savefig(path, dpi=120)
+    figure.suptitle(_plot_title(config))  # pyright: ignore[reportUnknownMemberType]
+    figure.savefig(path, dpi=120)  # pyright: ignore[reportUnknownMemberType]
 
 
 def _plot_title(config: Mapping[str, Any]) -> str:
-    parts = []
+    parts: list[str] = []
     if "data" in config:
         parts.append(str(config["data"]))
     if "num_clients" in config:

@@ -15,8 +15,8 @@ correction). ``sgd`` with ``server_lr=1`` is plain FedAvg.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -88,16 +88,14 @@ def server_step(
         current = _float32(layer)
         updates, stepped = optimizer.update(current - _float32(averages[name]), state[name], current)
         moved = sent[name]
-        new_global[name] = cast_mean(jnp.where(moved, optax.apply_updates(current, updates), current), layer.dtype, jnp)
+        stepped_layer = cast(jax.Array, optax.apply_updates(current, updates))
+        new_global[name] = cast_mean(jnp.where(moved, stepped_layer, current), layer.dtype, jnp)
         # A layer keeps its state where it did not move: per weight, and for the scalars
         # of the state (the step count) when nothing of the layer was sent.
-        new_state[name] = jax.tree.map(
-            lambda new, old, moved=moved: jnp.where(
-                moved if jnp.shape(new) == jnp.shape(moved) else jnp.any(moved), new, old
-            ),
-            stepped,
-            state[name],
+        keep: Callable[[Any, Any], jax.Array] = lambda new, old, moved=moved: jnp.where(
+            moved if jnp.shape(new) == jnp.shape(moved) else jnp.any(moved), new, old
         )
+        new_state[name] = jax.tree.map(keep, stepped, state[name])
     return new_global, new_state
 
 
