@@ -1,7 +1,10 @@
 """Benchmark cases 1-4: selection end to end, packed aggregation, and the jitted mask forms.
 
-Each case is timed against its read floor and against fl4health's algorithm written
-plainly (a per-layer loop with one host sync per layer; a ``reduce(np.add, ...)`` average).
+Each case is timed against its read floor and against the reference's algorithm as the
+reference runs it (:mod:`benchmarks.reference`: torch CPU tensors in torch layout with
+fl4health's per-layer loops, or the same loops in numpy without torch). jaxlayerx runs in
+Flax layout; the ``torch shapes`` rows feed it the same bytes in torch's shapes (trailing
+unit dimensions). A per-layer loop written in JAX is an extra column, never the headline.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxlayerx as jlx
+from benchmarks import reference
 from benchmarks.timing import median_time, read_floor, row
-from benchmarks.trees import random_tree
+from benchmarks.trees import nested, random_tree
 
 CLIENTS = 10
 THRESHOLD = 1e-4
@@ -43,36 +47,41 @@ def per_layer_percentage(model, initial):
     return [np.asarray(current[name]) for name in names], names
 
 
-def reduce_fedavg(results):
-    """fl4health's FedAvgDynamicLayer written plainly: a reduce over weighted copies."""
-    by_name: dict[str, list[tuple[np.ndarray, int]]] = {}
-    for payload, num_examples in results:
-        weights, names = jlx.unpack_layers(payload)
-        for name, array in zip(names, weights):
-            by_name.setdefault(name, []).append((array * num_examples, num_examples))
-    return {
-        name: functools.reduce(np.add, [a for a, _ in items]) / sum(n for _, n in items)
-        for name, items in by_name.items()
-    }
+def model_pair(shapes, torch_shapes: bool = False):
+    """The initial and the trained model as jax pytrees, and the same two as the reference's
+    state dicts (torch layout); with ``torch_shapes`` jaxlayerx gets torch's shapes too."""
+    initial_flat = jlx.flatten(random_tree(shapes, seed=0))
+    drift = jlx.flatten(random_tree(shapes, seed=1, scale=0.01))
+    model_flat = {name: initial_flat[name] + drift[name] for name in initial_flat}
+    reference_initial, reference_model = reference.state_dict(initial_flat), reference.state_dict(model_flat)
+    if torch_shapes:
+        initial_flat = {
+            name: np.asarray(layer).reshape(tuple(layer.shape)) for name, layer in reference_initial.items()
+        }
+        model_flat = {name: np.asarray(layer).reshape(tuple(layer.shape)) for name, layer in reference_model.items()}
+    as_jax = lambda flat: nested({name: jnp.asarray(value) for name, value in flat.items()})  # noqa: E731
+    return as_jax(initial_flat), as_jax(model_flat), reference_initial, reference_model
 
 
-def selection_cases(tree_name: str, shapes, repeats: int) -> list[dict[str, object]]:
+def selection_cases(tree_name: str, shapes, repeats: int, torch_shapes: bool = False) -> list[dict[str, object]]:
     """Cases 1 and 2: threshold and percentage selection through ``push_parameters``."""
-    initial = jax.tree.map(jnp.asarray, random_tree(shapes, seed=0))
-    drift = random_tree(shapes, seed=1, scale=0.01)
-    model = jax.tree.map(lambda a, b: a + b, initial, jax.tree.map(jnp.asarray, drift))
+    initial, model, reference_initial, reference_model = model_pair(shapes, torch_shapes)
     nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(model))
     floor = read_floor(2 * nbytes, repeats)  # the current and the initial model are both read
     rules = jlx.LayerSelectionFunctionConstructor(THRESHOLD, PERCENTAGE)
+    slow_repeats = max(1, repeats // 2)
+    label = f"{tree_name}{' (torch shapes)' if torch_shapes else ''}"
     rows = []
-    for rule, select, baseline in [
-        ("threshold", rules.select_by_threshold(), per_layer_threshold),
-        ("percentage", rules.select_by_percentage(), per_layer_percentage),
+    for rule, select, baseline, loop in [
+        ("threshold", rules.select_by_threshold(), reference.push_by_threshold, per_layer_threshold),
+        ("percentage", rules.select_by_percentage(), reference.push_by_percentage, per_layer_percentage),
     ]:
         exchanger = jlx.DynamicLayerExchanger(select)
+        argument = THRESHOLD if rule == "threshold" else PERCENTAGE
         ours = median_time(lambda: exchanger.push_parameters(model, initial_model=initial), repeats)
-        plain = median_time(lambda: baseline(model, initial), max(1, repeats // 2))
-        rows.append(row(f"{tree_name}: {rule} selection (push)", ours, floor, plain))
+        theirs = median_time(lambda: baseline(reference_model, reference_initial, argument), slow_repeats)
+        jax_loop = median_time(lambda: loop(model, initial), slow_repeats)
+        rows.append(row(f"{label}: {rule} selection (push)", ours, floor, theirs, jax_loop))
     return rows
 
 
@@ -95,8 +104,8 @@ def aggregation_case(tree_name: str, shapes, repeats: int) -> dict[str, object]:
     results, sent = client_payloads(shapes, seed=2)
     server = jlx.FedAvgDynamicLayer()
     ours = median_time(lambda: server.aggregate(results), repeats)
-    plain = median_time(lambda: reduce_fedavg(results), max(1, repeats // 2))
-    return row(f"{tree_name}: FedAvgDynamicLayer, {CLIENTS} clients", ours, read_floor(sent, repeats), plain)
+    theirs = median_time(lambda: reference.fedavg_dynamic_layer(results), max(1, repeats // 2))
+    return row(f"{tree_name}: FedAvgDynamicLayer, {CLIENTS} clients", ours, read_floor(sent, repeats), theirs)
 
 
 def mask_cases(tree_name: str, shapes, repeats: int) -> list[dict[str, object]]:
@@ -111,8 +120,14 @@ def mask_cases(tree_name: str, shapes, repeats: int) -> list[dict[str, object]]:
         lambda c, i: jnp.stack(list(jlx.percentage_mask(jlx.drift_norms(c, i), PERCENTAGE).values()))
     )
     ours = median_time(lambda: norms_and_mask(current, initial), repeats)
-    plain = median_time(lambda: per_layer_percentage(model_tree, initial_tree), max(1, repeats // 2))
-    rows = [row(f"{tree_name}: jitted norms + percentage mask", ours, read_floor(2 * nbytes, repeats), plain)]
+    reference_initial, reference_model = reference.state_dict(initial), reference.state_dict(current)
+    theirs = median_time(
+        lambda: reference.push_by_percentage(reference_model, reference_initial, PERCENTAGE), max(1, repeats // 2)
+    )
+    jax_loop = median_time(lambda: per_layer_percentage(model_tree, initial_tree), max(1, repeats // 2))
+    rows = [
+        row(f"{tree_name}: jitted norms + percentage mask", ours, read_floor(2 * nbytes, repeats), theirs, jax_loop)
+    ]
 
     rng = np.random.default_rng(3)
     stacked = jax.tree.map(lambda x: jnp.stack([x + 0.01 * c for c in range(CLIENTS)]), current)

@@ -1,81 +1,43 @@
 """Benchmark case 6: sparse COO exchange (per-weight scores, one global threshold).
 
-Timed against the read floor and against fl4health's algorithm written plainly on the
-host: every score concatenated and fully sorted, each layer rebuilt densely with zeros
-below the threshold, then its nonzeros extracted; on the server, every payload made dense
-and summed with ``functools.reduce``.
+Timed against the read floor and against the reference's algorithm as the reference runs
+it (:mod:`benchmarks.reference`, torch CPU in torch layout when installed): every score
+concatenated and fully sorted, each layer rebuilt densely with zeros below the threshold,
+then its nonzeros extracted; on the server, every payload made dense and summed with
+``functools.reduce``.
 """
 
 from __future__ import annotations
-
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxlayerx as jlx
+from benchmarks import reference
+from benchmarks.cases import model_pair
 from benchmarks.timing import median_time, read_floor, row
-from benchmarks.trees import random_tree
 from jaxlayerx.sparse_selection import _device_threshold, _host_threshold
 
 SPARSITY = 0.1
 CLIENTS = 10
 
 
-def host_sort_push(model, initial):
-    """fl4health's SparseCooParameterExchanger.push_parameters, in numpy."""
-    current, start = jlx.flatten(model), jlx.flatten(initial)
-    scores = {name: np.abs(np.asarray(current[name]) - np.asarray(start[name])) for name in current}
-    ordered = np.sort(np.concatenate([score.reshape(-1) for score in scores.values()]))[::-1]
-    threshold = ordered[math.ceil(ordered.size * SPARSITY) - 1]
-    values, indices, shapes, names = [], [], [], []
-    for name, score in scores.items():
-        dense = np.where(score >= threshold, np.asarray(current[name]), 0)
-        if dense.ndim == 0 or not dense.any():
-            continue
-        values.append(dense[np.nonzero(dense)])
-        indices.append(np.argwhere(dense))
-        shapes.append(np.array(dense.shape))
-        names.append(name)
-    return values + indices + shapes + [np.array(names)]
-
-
-def host_sort_threshold(scores) -> np.float32:
-    ordered = np.sort(np.concatenate([np.asarray(score).reshape(-1) for score in scores.values()]))[::-1]
-    return ordered[math.ceil(ordered.size * SPARSITY) - 1]
-
-
-def dense_reduce_aggregate(results):
-    """fl4health's FedAvgSparseCooTensor.weighted_aggregate, in numpy: dense copies, reduce."""
-    dense: dict[str, list[np.ndarray]] = {}
-    totals: dict[str, int] = {}
-    for payload, num_examples in results:
-        values, (indices, shapes, names) = jlx.unpack_coo(payload)
-        for value, index, shape, name in zip(values, indices, shapes, names):
-            array = np.zeros(tuple(shape), value.dtype)
-            array[tuple(index.T)] = value
-            dense.setdefault(name, []).append(array * num_examples)
-            totals[name] = totals.get(name, 0) + num_examples
-    return {name: functools.reduce(np.add, arrays) / totals[name] for name, arrays in dense.items()}
-
-
 def sparse_cases(tree_name: str, shapes, repeats: int) -> list[dict[str, object]]:
     """Push (end to end), the global threshold alone, and server aggregation."""
-    initial = jax.tree.map(jnp.asarray, random_tree(shapes, seed=0))
-    model = jax.tree.map(lambda a, b: a + jnp.asarray(b), initial, random_tree(shapes, seed=1, scale=0.01))
+    initial, model, reference_initial, reference_model = model_pair(shapes)
     nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(model))
     floor = read_floor(2 * nbytes, repeats)
     slow_repeats = max(1, repeats // 3)
     exchanger = jlx.SparseCooParameterExchanger(SPARSITY, jlx.largest_magnitude_change_scores)
     ours = median_time(lambda: exchanger.push_parameters(model, initial_model=initial), repeats)
-    plain = median_time(lambda: host_sort_push(model, initial), slow_repeats)
+    plain = median_time(lambda: reference.sparse_push(reference_model, reference_initial, SPARSITY), slow_repeats)
     label = f"{tree_name}: sparse COO push, sparsity {SPARSITY}"
     rows = [row(label, ours, floor, plain)]
 
     scores = jlx.largest_magnitude_change_scores(model, initial)
-    sort_time = median_time(lambda: host_sort_threshold(scores), slow_repeats)
+    reference_scores = [abs(layer - reference_initial[name]) for name, layer in reference_model.items()]
+    sort_time = median_time(lambda: reference.sparse_threshold(reference_scores, SPARSITY), slow_repeats)
     score_floor = read_floor(nbytes, repeats)
     for method, threshold in [
         ("numpy partition", lambda: _host_threshold(scores, SPARSITY)),
@@ -93,7 +55,7 @@ def sparse_cases(tree_name: str, shapes, repeats: int) -> list[dict[str, object]
     results, sent = sparse_client_payloads(model, initial, exchanger)
     server = jlx.FedAvgSparseCooTensor()
     ours = median_time(lambda: server.aggregate(results), repeats)
-    plain = median_time(lambda: dense_reduce_aggregate(results), slow_repeats)
+    plain = median_time(lambda: reference.fedavg_sparse_coo(results), slow_repeats)
     rows.append(row(f"{tree_name}: FedAvgSparseCooTensor, {CLIENTS} clients", ours, read_floor(sent, repeats), plain))
     return rows
 

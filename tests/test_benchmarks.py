@@ -20,8 +20,11 @@ def test_benchmark_quick_runs(tmp_path):
         timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
     cases = [row["case"] for row in rows]
+    assert report["baseline"].startswith(("torch", "numpy"))
+    assert f"baseline: the reference's algorithm on {report['baseline']}" in completed.stdout
     for case in (
         "threshold selection",
         "percentage selection",
@@ -35,8 +38,15 @@ def test_benchmark_quick_runs(tmp_path):
         "jitted radix select",
         "sparse masks",
         "FedAvgSparseCooTensor",
+        "(torch shapes): threshold selection",
+        "(torch shapes): percentage selection",
     ):
         assert any(case in name for name in cases), case
+    for row in rows:  # the per-layer JAX loop is an extra column of the selection rows only
+        if "selection (push)" in row["case"]:
+            assert row["jax_loop_ms"] > 0
+        elif "norms" not in row["case"]:
+            assert row["jax_loop_ms"] is None
     for row in rows:
         assert row["ms"] > 0 and row["floor_ms"] > 0 and row["baseline_ms"] > 0
         assert row["x_floor"] == pytest.approx(row["ms"] / row["floor_ms"])
