@@ -116,6 +116,18 @@ def records_to_sparse(
         bounds and distinct, a non-negative shape), naming the layer.
       TypeError: indices or a shape that are not integers.
     """
+    return read_coo(records_to_coo_payload(content, values_key=values_key))
+
+
+def records_to_coo_payload(
+    content: RecordDict | Mapping[str, ArrayRecord], *, values_key: str = ARRAYS_KEY
+) -> list[np.ndarray]:
+    """The COO records of ``content`` as the legacy payload ``values + indices + shapes + [names]``
+    (:func:`jaxlayerx.pack_coo`'s layout), decoded but not yet checked (see :func:`records_to_sparse`).
+
+    Raises:
+      KeyError: a missing record. ValueError: the records name different layers; an entry that does not decode.
+    """
     records = content.array_records if isinstance(content, RecordDict) else content
     parts: list[collections.OrderedDict[str, np.ndarray]] = []
     for key in (values_key, COO_INDICES_KEY, COO_SHAPES_KEY):
@@ -127,8 +139,7 @@ def records_to_sparse(
     for key, part in zip((COO_INDICES_KEY, COO_SHAPES_KEY), (indices, shapes)):
         if list(part) != names:
             raise ValueError(f"the ArrayRecord {key!r} names layers {list(part)}, the values name {names}")
-    payload = [*values.values(), *indices.values(), *shapes.values(), np.array(names, dtype=np.str_)]
-    return read_coo(payload)
+    return [*values.values(), *indices.values(), *shapes.values(), np.array(names, dtype=np.str_)]
 
 
 def content_nbytes(content: RecordDict) -> int:
