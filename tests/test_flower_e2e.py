@@ -1,8 +1,10 @@
-"""End to end over real gRPC: a Flower server and 3 clients as separate processes on 127.0.0.1.
+"""End to end over real gRPC, the legacy route: a Flower server and 3 clients as processes on 127.0.0.1.
 
-The processes are the example's own scripts (``examples/flower``). Each client saves the
-payloads it sends and the server saves the global model after every round, so the test
-checks the run against an independent numpy reading of what crossed the wire.
+The processes are the example's own scripts (``examples/flower/legacy``). Each client saves
+the payloads it sends and the server saves the global model after every round, so the test
+checks the run against an independent numpy reading of what crossed the wire. The clients
+start before the server (they retry until it listens), and a server short of clients
+exits within its timeout.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,13 +24,11 @@ pytest.importorskip("flwr")
 pytest.importorskip("sklearn")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "flower"
+EXAMPLE = ROOT / "examples" / "flower" / "legacy"
 ROUNDS = 3
 CLIENTS = 3
 #: Seconds any process of a run may take, start-up included.
 PROCESS_TIMEOUT = 240
-#: Seconds the server may take to start listening.
-LISTEN_TIMEOUT = 90
 
 
 def _free_loopback_port() -> int:
@@ -43,13 +43,24 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _run_federation(record: pathlib.Path, *, fail_client: int | None = None) -> dict[str, subprocess.CompletedProcess]:
-    """Starts the server, then the clients; waits (bounded) for every process to exit."""
+def _run_federation(
+    record: pathlib.Path,
+    *,
+    fail_client: int | None = None,
+    clients: int = CLIENTS,
+    started: int = CLIENTS,
+    round_timeout: float = 120,
+    connect_timeout: float = PROCESS_TIMEOUT / 2,
+) -> dict[str, int]:
+    """Starts ``started`` clients, then the server; waits (bounded) for every process to exit.
+
+    The clients start first: the server is not listening yet when they try to connect.
+    """
     port = _free_loopback_port()
     address = f"127.0.0.1:{port}"
     env = _environment()
-    min_clients = CLIENTS - (fail_client is not None)
-    commands = {
+    min_clients = clients - (fail_client is not None)
+    server = {
         "server": [
             sys.executable,
             str(EXAMPLE / "server.py"),
@@ -58,16 +69,17 @@ def _run_federation(record: pathlib.Path, *, fail_client: int | None = None) -> 
             "--rounds",
             str(ROUNDS),
             "--clients",
-            str(CLIENTS),
+            str(clients),
             "--min-clients",
             str(min_clients),
             "--round-timeout",
-            "120",
+            str(round_timeout),
             "--record",
             str(record),
         ],
     }
-    for client in range(CLIENTS):
+    commands = {}
+    for client in range(started):
         command = [
             sys.executable,
             str(EXAMPLE / "client.py"),
@@ -76,20 +88,21 @@ def _run_federation(record: pathlib.Path, *, fail_client: int | None = None) -> 
             "--client-id",
             str(client),
             "--clients",
-            str(CLIENTS),
+            str(clients),
             "--record",
             str(record),
+            "--connect-timeout",
+            str(connect_timeout),
         ]
         if client == fail_client:
             command += ["--fail-in-round", "2"]
         commands[f"client{client}"] = command
+    commands.update(server)
     logs = {name: (record / f"{name}.log").open("w") for name in commands}
     processes = {}
     try:
         for name, command in commands.items():
             processes[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=logs[name], stderr=subprocess.STDOUT)
-            if name == "server":  # Flower's legacy client does not retry a refused first connection
-                _wait_listening(port, processes["server"], record / "server.log")
         results = {}
         for name, process in processes.items():
             try:
@@ -105,18 +118,6 @@ def _run_federation(record: pathlib.Path, *, fail_client: int | None = None) -> 
                 process.wait(timeout=30)
         for log in logs.values():
             log.close()
-
-
-def _wait_listening(port: int, server: subprocess.Popen, log: pathlib.Path) -> None:
-    deadline = time.monotonic() + LISTEN_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"the server exited with {server.returncode} before listening:\n{_tail(log)}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    pytest.fail(f"the server did not listen on 127.0.0.1:{port} within {LISTEN_TIMEOUT} s:\n{_tail(log)}")
 
 
 def _tail(path: pathlib.Path, lines: int = 40) -> str:
@@ -198,3 +199,14 @@ def test_a_client_failing_in_round_two_does_not_stop_the_run(tmp_path):
     history = json.loads((tmp_path / "server_history.json").read_text())
     assert [entry["failures"] for entry in history] == [0, 1, 0]
     _check_rounds(tmp_path, {1: [0, 1, 2], 2: [0, 1], 3: [0, 1]})
+
+
+def test_a_server_short_of_clients_exits_within_its_timeout(tmp_path):
+    """One client of the two the server waits for: the server gives up after its timeout,
+    says so and exits with status 1; the client, whose server went away, gives up too."""
+    codes = _run_federation(tmp_path, clients=2, started=1, round_timeout=5, connect_timeout=30)
+    log = (tmp_path / "server.log").read_text()
+    assert codes["server"] == 1, log
+    assert re.search(r"server: [01] of the 2 clients needed connected within 5 s; stopping", log), log
+    assert codes["client0"] == 1, _tail(tmp_path / "client0.log")
+    assert "no server at" in (tmp_path / "client0.log").read_text()
