@@ -89,6 +89,57 @@ def fake_proxy(cid: str) -> Any:
     return fake_proxy_class()(cid)
 
 
+@functools.cache
+def fake_grid_class() -> type:
+    """A Flower Message-API ``Grid`` whose nodes are functions ``(message) -> RecordDict``.
+
+    ``FakeGrid(nodes)``: ``nodes`` maps node ids to the functions; ``available`` is what
+    ``get_node_ids`` reports; ``sent`` keeps every message. ``send_and_receive`` calls the
+    nodes in id order and turns an exception into an error reply, as Flower does.
+    """
+    from flwr.app import Error, Message
+    from flwr.serverapp import Grid
+
+    class FakeGrid(Grid):
+        def __init__(self, nodes):
+            self.nodes = nodes
+            self.available = list(nodes)
+            self.sent = []
+
+        def set_run(self, run):
+            pass
+
+        @property
+        def run(self):
+            raise NotImplementedError
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            raise NotImplementedError
+
+        def get_node_ids(self):
+            return list(self.available)
+
+        def push_messages(self, messages):
+            raise NotImplementedError
+
+        def pull_messages(self, message_ids):
+            raise NotImplementedError
+
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for message in sorted(messages, key=lambda m: m.metadata.dst_node_id):
+                self.sent.append(message)
+                try:
+                    content = self.nodes[message.metadata.dst_node_id](message)
+                except Exception as error:  # noqa: BLE001 - a ClientApp exception becomes an error reply
+                    replies.append(Message(Error(code=1, reason=str(error)), reply_to=message))
+                else:
+                    replies.append(Message(content, reply_to=message))
+            return replies
+
+    return FakeGrid
+
+
 def nest(flat: Mapping[str, Any], array: Callable[[Any], Any] = jnp.asarray) -> dict[str, Any]:
     """The nested dict whose layers are ``flat`` (``a/b/c -> {"a": {"b": {"c": ...}}}``),
     each value passed through ``array`` (JAX arrays by default; ``np.array`` for copies)."""
