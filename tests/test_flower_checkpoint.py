@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fake_grid_class
+from conftest import bits, fake_grid_class
 
 pytest.importorskip("flwr")
 
@@ -167,7 +167,7 @@ def test_a_server_killed_after_round_2_resumes_bit_for_bit(tmp_path, sparse):
     assert list(got) == list(initial_model())
     for name in expected:
         assert got[name].dtype == expected[name].dtype
-        np.testing.assert_array_equal(got[name].view(np.uint8), expected[name].view(np.uint8))
+        np.testing.assert_array_equal(bits(got[name]), bits(expected[name]))
     assert not all(np.array_equal(got[name], initial_model()[name]) for name in got)  # the run did change it
     # The result carries the metrics of every round, those before the restart included.
     assert state["metric_rounds"] == {"train": [1, 2, 3, 4], "evaluate": [1, 2, 3, 4]}
@@ -178,6 +178,42 @@ def test_a_server_killed_after_round_2_resumes_bit_for_bit(tmp_path, sparse):
         # After the restart the server still knew what each node held: a delta, not the whole model.
         resent = _train_log(interrupted, node)[3]
         assert resent["round"] == 3 and resent["base"] == 2, resent
+
+
+def test_save_and_load_keep_names_order_dtypes_and_bits(tmp_path):
+    import ml_dtypes
+
+    arrays = {
+        "z/kernel": np.arange(2**16, dtype=np.uint16).view(ml_dtypes.bfloat16).reshape(256, 256),
+        "a": np.array([np.nan, -0.0, 1.0], np.float16),
+        "count": np.array(3, np.int64),
+    }
+    save_checkpoint(tmp_path, arrays, {"round": 7, "extra": [1, 2]})
+    loaded, state = load_checkpoint(tmp_path)
+    assert list(loaded) == list(arrays) and state == {"round": 7, "extra": [1, 2]}
+    for name, array in arrays.items():
+        assert loaded[name].dtype == array.dtype and loaded[name].shape == array.shape
+        np.testing.assert_array_equal(bits(loaded[name]), bits(array))
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, {"w": np.ones(3, np.float32)}, {"round": 1})
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path, {"w": np.zeros(3, np.float32)}, {"round": 2, "bad": object()})
+    loaded, state = load_checkpoint(tmp_path)
+    assert state["round"] == 1 and loaded["w"].tolist() == [1, 1, 1]
+    save_checkpoint(tmp_path, {"w": np.zeros(3, np.float32)}, {"round": 2})
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["arrays-000002.npz", "state.json"]
+    assert load_checkpoint(tmp_path / "missing") is None
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    from jaxlayerx.flower.serverapp import FedAvgDynamicLayer
+
+    save_checkpoint(tmp_path, {"w": np.ones(3, np.float32)}, {"round": 1})
+    strategy = FedAvgDynamicLayer(checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="differ"):
+        strategy.start(fake_grid_class()({}), arrays_to_record({"w": np.ones(4, np.float32)}), num_rounds=2)
 
 
 if __name__ == "__main__":

@@ -574,3 +574,16 @@ def test_an_empty_sparse_reply_is_accepted_and_changes_nothing(records):
     assert metrics[ACCEPTED_KEY] == 1 and metrics[REJECTED_KEY] == 0
     for name, old in before.items():
         np.testing.assert_array_equal(bits(s.global_layers[name]), bits(old))
+
+
+def test_evaluate_metrics_are_weighted_and_bad_replies_ignored():
+    s = strategy()
+    replies = [
+        content_reply(1, RecordDict({"m": MetricRecord({"num-examples": 1, "loss": 1.0})})),
+        content_reply(2, RecordDict({"m": MetricRecord({"num-examples": 3, "loss": 3.0})})),
+        content_reply(3, RecordDict({"m": MetricRecord({"loss": 100.0})})),  # no weight: ignored
+        error_reply(4),
+    ]
+    metrics = s.aggregate_evaluate(1, replies)
+    assert metrics["loss"] == pytest.approx((1.0 * 1 + 3.0 * 3) / 4)
+    assert s.aggregate_evaluate(2, [error_reply(4)]) is None
