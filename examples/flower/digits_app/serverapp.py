@@ -1,0 +1,134 @@
+"""The example's ServerApp: partial (or sparse) layer exchange on the digits, averaged per layer.
+
+The run config (``pyproject.toml``, or ``flwr run ... --run-config``) picks the exchanger the
+nodes run; a sparse one gets :class:`jaxlayerx.flower.serverapp.FedAvgSparseCooTensor`,
+any other :class:`jaxlayerx.flower.serverapp.FedAvgDynamicLayer`. With ``record-dir`` set,
+the ServerApp writes what a run can be checked against (see :func:`record_round`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from digits_app import task
+from jaxlayerx.flower.records import arrays_to_record, content_nbytes, record_to_arrays
+from jaxlayerx.flower.serverapp import FedAvgDynamicLayer, FedAvgSparseCooTensor
+from jaxlayerx.tree import flatten, unflatten
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = context.run_config
+    record_dir = pathlib.Path(str(config["record-dir"])) if config["record-dir"] else None
+    nodes = int(config["min-nodes"])
+    variables = task.init_variables()
+    exchanger = task.make_exchanger(str(config["exchanger"]), variables, float(config["exchange-percentage"]))
+    base = FedAvgSparseCooTensor if exchanger.payload_kind == "sparse" else FedAvgDynamicLayer
+    if record_dir is not None:
+        record_dir.mkdir(parents=True, exist_ok=True)
+    strategy = _example_strategy(base, float(config["round-timeout"]), record_dir)(
+        fraction_evaluate=float(config["fraction-evaluate"]),
+        min_train_nodes=nodes,
+        min_evaluate_nodes=nodes,
+        min_available_nodes=nodes,
+    )
+    initial = flatten(variables)
+    if config["initial-model"]:  # go on from an earlier run's global model
+        initial = dict(np.load(str(config["initial-model"])))
+    x_test, y_test = task.global_test_set(int(config["num-partitions"]))
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        layers = record_to_arrays(arrays)
+        if record_dir is not None:
+            np.savez(record_dir / f"global_round{server_round}.npz", **layers)
+        loss, accuracy = task.evaluate(unflatten(layers, like=variables), x_test, y_test)
+        logging.getLogger("jaxlayerx.example").info("round %d: global accuracy %.3f", server_round, accuracy)
+        return MetricRecord({"loss": loss, "accuracy": accuracy})
+
+    strategy.start(
+        grid,
+        arrays_to_record(initial),
+        num_rounds=int(config["num-server-rounds"]),
+        timeout=float(config["round-timeout"]),
+        train_config=ConfigRecord({"local-epochs": int(config["local-epochs"])}),
+        evaluate_fn=evaluate_global,
+    )
+    if record_dir is not None:
+        history = [record.to_json() for record in strategy.history]
+        (record_dir / "history.json").write_text(json.dumps(history, indent=1))
+
+
+def _example_strategy(
+    base: type[FedAvgDynamicLayer], timeout: float, record_dir: pathlib.Path | None
+) -> type[FedAvgDynamicLayer]:
+    """``base``, waiting at most ``timeout`` s for its nodes and saving train replies to ``record_dir``."""
+
+    class Strategy(base):
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Any:
+            wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes), timeout)
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Any:
+            if self.fraction_evaluate > 0:
+                wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes), timeout)
+            return super().configure_evaluate(server_round, arrays, config, grid)
+
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+            replies = list(replies)
+            if record_dir is not None:
+                record_round(record_dir, server_round, replies)
+            return super().aggregate_train(server_round, replies)
+
+    return Strategy
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
+    """Returns once ``count`` SuperNodes are connected; raises ``TimeoutError`` after ``timeout`` s.
+
+    (Flower's strategies wait for their minimum without a bound.)
+    """
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{connected} of the {count} SuperNodes needed connected within {timeout:g} s")
+        time.sleep(0.5)
+
+
+def record_round(record_dir: pathlib.Path, server_round: int, replies: Iterable[Message]) -> None:
+    """Saves each node's train reply of ``server_round`` as it arrived.
+
+    ``round{R}_node{N}.npz`` holds the reply's ArrayRecords (``"<record>:<layer>"`` keys);
+    ``round{R}.json`` maps each node to its metrics, the bytes of its arrays as Flower
+    counts them, or its error.
+    """
+    summary: dict[str, Any] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            summary[str(node)] = {"error": reply.error.reason}
+            continue
+        content = reply.content
+        arrays = {
+            f"{key}:{name}": array
+            for key, record in content.array_records.items()
+            for name, array in record_to_arrays(record).items()
+        }
+        np.savez(record_dir / f"round{server_round}_node{node}.npz", **arrays)
+        metrics: Mapping[str, Any] = next(iter(content.metric_records.values()), {})
+        summary[str(node)] = {
+            "metrics": dict(metrics),
+            "content_bytes": content_nbytes(content),
+            "records": {key: list(record.keys()) for key, record in content.array_records.items()},
+        }
+    (record_dir / f"round{server_round}.json").write_text(json.dumps(summary, indent=1))

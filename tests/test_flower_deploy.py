@@ -1,0 +1,343 @@
+"""A real Flower deployment on 127.0.0.1: ``flower-superlink``, 3 ``flower-supernode``s and ``flwr run``.
+
+The test starts the SuperLink and the SuperNodes as separate processes on free loopback
+ports (``--insecure``), submits the example app (``examples/flower``) with ``flwr run``
+against that SuperLink, and checks what the ServerApp recorded against an independent
+numpy reading of the replies: every layer (or weight) some node sent is the
+example-weighted mean of what was sent, everything else is bit-identical to the round
+before, and the byte counts match the arrays. One deployment runs 3 rounds of dynamic
+layer exchange, then 3 rounds of sparse exchange going on from its result; a second one
+has a node whose ClientApp raises in round 2. HOME and FLWR_HOME point into the test's
+temporary folder, every wait is bounded, and every process the test started (and those
+they started) is stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr", reason="the deployment test needs Flower: pip install 'jaxlayerx[flower]'")
+pytest.importorskip("sklearn", reason="the example's data (scikit-learn's digits) needs scikit-learn")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+APP = ROOT / "examples" / "flower"
+BIN = pathlib.Path(sys.executable).parent
+NODES = 3
+ROUNDS = 3
+#: Seconds a ``flwr run`` may take, from submission to the run's end.
+RUN_TIMEOUT = 420
+#: Seconds the SuperLink may take to listen.
+LISTEN_TIMEOUT = 60
+#: Seconds a stopped process may take to exit after SIGTERM (then SIGKILL).
+STOP_TIMEOUT = 15
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: pathlib.Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def _children(pids: set[int]) -> set[int]:
+    """Every live descendant of ``pids`` (read from /proc; the SuperExecs and app processes)."""
+    parents: dict[int, int] = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), set(pids)
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie has exited
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+class Deployment:
+    """A SuperLink and SuperNodes on 127.0.0.1, and ``flwr run`` against them."""
+
+    def __init__(self, folder: pathlib.Path) -> None:
+        self.folder = folder
+        self.port = _free_port()
+        self.processes: dict[str, subprocess.Popen] = {}
+        home = folder / "home"
+        (home / ".flwr").mkdir(parents=True)
+        # flwr run reads the SuperLink's address from FLWR_HOME/config.toml.
+        (home / ".flwr" / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self.env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+        self.env.update(
+            HOME=str(home),
+            FLWR_HOME=str(home / ".flwr"),
+            JAX_PLATFORMS="cpu",
+            PYTHONUNBUFFERED="1",
+            no_proxy="127.0.0.1,localhost",
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            # Every message runs in a fresh ClientApp process: let them share compiled steps.
+            JAX_COMPILATION_CACHE_DIR=str(folder / "jax-cache"),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        )
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = (self.folder / f"{name}.log").open("w")
+        process = subprocess.Popen(
+            command, cwd=self.folder, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def start_federation(self) -> None:
+        # The apps run in this environment: no dependency installation by the SuperLink.
+        link = self.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        deadline = time.monotonic() + LISTEN_TIMEOUT
+        while not _listening(self.port):
+            if link.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the SuperLink did not listen on {self.port}:\n{_tail(self.folder / 'superlink.log')}")
+            time.sleep(0.2)
+        for node in range(NODES):
+            self.start(
+                f"supernode{node}",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{self.port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(_free_port()),
+                    "--max-wait-time",
+                    "60",
+                    "--node-config",
+                    f"partition-id={node} num-partitions={NODES}",
+                ],
+            )
+
+    def run(self, name: str, **run_config: object) -> str:
+        """``flwr run`` of the example app with ``run_config``; returns its output once the run ended."""
+        overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
+        command = [str(BIN / "flwr"), "run", str(APP), "test", "--stream", "--run-config", overrides]
+        process = self.start(name, command)
+        try:
+            process.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"flwr run did not end within {RUN_TIMEOUT} s:\n{_tail(self.folder / f'{name}.log')}")
+        output = (self.folder / f"{name}.log").read_text(errors="replace")
+        assert process.returncode == 0, output
+        return output
+
+    def stop(self) -> None:
+        """SIGTERM to every process started and their descendants, SIGKILL after STOP_TIMEOUT; all gone."""
+        started = {process.pid for process in self.processes.values()}
+        everyone = started | _children(started)
+        for pid in everyone:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for process in self.processes.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        while any(_alive(pid) for pid in everyone) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in everyone:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for process in self.processes.values():
+            process.wait(timeout=STOP_TIMEOUT)
+        time.sleep(0.5)
+        left = [pid for pid in everyone if _alive(pid)]
+        assert not left, f"processes still running after SIGKILL: {left}"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def deployment(folder: pathlib.Path) -> Iterator[Deployment]:
+    federation = Deployment(folder)
+    try:
+        federation.start_federation()
+        yield federation
+    finally:
+        federation.stop()
+
+
+# --- reading what the ServerApp recorded -------------------------------------------------
+
+
+def _global(record: pathlib.Path, server_round: int) -> dict[str, np.ndarray]:
+    with np.load(record / f"global_round{server_round}.npz") as saved:
+        return {name: saved[name] for name in saved.files}
+
+
+def _replies(record: pathlib.Path, server_round: int) -> dict[int, dict]:
+    """Each node's reply in ``server_round``: its metrics, byte count, and arrays per record."""
+    summary = json.loads((record / f"round{server_round}.json").read_text())
+    replies = {}
+    for node, entry in summary.items():
+        if "error" not in entry:
+            with np.load(record / f"round{server_round}_node{node}.npz") as saved:
+                arrays: dict[str, dict[str, np.ndarray]] = {}
+                for key in saved.files:
+                    record_key, name = key.split(":", 1)
+                    arrays.setdefault(record_key, {})[name] = saved[key]
+            entry["arrays"] = {
+                key: {name: arrays[key][name] for name in names} for key, names in entry["records"].items()
+            }
+        replies[int(node)] = entry
+    return replies
+
+
+def _dense_reference(before, replies):
+    """Each layer's example-weighted mean over the nodes that sent it (float64 numpy)."""
+    expected = {}
+    for name in before:
+        senders = [
+            (r["metrics"]["num-examples"], r["arrays"]["arrays"][name])
+            for r in replies
+            if name in r["arrays"].get("arrays", {})
+        ]
+        if senders:
+            total = sum(count for count, _ in senders)
+            expected[name] = sum(count * array.astype(np.float64) for count, array in senders) / total
+    return expected
+
+
+def _sparse_reference(before, replies):
+    """Each weight's example-weighted mean over the nodes that sent that weight (float64 numpy)."""
+    expected = {}
+    for name, layer in before.items():
+        total = np.zeros(layer.size)
+        weight = np.zeros(layer.size)
+        for reply in replies:
+            arrays = reply["arrays"]
+            if name not in arrays.get("arrays", {}):
+                continue
+            shape = tuple(int(n) for n in arrays["coo-shapes"][name])
+            assert shape == layer.shape, name
+            flat = np.ravel_multi_index(tuple(np.asarray(arrays["coo-indices"][name]).T), shape)
+            count = reply["metrics"]["num-examples"]
+            np.add.at(total, flat, count * arrays["arrays"][name].astype(np.float64))
+            np.add.at(weight, flat, count)
+        if weight.any():
+            sent = weight > 0
+            mean = layer.astype(np.float64).ravel().copy()
+            mean[sent] = total[sent] / weight[sent]
+            expected[name] = (mean.reshape(layer.shape), sent.reshape(layer.shape))
+    return expected
+
+
+def _check_run(record: pathlib.Path, *, sparse: bool, senders_per_round: dict[int, int]) -> None:
+    history = {entry["server_round"]: entry for entry in json.loads((record / "history.json").read_text())}
+    assert sorted(history) == list(range(1, ROUNDS + 1))
+    for server_round in range(1, ROUNDS + 1):
+        before, after = _global(record, server_round - 1), _global(record, server_round)
+        assert list(before) == list(after)
+        replies = _replies(record, server_round)
+        good = [reply for reply in replies.values() if "error" not in reply]
+        entry = history[server_round]
+        assert len(good) == senders_per_round[server_round], replies
+        assert sorted(entry["failures"]) == sorted(node for node, r in replies.items() if "error" in r)
+        assert not entry["rejected"]
+        sent_bytes = dict(entry["bytes_sent"])
+        for accepted in entry["accepted"]:
+            reply = replies[accepted["node"]]
+            # The server's counts match the reply: weight, layers, bytes as Flower counts them.
+            assert accepted["num_examples"] == reply["metrics"]["num-examples"]
+            assert accepted["layers"] == reply["records"].get("arrays", [])
+            assert accepted["bytes_received"] == reply["content_bytes"]
+            # The node's own counts: the array data it sent, what the server sent it.
+            data = sum(array.nbytes for part in reply["arrays"].values() for array in part.values())
+            assert reply["metrics"]["jaxlayerx.bytes-sent"] == data
+            assert reply["metrics"]["jaxlayerx.bytes-received"] == sent_bytes[accepted["node"]]
+        if sparse:
+            expected = _sparse_reference(before, good)
+            for name in after:
+                if name not in expected:
+                    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+                    continue
+                mean, sent = expected[name]
+                np.testing.assert_array_equal(after[name][~sent], before[name][~sent], err_msg=name)
+                np.testing.assert_allclose(after[name][sent], mean[sent], rtol=2e-6, atol=1e-7, err_msg=name)
+        else:
+            expected = _dense_reference(before, good)
+            for name in after:
+                if name not in expected:
+                    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+                else:
+                    np.testing.assert_allclose(after[name], expected[name], rtol=2e-6, atol=1e-7, err_msg=name)
+        assert sorted(entry["aggregated_layers"]) == sorted(expected)
+        assert expected, f"round {server_round}: nobody sent anything"
+
+
+def test_dynamic_then_sparse_exchange_through_flwr_run(tmp_path):
+    dense, sparse = tmp_path / "dynamic", tmp_path / "sparse"
+    with deployment(tmp_path) as federation:
+        federation.run("run_dynamic", exchanger="dynamic-percentage", **{"record-dir": str(dense)})
+        federation.run(
+            "run_sparse",
+            exchanger="sparse-largest-magnitude-change",
+            **{
+                "record-dir": str(sparse),
+                "initial-model": str(dense / f"global_round{ROUNDS}.npz"),
+                "fraction-evaluate": 0.0,
+            },
+        )
+    _check_run(dense, sparse=False, senders_per_round=dict.fromkeys(range(1, ROUNDS + 1), NODES))
+    _check_run(sparse, sparse=True, senders_per_round=dict.fromkeys(range(1, ROUNDS + 1), NODES))
+    first, last = _global(sparse, 0), _global(dense, ROUNDS)
+    assert all(np.array_equal(first[name], last[name]) for name in last), "the sparse run goes on from the dynamic one"
+
+
+def test_a_node_raising_in_round_two_does_not_stop_the_run(tmp_path):
+    record = tmp_path / "record"
+    with deployment(tmp_path) as federation:
+        output = federation.run(
+            "run",
+            exchanger="dynamic-percentage",
+            **{"record-dir": str(record), "fail-partition": 2, "fail-round": 2, "fraction-evaluate": 0.0},
+        )
+    _check_run(record, sparse=False, senders_per_round={1: NODES, 2: NODES - 1, 3: NODES})
+    errors = [entry["error"] for entry in _replies(record, 2).values() if "error" in entry]
+    assert len(errors) == 1 and "fails in round 2, as asked" in errors[0], (errors, output)
