@@ -194,10 +194,24 @@ def num_layers_to_exchange(num_layers: int, exchange_percentage: float) -> int:
     return int(math.ceil(num_layers * exchange_percentage))
 
 
+#: A last axis narrower than this (torch's kernel layouts: ``(out, in, 1, 1)``, ``(out, in, 3, 3)``)
+#: gets the reduction kept on the raveled vector (see :func:`_float32_vector`).
+_NARROW_AXIS = 16
+
+
 def _float32_vector(value: Any) -> jax.Array:
-    # Reduced as a 1-D vector: XLA's CPU reduction over all axes of a conv kernel is
-    # slower than over the same bytes raveled.
-    return jnp.asarray(value).astype(jnp.float32).ravel()
+    """``value`` in float32, raveled: the vector a layer's drift is reduced over.
+
+    XLA's CPU reduction over all axes of a kernel is slower than over the same bytes
+    raveled, and XLA folds a ravel back into the reduction that follows it; with a narrow
+    last axis that folded loop is slower still, so there the ravel is kept behind an
+    optimization barrier (a bitcast: nothing is copied).
+    """
+    array = jnp.asarray(value).astype(jnp.float32)
+    vector = array.ravel()
+    if array.ndim > 1 and array.shape[-1] < _NARROW_AXIS:
+        vector = cast(jax.Array, jax.lax.optimization_barrier(vector))  # pyright: ignore[reportUnknownMemberType]
+    return vector
 
 
 def _energy_per_byte(current: Any, initial: Any, nbytes: int) -> jax.Array:
