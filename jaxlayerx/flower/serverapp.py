@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from jaxlayerx._results import is_example_count
 from jaxlayerx.aggregation import FedAvgDynamicLayer as _CoreDynamicLayer
 from jaxlayerx.aggregation import cast_mean
-from jaxlayerx.coo import write_coo
+from jaxlayerx.coo import SparseLayer, read_coo, write_coo
 from jaxlayerx.flower.checkpoint import load_checkpoint, save_checkpoint
 from jaxlayerx.flower.payloads import checked_payload
 from jaxlayerx.flower.records import (
@@ -46,7 +46,6 @@ from jaxlayerx.flower.records import (
     record_to_arrays,
     records_to_coo_payload,
 )
-from jaxlayerx.flower.sparse_strategy import checked_coo
 from jaxlayerx.packing import pack_layers
 from jaxlayerx.sparse_aggregation import FedAvgSparseCooTensor as _CoreSparseCoo
 
@@ -531,7 +530,7 @@ class FedAvgSparseCooTensor(FedAvgDynamicLayer):
         if present != expected:
             raise ValueError(f"a sparse reply holds the ArrayRecords {sorted(expected)}, got {sorted(present)}")
         payload = records_to_coo_payload(content, values_key=self.arrayrecord_key)
-        return weight, checked_coo(payload, self.global_layers, allow_nonfinite=self.allow_nonfinite)
+        return weight, _checked_coo(payload, self.global_layers, self.allow_nonfinite)
 
     def _average(self, results: list[tuple[Mapping[str, Any], int]]) -> dict[str, Any]:
         core = _CoreSparseCoo(self.weighted_aggregation, allow_nonfinite=True)
@@ -547,6 +546,29 @@ class FedAvgSparseCooTensor(FedAvgDynamicLayer):
             updated.reshape(-1)[layer.flat_indices] = layer.values
             self.global_layers[name] = updated
             self._updated_in[name] = server_round
+
+
+def _checked_coo(
+    payload: list[np.ndarray], reference: Mapping[str, np.ndarray], allow_nonfinite: bool
+) -> collections.OrderedDict[str, SparseLayer]:
+    """A COO payload checked whole: :func:`jaxlayerx.read_coo`'s layout checks, then
+    :func:`checked_payload`'s on zero-strided stand-ins of each layer's full shape (names,
+    shapes) and on the values against stand-ins in the layer's dtype (dtypes, finiteness)."""
+    layers = read_coo(payload)
+    names = list(layers)
+
+    def stand_in(dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        return np.broadcast_to(np.zeros((), dtype), shape)
+
+    shapes = [stand_in(layer.values.dtype, layer.shape) for layer in layers.values()]
+    checked_payload(pack_layers(shapes, names), reference, allow_nonfinite=True)
+    value_reference = {name: stand_in(reference[name].dtype, layer.values.shape) for name, layer in layers.items()}
+    values = checked_payload(
+        pack_layers([layer.values for layer in layers.values()], names),
+        value_reference,
+        allow_nonfinite=allow_nonfinite,
+    )
+    return collections.OrderedDict((name, layer._replace(values=values[name])) for name, layer in layers.items())
 
 
 def _copy(config: ConfigRecord) -> ConfigRecord:
