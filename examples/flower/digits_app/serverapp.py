@@ -29,6 +29,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _show_jaxlayerx_logs()
     config = context.run_config
     record_dir = pathlib.Path(str(config["record-dir"])) if config["record-dir"] else None
     nodes = int(config["min-nodes"])
@@ -67,6 +68,15 @@ def main(grid: Grid, context: Context) -> None:
     if record_dir is not None:
         history = [record.to_json() for record in strategy.history]
         (record_dir / "history.json").write_text(json.dumps(history, indent=1))
+
+
+def _show_jaxlayerx_logs() -> None:
+    """Sends jaxlayerx's log lines (each round's aggregation, rejected replies) where Flower's go."""
+    logger = logging.getLogger("jaxlayerx")
+    for handler in logging.getLogger("flwr").handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _example_strategy(
