@@ -1,4 +1,12 @@
-"""Benchmark case 5: one simulated round with every client vmapped, against Python loops."""
+"""Benchmark case 5: one simulated round with every client vmapped, against Python loops.
+
+    python -m benchmarks.round [--quick] [--repeats N]
+
+prints this case's rows alone (``benchmarks/run.py`` runs it with the others). The floor is
+the round's training arithmetic (XLA's FLOP count of one local SGD step, times the steps and
+the clients; evaluation and aggregation left out) at the rate of one large float32 matmul
+on both cores: a bound no round can beat, not an estimate of what XLA can reach.
+"""
 
 from __future__ import annotations
 
@@ -84,3 +92,19 @@ def _flops(compiled) -> float:
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return float(analysis["flops"])
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="One simulated round against its floor and Python loops.")
+    parser.add_argument("--quick", action="store_true", help="8 clients instead of 64")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    for case in simulation_round_cases(args.quick, args.repeats):
+        print(json.dumps({key: round(value, 3) if isinstance(value, float) else value for key, value in case.items()}))
+
+
+if __name__ == "__main__":
+    main()

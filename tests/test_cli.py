@@ -74,6 +74,7 @@ OPTIONS = [
     "--budget",
     "--error-feedback",
     "--overwrite",
+    "--no-compile-cache",
 ]
 SPARSE_EXCHANGERS = [
     "sparse-largest-final-magnitude",
@@ -86,6 +87,16 @@ SPARSE_EXCHANGERS = [
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_compile_cache():
+    """The runs here (in process and in subprocesses) leave JAX's persistent compilation
+    cache off; tests/test_sim_cache.py covers it. Module-scoped, so that it comes before
+    the module-scoped runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAXLAYERX_CACHE", "off")
+        yield
 
 
 def layer_nbytes() -> dict[str, int]:

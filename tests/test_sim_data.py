@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import numpy as np
@@ -52,6 +53,15 @@ def test_load_digits_data(digits):
     assert np.array_equal(np.unique(y), np.arange(10))
     # pixels are 0..16 in the source, so x * 16 is integral
     assert np.array_equal(x * 16, np.round(x * 16))
+
+
+def test_load_digits_data_reads_the_bundled_file_without_importing_sklearn():
+    code = (
+        "import sys; from jaxlayerx.simulation.data import load_digits_data; x, y = load_digits_data(); "
+        "print(x.shape, y.shape, 'sklearn' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split() == ["(1797,", "64)", "(1797,)", "False"]
 
 
 def test_load_digits_data_without_sklearn(monkeypatch):

@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
 import os
 import pathlib
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from jaxlayerx import __version__
 from jaxlayerx.selection import MEASURES
+from jaxlayerx.simulation.cache import CACHE_VARIABLE, cache_dir, enable_compile_cache
 from jaxlayerx.simulation.datasets import DATASETS
 from jaxlayerx.simulation.exchange import EXCHANGER_KINDS, ExchangerSpec
 from jaxlayerx.simulation.models import BODY_LAYERS, DEFAULT_MODEL, MODELS
@@ -209,6 +212,12 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
     )
     output.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    output.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help=f"do not use JAX's persistent compilation cache (default: on, in ${CACHE_VARIABLE} or "
+        "~/.cache/jaxlayerx/xla; JAXLAYERX_CACHE=off also turns it off)",
+    )
 
 
 def _beta(text: str) -> float | str:
@@ -305,6 +314,9 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
 
     specs = specs_from_args(args)
     folder = run_folder(args)
+    if not args.no_compile_cache:
+        enable_compile_cache(cache_dir())
+    _import_in_background("matplotlib.figure", "matplotlib.backends.backend_agg", "tqdm.auto")
     if args.clients < 1:
         raise ValueError(f"--clients must be a positive integer, got {args.clients}")
     if args.repeat < 1:
@@ -362,6 +374,21 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
     print(summary_table(runs, notes))
     print(f"run folder: {folder} (plots: {paths['plot'].name}, {paths['plot_total'].name})")
     return folder
+
+
+def _import_in_background(*modules: str) -> None:
+    """Starts importing ``modules`` on a thread, while the run compiles and trains (XLA
+    releases the GIL), so that they are there when the progress bar and the plots need them;
+    one that is missing raises later, where it is used."""
+
+    def load() -> None:
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                return
+
+    threading.Thread(target=load, name="jaxlayerx-imports", daemon=True).start()
 
 
 def run_folder(args: argparse.Namespace) -> pathlib.Path:

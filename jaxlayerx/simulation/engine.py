@@ -263,10 +263,16 @@ class Simulation:
         self._client_sharding, self._replicated = (None, None) if chunked else _shardings(self.clients_per_round)
         self._arrays = tuple(jnp.asarray(a) for a in _client_arrays(data))
         self._round = jax.jit(self._round_fn)  # pyright: ignore[reportUnknownMemberType]
+        # The round as ``round`` calls it: the batch keys drawn inside, so that a round is one
+        # dispatch; and the initial state built in one computation.
+        self._keyed_round = jax.jit(self._keyed_round_fn)  # pyright: ignore[reportUnknownMemberType]
+        self._init_state = jax.jit(self._init_state_fn)  # pyright: ignore[reportUnknownMemberType]
 
     def init_state(self) -> SimulationState:
         """Before round 1: every client holds the initial model and has never taken part."""
-        global_layers = self.initial_layers
+        return cast(SimulationState, self._init_state(self.initial_layers))
+
+    def _init_state_fn(self, global_layers: FlatView) -> SimulationState:
         clients = self.data.num_clients
         client_layers = FlatView((n, jnp.broadcast_to(v, (clients, *v.shape))) for n, v in global_layers.items())
         references = client_layers if self.exchanger.error_feedback else FlatView()
@@ -292,11 +298,15 @@ class Simulation:
     def round(self, state: SimulationState, round_index: int) -> RoundOutput:
         """Runs round ``round_index`` (from 1) from ``state``."""
         clients = self.sample_clients(round_index)
-        keys = jax.random.split(jax.random.fold_in(self._batch_key, round_index), self.data.num_clients)[clients]
         return cast(
             RoundOutput,
-            self._round(state, jnp.asarray(round_index, jnp.int32), jnp.asarray(clients), keys, *self._arrays),
+            self._keyed_round(state, np.int32(round_index), clients, self._batch_key, *self._arrays),
         )
+
+    def round_keys(self, round_index: jax.Array, clients: jax.Array, batch_key: jax.Array) -> jax.Array:
+        """The batch keys of the round's clients: client ``c`` of round ``r`` draws from
+        ``split(fold_in(batch_key, r), num_clients)[c]``, whichever clients are sampled."""
+        return jax.random.split(jax.random.fold_in(batch_key, round_index), self.data.num_clients)[clients]
 
     def run(self, progress: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """Runs every round; returns one metrics dict per round (see ``report.py``)."""
@@ -318,6 +328,17 @@ class Simulation:
             state = output.state
 
     # -- the jitted round ------------------------------------------------------------------
+
+    def _keyed_round_fn(
+        self,
+        state: SimulationState,
+        round_index: jax.Array,
+        clients: jax.Array,
+        batch_key: jax.Array,
+        *arrays: jax.Array,
+    ) -> RoundOutput:
+        keys = self.round_keys(round_index, clients, batch_key)
+        return self._round_fn(state, round_index, clients, keys, *arrays)
 
     def _round_fn(
         self,
@@ -415,10 +436,19 @@ class Simulation:
     def _train(self, start: FlatView, key: jax.Array, x: jax.Array, y: jax.Array, n: jax.Array) -> FlatView:
         params = FlatView((name, start[name]) for name in self.model.trainable)
         carry = (params, start, self.optimizer.init(params))
+        # Every step's batch indices drawn before the loop in one vectorized draw (the same
+        # batches as local_step draws step by step); each step gathers its own batch, so that
+        # memory does not grow with the steps.
+        draw: Callable[[jax.Array], jax.Array] = lambda step_key: self._batch_index(step_key, n)
+        indices = jax.vmap(draw)(jax.random.split(key, self.local_steps))
         step: Callable[[tuple[Any, Any, Any], jax.Array], tuple[tuple[Any, Any, Any], None]]
-        step = lambda carry, step_key: (self.local_step(carry, step_key, x, y, n), None)  # noqa: E731
-        (params, layers, _), _ = jax.lax.scan(step, carry, jax.random.split(key, self.local_steps))
+        step = lambda carry, index: (self._update(carry, x[index], y[index]), None)  # noqa: E731
+        (params, layers, _), _ = jax.lax.scan(step, carry, indices)
         return FlatView((name, params[name] if name in params else value) for name, value in layers.items())
+
+    def _batch_index(self, key: jax.Array, n: jax.Array) -> jax.Array:
+        """The example indices of one local step's batch, drawn from ``[0, n)``."""
+        return jax.random.randint(key, (self.config.batch_size,), 0, n)
 
     def local_step(
         self, carry: tuple[Any, Any, Any], key: jax.Array, x: jax.Array, y: jax.Array, n: jax.Array
@@ -428,9 +458,12 @@ class Simulation:
         ``carry`` is ``(trainable layers, all layers, optimizer state)``; the untrainable
         layers (BatchNorm statistics) move as the forward pass moves them.
         """
+        index = self._batch_index(key, n)
+        return self._update(carry, x[index], y[index])
+
+    def _update(self, carry: tuple[Any, Any, Any], xb: jax.Array, yb: jax.Array) -> tuple[Any, Any, Any]:
+        """One optimizer step on the batch ``(xb, yb)``."""
         params, layers, opt_state = carry
-        index = jax.random.randint(key, (self.config.batch_size,), 0, n)
-        xb, yb = x[index], y[index]
 
         def loss_fn(params: FlatView) -> tuple[jax.Array, FlatView]:
             logits, moved = self.model.apply(_with(layers, params), xb, train=True)
@@ -453,8 +486,8 @@ class Simulation:
 
     def _record(self, round_index: int, output: RoundOutput) -> dict[str, Any]:
         """The round's metrics: accuracies, and the exact bytes of the payloads."""
-        metrics = jax.device_get(output.metrics)
-        clients = np.asarray(output.clients)
+        metrics, clients = jax.device_get((output.metrics, output.clients))  # one fetch a round
+        clients = np.asarray(clients)
         send_counts = np.asarray(metrics["send_counts"])  # (clients, layers): values sent
         pull_counts = np.asarray(metrics["pull_counts"])  # (clients, layers): values pulled
         upload = [self._payload_bytes(row, self.exchanger.payload_kind) for row in send_counts]
