@@ -26,6 +26,7 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 from conftest import (  # noqa: E402
     LinenNet,  # noqa: E402
+    fake_proxy,
     nest,
     ref_flat,
 )
@@ -36,6 +37,8 @@ from flwr.common import (  # noqa: E402
     Code,
     EvaluateIns,
     FitIns,
+    FitRes,
+    Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
@@ -635,9 +638,6 @@ def test_constructor_checks():
         ExchangerClient(variables, object(), no_train)
     with pytest.raises(TypeError, match="needs a pull_parameters method; _PushOnly has none"):
         ExchangerClient(variables, _PushOnly(), no_train)
-    sparse = jaxlayerx.SparseCooParameterExchanger(0.1, jaxlayerx.largest_magnitude_change_scores)
-    with pytest.raises(TypeError, match="sparse COO payloads need a sparse server strategy"):
-        ExchangerClient(variables, sparse, no_train)
     assert_layers(ref_flat(variables), before)
 
 
@@ -1015,3 +1015,155 @@ def test_train_fn_replacing_leaves_in_the_received_dicts_does_not_move_the_drift
     sent = unpack(payload)
     assert list(sent) == ["params/Dense_1/kernel"]
     np.testing.assert_array_equal(sent["params/Dense_1/kernel"], start["params/Dense_1/kernel"] + np.float32(5.0))
+
+
+# ---------------------------------------------------------------------------------------
+# 9. Sparse exchangers (COO payloads, FedAvgSparseCooTensorStrategy or fl4health's server)
+# ---------------------------------------------------------------------------------------
+
+
+def sparse_exchanger(level: float = 0.25, error_feedback: bool = False):
+    return jaxlayerx.SparseCooParameterExchanger(level, jaxlayerx.largest_magnitude_change_scores, error_feedback)
+
+
+def ref_coo_entries(payload: list[np.ndarray]) -> dict[str, dict[tuple[int, ...], float]]:
+    """A COO payload read with numpy: ``name -> {coordinates: value}``."""
+    k = (len(payload) - 1) // 3
+    assert len(payload) == 3 * k + 1 and payload[-1].dtype.kind == "U"
+    out = {}
+    for values, indices, shape, name in zip(payload[:k], payload[k : 2 * k], payload[2 * k : 3 * k], payload[-1]):
+        assert values.ndim == 1 and indices.shape == (values.size, len(shape))
+        out[str(name)] = {tuple(int(i) for i in index): value for index, value in zip(indices, values)}
+    return out
+
+
+@pytest.mark.parametrize("first", ["named", "unnamed"])
+def test_sparse_client_round_trip(first):
+    record: list = []
+    deltas = {"params/Dense_0/kernel": 3.0, "params/Dense_1/bias": -2.0}
+    client = ExchangerClient(linen_variables(), sparse_exchanger(0.25), shifting_train_fn(deltas, record))
+    full = random_layers(LINEN_SHAPES, seed=70)
+    payload = packed(full) if first == "named" else [full[name] for name in LINEN_NAMES]
+    sent, n, metrics = client.fit(flower_round_trip(payload), {})
+    assert_layers(record[0]["received"], full)
+    trained = {name: value + np.float32(deltas.get(name, 0.0)) for name, value in full.items()}
+    entries = ref_coo_entries(sent)
+    # the reference rule in numpy: scores |trained - received|, the ceil(0.25 * total)-th best
+    # is the threshold and every weight scoring at least that is sent (ties included)
+    scores = np.concatenate([np.abs(trained[name] - full[name]).ravel() for name in LINEN_NAMES])
+    threshold = np.sort(scores)[::-1][math.ceil(0.25 * scores.size) - 1]
+    expected_entries = {
+        name: {
+            tuple(int(i) for i in index) for index in zip(*np.nonzero(np.abs(trained[name] - full[name]) >= threshold))
+        }
+        for name in LINEN_NAMES
+    }
+    assert {name: set(values) for name, values in entries.items()} == {
+        name: chosen for name, chosen in expected_entries.items() if chosen
+    }
+    for name, values in entries.items():
+        for index, value in values.items():
+            assert value == trained[name][index], (name, index)
+    assert n == 7
+    assert metrics["payload_bytes"] == sum(a.nbytes for a in sent)
+    assert metrics["layers_sent"] == len(entries)
+
+    # a COO payload from the server: exactly its entries change
+    server = [np.array([1.5, -4.0], np.float32), np.array([[0, 1], [3, 2]], np.int64), np.array([4, 3], np.int64)]
+    client.receive(flower_round_trip([server[0], server[1], server[2], np.array(["params/Dense_0/kernel"])]))
+    expected = {name: value.copy() for name, value in trained.items()}
+    expected["params/Dense_0/kernel"][0, 1] = 1.5
+    expected["params/Dense_0/kernel"][3, 2] = -4.0
+    assert_layers(ref_flat(client.model), expected)
+
+
+def test_sparse_client_first_payload_must_be_dense_and_whole():
+    client = ExchangerClient(linen_variables(), sparse_exchanger(), no_train)
+    before = ref_flat(client.model)
+    coo = [
+        np.array([1.0], np.float32),
+        np.array([[0]], np.int64),
+        np.array([3], np.int64),
+        np.array(["params/Dense_0/bias"]),
+    ]
+    with pytest.raises(ValueError, match="first payload must hold every layer"):
+        client.receive(coo)
+    with pytest.raises(ValueError, match="first payload must hold every layer"):
+        client.receive(packed({"params/Dense_0/bias": np.ones(3, np.float32)}))
+    assert not client.initialized
+    assert_layers(ref_flat(client.model), before)
+
+
+BAD_COO = {
+    "out-of-bounds": ([[0, 0], [4, 0]], [4, 3], ValueError, "out of bounds"),
+    "repeated": ([[1, 1], [1, 1]], [4, 3], ValueError, "more than once"),
+    "wrong-shape": ([[0, 0], [1, 1]], [3, 4], ValueError, r"expected shape \(4, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COO))
+def test_sparse_client_bad_payload_changes_nothing(case):
+    indices, shape, error, match = BAD_COO[case]
+    client = ExchangerClient(linen_variables(), sparse_exchanger(error_feedback=True), no_train)
+    start = random_layers(LINEN_SHAPES, seed=71)
+    client.receive(packed(start))
+    reference = {name: value.copy() for name, value in client.exchanger.reference.items()}
+    bad = [
+        np.array([9.0], np.float32),
+        np.array([2.0, 3.0], np.float32),
+        np.array([[0]], np.int64),
+        np.array(indices, np.int64),
+        np.array([3], np.int64),
+        np.array(shape, np.int64),
+        np.array(["params/Dense_0/bias", "params/Dense_0/kernel"]),
+    ]
+    with pytest.raises(error, match=match):
+        client.receive(bad)
+    assert_layers(ref_flat(client.model), start)
+    assert_layers(client.exchanger.reference, reference)
+
+
+def test_sparse_client_against_the_sparse_strategy_catches_up_exactly():
+    from jaxlayerx.flower import FedAvgSparseCooTensorStrategy
+
+    strategy = FedAvgSparseCooTensorStrategy(random_layers(LINEN_SHAPES, seed=72))
+    records: list = []
+    clients = [
+        ExchangerClient(linen_variables(), sparse_exchanger(0.1), shifting_train_fn({name: d}, records))
+        for name, d in (("params/Dense_0/kernel", 1.0), ("params/Dense_1/kernel", -1.0))
+    ]
+    held: dict[int, int | None] = {0: None, 1: None}
+    for server_round in (1, 2, 3):
+        results = []
+        for i, client in enumerate(clients):
+            before = ref_flat(client.model)
+            payload = flower_round_trip(strategy.global_payload(held[i]))
+            sent, n, _ = client.fit(payload, {})
+            held[i] = server_round - 1
+            results.append((fake_proxy(str(i)), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(sent), n, {})))
+            # the client pulled exactly what the server sent: the whole model first, then the
+            # changed entries over its own (partly unsent) trained weights
+            assert_layers(records[-1]["received"], ref_apply(before, payload))
+        _, metrics = strategy.aggregate_fit(server_round, results, [])
+        assert metrics["clients_rejected"] == 0 and metrics["clients_accepted"] == 2
+    for i, client in enumerate(clients):
+        before = ref_flat(client.model)
+        payload = flower_round_trip(strategy.global_payload(held[i]))
+        client.receive(payload)
+        after = ref_flat(client.model)
+        assert_layers(after, ref_apply(before, payload))
+        # every weight some client sent in any round now holds the global value
+        for name, values in ref_coo_entries(payload).items():
+            for index in values:
+                assert after[name][index] == strategy.global_layers[name][index]
+
+
+def ref_apply(model: dict[str, np.ndarray], payload: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """A server payload applied in numpy: dense unnamed (every layer, in order) or COO entries."""
+    if payload[-1].dtype.kind != "U":
+        return {name: np.array(value) for name, value in zip(model, payload)}
+    out = {name: value.copy() for name, value in model.items()}
+    for name, values in ref_coo_entries(payload).items():
+        for index, value in values.items():
+            out[name][index] = value
+    return out

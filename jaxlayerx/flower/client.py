@@ -9,11 +9,13 @@ import jax
 import numpy as np
 from flax import nnx
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
-from flwr.client import Client, ClientApp, NumPyClient
+from flwr.client import Client, NumPyClient
+from flwr.clientapp import ClientApp
 
 from jaxlayerx._host import to_numpy
 from jaxlayerx._results import is_example_count
 from jaxlayerx.base import Config, Exchanger, NDArrays, check_exchanger
+from jaxlayerx.flower.clientapp import whole_layers_coo
 from jaxlayerx.flower.payloads import checked_payload, named_payload
 from jaxlayerx.packing import is_packed, pack_layers, payload_nbytes, unpack_layers
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, merge_layers
@@ -55,22 +57,27 @@ class ExchangerClient(NumPyClient):
     the others local (FedBN, FedPer); a named one pulls through its ``pull_parameters``,
     which also moves its error-feedback reference.
 
-    What the client sends always carries the layer names: a named exchanger's packed
+    A sparse exchanger (``payload_kind`` ``"sparse"``, with
+    :class:`FedAvgSparseCooTensorStrategy` or fl4health's ``FedAvgSparseCooTensor``)
+    receives whole layers the same way (named or, fl4health's initial parameters, unnamed),
+    handed to its ``pull_parameters`` as COO payloads holding every weight of those layers,
+    and COO payloads (``values + indices + shapes + [names]``), which it pulls as they are.
+
+    What the client sends always carries the layer names: a named or sparse exchanger's
     payload as is, a positional exchanger's layers packed with their names, so one server
-    can average any mix of exchangers layer by layer. With error feedback, the
+    can average any mix of layer exchangers layer by layer. With error feedback, the
     exchanger's reference is saved with the model (see :func:`stateful_client_fn`).
 
     Args:
       model: Linen variables, an ``nnx.Module`` (updated in place) or any pytree.
-      exchanger: any exchanger with whole-layer payloads (``payload_kind`` ``"positional"``
-        or ``"named"``).
+      exchanger: any exchanger (:class:`jaxlayerx.Exchanger`).
       train_fn: ``(model, config) -> (trained model, num_examples, metrics)``; return a new
         pytree (or the same ``nnx.Module``); never mutate the pytree passed in.
       evaluate_fn: ``(model, config) -> (loss, num_examples, metrics)``; optional.
       nnx_filter: which NNX variables are layers.
 
     Fit metrics gain ``payload_bytes`` (array bytes sent, names included) and
-    ``layers_sent``.
+    ``layers_sent`` (the layers the payload names).
     """
 
     def __init__(
@@ -87,12 +94,6 @@ class ExchangerClient(NumPyClient):
         if evaluate_fn is not None and not callable(evaluate_fn):
             raise TypeError("evaluate_fn must be callable: (model, config) -> (loss, num_examples, metrics)")
         check_exchanger(exchanger)
-        if exchanger.payload_kind == "sparse":
-            raise TypeError(
-                "ExchangerClient exchanges whole layers; sparse COO payloads need a sparse server "
-                "strategy, which jaxlayerx.flower does not provide yet (use SparseCooParameterExchanger "
-                "with FedAvgSparseCooTensor directly)"
-            )
         self.model = model
         self.exchanger = exchanger
         self.train_fn = train_fn
@@ -114,7 +115,8 @@ class ExchangerClient(NumPyClient):
         )
         self.model = model
         payload = self.payload(config)
-        metrics = {**metrics, "payload_bytes": payload_nbytes(payload), "layers_sent": len(payload) - 1}
+        layers_sent = (len(payload) - 1) // 3 if self.exchanger.payload_kind == "sparse" else len(payload) - 1
+        metrics = {**metrics, "payload_bytes": payload_nbytes(payload), "layers_sent": layers_sent}
         return payload, num_examples, metrics
 
     def evaluate(self, parameters: NDArrays, config: Config) -> tuple[float, int, Metrics]:
@@ -135,7 +137,14 @@ class ExchangerClient(NumPyClient):
         """
         parameters = list(parameters)
         layers = self._layers()
-        if self.initialized and not is_packed(parameters) and self.exchanger.payload_kind == "positional":
+        if self.exchanger.payload_kind == "sparse" and _is_coo(parameters):
+            if not self.initialized:
+                raise ValueError(
+                    "the first payload must hold every layer of the model, dense (named or unnamed); "
+                    "got a sparse COO payload"
+                )
+            self.model = self.exchanger.pull_parameters(parameters, self.model)
+        elif self.initialized and not is_packed(parameters) and self.exchanger.payload_kind == "positional":
             self.model = self.exchanger.pull_parameters(parameters, self.model)  # its own layers, its own order
         else:
             payload = named_payload(parameters, list(layers))  # unnamed: every layer, in flatten order
@@ -147,7 +156,7 @@ class ExchangerClient(NumPyClient):
     def payload(self, config: Config | None = None) -> NDArrays:
         """What the exchanger sends for the current model, packed with names."""
         pushed = self.exchanger.push_parameters(self.model, initial_model=self.initial_model, config=config)
-        if self.exchanger.payload_kind == "named":
+        if self.exchanger.payload_kind != "positional":
             return list(pushed)
         return named_payload(to_numpy(pushed), self._exchanged_layers(self._layers()))
 
@@ -186,6 +195,8 @@ class ExchangerClient(NumPyClient):
         if self.exchanger.payload_kind == "named":
             return self.exchanger.pull_parameters(payload, self.model)
         received = checked_payload(payload, layers)
+        if self.exchanger.payload_kind == "sparse":
+            return self.exchanger.pull_parameters(whole_layers_coo(received), self.model)
         if self.initialized:
             keep = set(self._exchanged_layers(layers))
             received = {name: value for name, value in received.items() if name in keep}
@@ -239,6 +250,14 @@ class _Persisting(NumPyClient):
         result = self._client.evaluate(parameters, config)
         self._client.save_state(self._context.state)
         return result
+
+
+def _is_coo(payload: NDArrays) -> bool:
+    """Whether ``payload`` is laid out as COO (``3k + 1`` arrays, ``k`` names) rather than
+    as dense layers with names (``k + 1``); an empty selection (names only) is both."""
+    if not is_packed(payload):
+        return False
+    return len(payload) == 3 * np.asarray(payload[-1]).size + 1
 
 
 def _check_whole_model(payload: NDArrays, layers: Mapping[str, Any]) -> None:

@@ -178,11 +178,11 @@ class FedAvgDynamicLayerStrategy(FedAvg):
           The averaged layers packed with names (``None`` when nothing was applied) and
           the aggregated client metrics with the strategy's own counts.
         """
-        accepted: list[tuple[ClientRecord, collections.OrderedDict[str, np.ndarray]]] = []
+        accepted: list[tuple[ClientRecord, collections.OrderedDict[str, Any]]] = []
         rejected: list[tuple[str, str]] = []
         for client, fit_res in results:
             try:
-                accepted.append(_checked_result(client.cid, fit_res, self.global_layers, self.allow_nonfinite))
+                accepted.append(self._check_result(client.cid, fit_res))
             except (ValueError, TypeError, KeyError) as error:
                 reason = str(error)
                 rejected.append((client.cid, reason))
@@ -200,9 +200,7 @@ class FedAvgDynamicLayerStrategy(FedAvg):
                 len(rejected),
             )
         averages = {} if refuse or not accepted else self._average(accepted)
-        for name, average in averages.items():
-            self.global_layers[name] = average
-            self._updated_in[name] = server_round
+        self._apply(averages, server_round)
         if averages:
             self._version = server_round
             self._payload_cache.clear()
@@ -221,7 +219,7 @@ class FedAvgDynamicLayerStrategy(FedAvg):
             len(records),
             metrics["payload_bytes_received"],
         )
-        return ndarrays_to_parameters(pack_layers(list(averages.values()), list(averages))), metrics
+        return ndarrays_to_parameters(self._update_payload(averages)), metrics
 
     def aggregate_evaluate(
         self,
@@ -240,9 +238,25 @@ class FedAvgDynamicLayerStrategy(FedAvg):
         arrays = [array.copy() for array in self.global_layers.values()]
         return self.evaluate_fn(server_round, arrays, {})
 
-    def _average(
-        self, accepted: list[tuple[ClientRecord, collections.OrderedDict[str, np.ndarray]]]
-    ) -> dict[str, np.ndarray]:
+    def _check_result(self, client: str, fit_res: FitRes) -> tuple[ClientRecord, collections.OrderedDict[str, Any]]:
+        """One client's result checked whole against the global model: its record and layers.
+
+        Raises:
+          ValueError, TypeError, KeyError: the result is rejected (the message says why).
+        """
+        return _checked_result(client, fit_res, self.global_layers, self.allow_nonfinite)
+
+    def _apply(self, averages: Mapping[str, Any], server_round: int) -> None:
+        """Writes a round's averages (from :meth:`_average`) into the global model."""
+        for name, average in averages.items():
+            self.global_layers[name] = average
+            self._updated_in[name] = server_round
+
+    def _update_payload(self, averages: Mapping[str, Any]) -> list[np.ndarray]:
+        """A round's averages as the payload ``aggregate_fit`` returns to Flower."""
+        return pack_layers(list(averages.values()), list(averages))
+
+    def _average(self, accepted: list[tuple[ClientRecord, collections.OrderedDict[str, Any]]]) -> dict[str, Any]:
         contributions = [
             (layers, record.num_examples)
             for record, layers in accepted
