@@ -15,6 +15,7 @@ they started) is stopped by PID at the end.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import pathlib
@@ -229,6 +230,18 @@ def _replies(record: pathlib.Path, server_round: int) -> dict[int, dict]:
     return replies
 
 
+def _wire_bytes(arrays: dict[str, dict[str, np.ndarray]]) -> int:
+    """Bytes of ``record -> name -> array`` as Flower counts an ArrayRecord: each array's
+    ``numpy.save`` serialization plus its name."""
+    total = 0
+    for part in arrays.values():
+        for name, array in part.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            total += len(buffer.getvalue()) + len(name)
+    return total
+
+
 def _dense_reference(before, replies):
     """Each layer's example-weighted mean over the nodes that sent it (float64 numpy)."""
     expected = {}
@@ -287,9 +300,8 @@ def _check_run(record: pathlib.Path, *, sparse: bool, senders_per_round: dict[in
             assert accepted["num_examples"] == reply["metrics"]["num-examples"]
             assert accepted["layers"] == reply["records"].get("arrays", [])
             assert accepted["bytes_received"] == reply["content_bytes"]
-            # The node's own counts: the array data it sent, what the server sent it.
-            data = sum(array.nbytes for part in reply["arrays"].values() for array in part.values())
-            assert reply["metrics"]["jaxlayerx.bytes-sent"] == data
+            # The node's own counts: the arrays it sent (serialized), what the server sent it.
+            assert reply["metrics"]["jaxlayerx.bytes-sent"] == reply["content_bytes"] == _wire_bytes(reply["arrays"])
             assert reply["metrics"]["jaxlayerx.bytes-received"] == sent_bytes[accepted["node"]]
         if sparse:
             expected = _sparse_reference(before, good)

@@ -1,89 +1,70 @@
-"""The example's ClientApp, written by hand against the Message-API protocol of ``docs/flower.md``.
+"""The example's ClientApp: :func:`jaxlayerx.flower.clientapp.exchanger_client_app` on the digits.
 
-Provisional: it is to be replaced by ``jaxlayerx.flower.clientapp.exchanger_client_app``.
-Each node keeps its model and the global version it holds in ``context.state``, merges
-what the server sends, trains its partition and replies with what its exchanger sends.
+The node's partition comes from its ``--node-config`` (``partition-id``,
+``num-partitions``); the exchanger from the run config (``exchanger``,
+``exchange-percentage``), so one ClientApp serves dense and sparse runs.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import functools
+from typing import Any
+
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from digits_app import task
-from jaxlayerx.coo import read_coo
-from jaxlayerx.flower.records import (
-    BASE_ROUND_KEY,
-    SERVER_ROUND_KEY,
-    VERSION_KEY,
-    arrays_to_record,
-    data_nbytes,
-    record_to_arrays,
-    sparse_to_records,
-)
-from jaxlayerx.packing import unpack_layers
-from jaxlayerx.tree import flatten, unflatten
+from jaxlayerx.flower.clientapp import exchanger_client_app
+from jaxlayerx.flower.records import SERVER_ROUND_KEY
 
 app = ClientApp()
 
 
-def _merged(msg: Message, context: Context):
-    config = msg.content["config"]
-    variables = task.init_variables()
-    state = context.state
-    held = record_to_arrays(state["model"]) if "model" in state.array_records else None
-    version = int(state["version"]["round"]) if "version" in state.config_records else None
-    base = int(config[BASE_ROUND_KEY])
-    if base != -1 and base != version:
-        raise ValueError(f"sent a delta on version {base}, holds {version}")
-    layers = dict(held) if held is not None else {k: np.asarray(v) for k, v in flatten(variables).items()}
-    layers.update(record_to_arrays(msg.content["arrays"]))
-    state["model"] = arrays_to_record(layers)
-    state["version"] = ConfigRecord({"round": int(config[VERSION_KEY])})
-    return unflatten(layers, like=variables), variables
-
-
 @app.train()
-def train(msg: Message, context: Context) -> Message:
-    run, node = context.run_config, context.node_config
-    pid, parts = int(node["partition-id"]), int(node["num-partitions"])
-    server_round = int(msg.content["config"][SERVER_ROUND_KEY])
-    if pid == int(run["fail-partition"]) and server_round == int(run["fail-round"]):
-        raise RuntimeError(f"partition {pid} fails in round {server_round}, as asked")
-    model, _ = _merged(msg, context)
-    x, y, _, _ = task.load_partition(pid, parts)
-    trained, n, metrics = task.make_train_fn(x, y, seed=pid)(model, {"current_server_round": server_round})
-    exchanger = task.make_exchanger(str(run["exchanger"]), model, float(run["exchange-percentage"]))
-    payload = exchanger.push_parameters(trained, initial_model=model, config={})
-    context.state["model"] = arrays_to_record({k: np.asarray(v) for k, v in flatten(trained).items()})
-    if exchanger.payload_kind == "sparse":
-        layers = read_coo([np.asarray(a) for a in payload])
-        records = sparse_to_records(layers)
-        sent = sum(data_nbytes(record_to_arrays(r)) for r in records.values())
-    else:
-        arrays, names = unpack_layers([np.asarray(a) for a in payload])
-        flat = dict(zip(names, arrays))
-        records = {"arrays": arrays_to_record(flat)}
-        sent = data_nbytes(flat)
-    m = MetricRecord(
-        {
-            "num-examples": n,
-            "jaxlayerx.bytes-sent": sent,
-            "jaxlayerx.bytes-received": msg.content["arrays"].count_bytes(),
-            "train_loss": metrics["train_loss"],
-        }
-    )
-    return Message(RecordDict({**records, "metrics": m}), reply_to=msg)
+def train(message: Message, context: Context) -> Message:
+    return _handle(message, context)
 
 
 @app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    node = context.node_config
-    pid, parts = int(node["partition-id"]), int(node["num-partitions"])
-    model, _ = _merged(msg, context)
-    _, _, x, y = task.load_partition(pid, parts)
-    loss, acc = task.evaluate(model, x, y)
-    return Message(
-        RecordDict({"metrics": MetricRecord({"num-examples": len(x), "loss": loss, "accuracy": acc})}), reply_to=msg
+def evaluate(message: Message, context: Context) -> Message:
+    return _handle(message, context)
+
+
+def _handle(message: Message, context: Context) -> Message:
+    """Hands the message to jaxlayerx's ClientApp for the run's exchanger."""
+    run = context.run_config
+    return _node_app(str(run["exchanger"]), float(run["exchange-percentage"]))(message, context)
+
+
+@functools.cache
+def _node_app(kind: str, exchange_percentage: float) -> ClientApp:
+    """jaxlayerx's ClientApp for the exchanger ``kind`` of ``jaxlayerx simulate --exchanger``."""
+    return exchanger_client_app(
+        lambda context: task.init_variables(),
+        lambda model: task.make_exchanger(kind, model, exchange_percentage),
+        train_fn,
+        evaluate_fn,
     )
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def train_fn(variables: Any, config: dict[str, Any], context: Context) -> tuple[Any, int, dict[str, Any]]:
+    """Local epochs of SGD on the node's partition (raises in ``fail-round`` on ``fail-partition``)."""
+    partition, partitions = _partition(context)
+    server_round = int(config[SERVER_ROUND_KEY])
+    run = context.run_config
+    if partition == int(run["fail-partition"]) and server_round == int(run["fail-round"]):
+        raise RuntimeError(f"partition {partition} fails in round {server_round}, as asked")
+    x, y, _, _ = task.load_partition(partition, partitions)
+    train = task.make_train_fn(x, y, epochs=int(config.get("local-epochs", 1)), seed=partition)
+    return train(variables, {"current_server_round": server_round})
+
+
+def evaluate_fn(variables: Any, config: dict[str, Any], context: Context) -> tuple[float, int, dict[str, Any]]:
+    """Loss and accuracy of the global model on the node's test examples."""
+    _, _, x, y = task.load_partition(*_partition(context))
+    loss, accuracy = task.evaluate(variables, x, y)
+    return loss, len(x), {"accuracy": accuracy}
