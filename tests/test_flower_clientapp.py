@@ -293,3 +293,76 @@ def test_bad_train_results_and_metrics_are_clear_errors():
     negative = exchanger_client_app(make_model, jaxlayerx.FullParameterExchanger(), lambda m, c, x: (m, -1, {}))
     with pytest.raises(TypeError, match="num_examples >= 0"):
         negative(train_message(full_layers(9), base=-1, version=0), new_context())
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's server-side Message() needs a run id (a SuperLink sets it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dynamic", "sparse"])
+def test_nodes_against_the_serverapp_strategies(sparse, task_identity):
+    """Three client-app nodes (one fails in round 2) and jaxlayerx's Message-API strategy, over
+    a fake grid: every node ends holding the global value of every weight it did not train
+    away itself, and the server's global model is what the replies average to."""
+    from conftest import fake_grid_class
+
+    serverapp = pytest.importorskip("jaxlayerx.flower.serverapp")
+    if sparse:
+        exchanger = jaxlayerx.SparseCooParameterExchanger(0.2, jaxlayerx.largest_magnitude_change_scores)
+        strategy = serverapp.FedAvgSparseCooTensor(min_train_nodes=3, min_available_nodes=3)
+    else:
+        rule = jaxlayerx.LayerSelectionFunctionConstructor(1.0, exchange_percentage=0.25, normalize=False)
+        exchanger = jaxlayerx.DynamicLayerExchanger(rule.select_by_percentage())
+        strategy = serverapp.FedAvgDynamicLayer(min_train_nodes=3, min_available_nodes=3)
+    seen: dict[int, list] = {1: [], 2: [], 3: []}
+    contexts = {node: new_context(node) for node in seen}
+    evaluated: dict[int, dict] = {}
+
+    def node_fn(node: int):
+        deltas = {NAMES[(node * 2) % 8]: 0.5 * node, NAMES[(node * 2 + 3) % 8]: -0.25 * node}
+        train = shifting_train(deltas, seen[node])
+
+        def train_fn(model, config, context):
+            if node == 2 and config["server-round"] == 2:
+                raise RuntimeError("node 2 fails in round 2")
+            return train(model, config, context)
+
+        def evaluate_fn(model, config, context):
+            evaluated[node] = ref_flat(model)
+            return 0.5, 1, {}
+
+        app = exchanger_client_app(make_model, exchanger, train_fn, evaluate_fn)
+        return lambda message: app(message, contexts[node]).content
+
+    grid = fake_grid_class()({node: node_fn(node) for node in seen})
+    start = full_layers(10)
+    result = strategy.start(grid, records.arrays_to_record(start), num_rounds=3, timeout=10)
+    final = records.record_to_arrays(result.arrays)
+    assert list(final) == NAMES
+    assert all(record.failures == () for record in strategy.history if record.server_round != 2)
+    assert strategy.history[1].failures == (2,)
+    # the model each node evaluated after round 3 (merged up to the final version) is the
+    # global one except in layers it trained itself (its own unsent progress)
+    for node, context in contexts.items():
+        held = evaluated[node]
+        assert context.state.config_records["jaxlayerx.version"]["version"] == 3
+        for name in NAMES:
+            differs = ~np.equal(held[name], final[name])
+            if differs.any():
+                # only in layers this node trains (its own unsent progress)
+                assert any(
+                    name in step["trained"] and not np.array_equal(step["trained"][name], step["received"][name])
+                    for step in seen[node]
+                ), (node, name)
+    # node 2 failed in round 2: the next message it got (round 2's evaluate) held the whole model
+    to_2 = [m for m in grid.sent if m.metadata.dst_node_id == 2]
+    failed = next(i for i, m in enumerate(to_2) if m.content.config_records["config"]["server-round"] == 2)
+    assert to_2[failed].metadata.message_type == "train"
+    assert to_2[failed + 1].content.config_records["config"]["jaxlayerx.base-round"] == -1
