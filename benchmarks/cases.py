@@ -79,7 +79,9 @@ def selection_cases(tree_name: str, shapes, repeats: int, torch_shapes: bool = F
         exchanger = jlx.DynamicLayerExchanger(select)
         argument = THRESHOLD if rule == "threshold" else PERCENTAGE
         ours = median_time(lambda: exchanger.push_parameters(model, initial_model=initial), repeats)
-        theirs = median_time(lambda: baseline(reference_model, reference_initial, argument), slow_repeats)
+        theirs = reference.fastest(
+            lambda: median_time(lambda: baseline(reference_model, reference_initial, argument), slow_repeats)
+        )
         jax_loop = median_time(lambda: loop(model, initial), slow_repeats)
         rows.append(row(f"{label}: {rule} selection (push)", ours, floor, theirs, jax_loop))
     return rows
@@ -104,7 +106,9 @@ def aggregation_case(tree_name: str, shapes, repeats: int) -> dict[str, object]:
     results, sent = client_payloads(shapes, seed=2)
     server = jlx.FedAvgDynamicLayer()
     ours = median_time(lambda: server.aggregate(results), repeats)
-    theirs = median_time(lambda: reference.fedavg_dynamic_layer(results), max(1, repeats // 2))
+    theirs = reference.fastest(
+        lambda: median_time(lambda: reference.fedavg_dynamic_layer(results), max(1, repeats // 2))
+    )
     return row(f"{tree_name}: FedAvgDynamicLayer, {CLIENTS} clients", ours, read_floor(sent, repeats), theirs)
 
 
@@ -121,8 +125,10 @@ def mask_cases(tree_name: str, shapes, repeats: int) -> list[dict[str, object]]:
     )
     ours = median_time(lambda: norms_and_mask(current, initial), repeats)
     reference_initial, reference_model = reference.state_dict(initial), reference.state_dict(current)
-    theirs = median_time(
-        lambda: reference.push_by_percentage(reference_model, reference_initial, PERCENTAGE), max(1, repeats // 2)
+    theirs = reference.fastest(
+        lambda: median_time(
+            lambda: reference.push_by_percentage(reference_model, reference_initial, PERCENTAGE), max(1, repeats // 2)
+        )
     )
     jax_loop = median_time(lambda: per_layer_percentage(model_tree, initial_tree), max(1, repeats // 2))
     rows = [

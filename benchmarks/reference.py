@@ -10,14 +10,15 @@ server rebuilds each payload densely in torch and sums with ``reduce(torch.add, 
 The functions here are those algorithms written for this benchmark (fl4health itself is not
 imported). Models are ``name -> tensor`` dicts in torch layout (OIHW kernels), as a
 ``state_dict`` is. When torch is not installed, :data:`BASELINE` is ``"numpy"`` and the same
-loops run on numpy arrays instead.
+loops run on numpy arrays instead. Each baseline is timed with torch's default threads and
+with one (:func:`fastest`), and the faster counts.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,21 @@ except ImportError:  # the optional `bench` extra is not installed
 
 #: Which baseline runs: ``"torch <version> (CPU)"`` or ``"numpy"``.
 BASELINE = f"torch {torch.__version__} CPU" if torch is not None else "numpy (torch not installed)"
+
+
+def fastest(time: Callable[[], float]) -> float:
+    """The reference's best time: ``time()`` with torch's default intra-op threads and with
+    one thread, whichever is faster (on a loaded machine torch's waiting threads can make
+    it several times slower, which would flatter jaxlayerx)."""
+    best = time()
+    default = torch.get_num_threads() if torch is not None else 1
+    if default > 1:
+        torch.set_num_threads(1)
+        try:
+            best = min(best, time())
+        finally:
+            torch.set_num_threads(default)
+    return best
 
 
 def torch_layout(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -23,7 +23,8 @@ Each case is the median of several runs after warm-up, reported as a ratio to
   ``torch.linalg.norm`` and one ``.item()`` per layer; ``functools.reduce(np.add, ...)``
   over weighted numpy copies on the server; concatenate, full sort, dense rebuild and
   ``nonzero`` for sparse), or the same loops in numpy when torch (the ``bench`` extra) is
-  missing: the table's header says which ran. For a round, Python loops over clients
+  missing: the table's header says which ran. Each baseline is timed with torch's default
+  intra-op threads and with one thread; the faster counts. For a round, Python loops over clients
   calling the same jitted per-client update or SGD step.
 jaxlayerx runs in Flax layout (HWIO kernels); the ``(torch shapes)`` rows give it the same
 bytes in torch's shapes. The ``jax loop ms`` column is a per-layer loop written in JAX (one
