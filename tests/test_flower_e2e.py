@@ -51,6 +51,7 @@ def _run_federation(
     started: int = CLIENTS,
     round_timeout: float = 120,
     connect_timeout: float = PROCESS_TIMEOUT / 2,
+    exchanger: str = "dynamic-percentage",
 ) -> dict[str, int]:
     """Starts ``started`` clients, then the server; waits (bounded) for every process to exit.
 
@@ -76,6 +77,8 @@ def _run_federation(
             str(round_timeout),
             "--record",
             str(record),
+            "--exchanger",
+            exchanger,
         ],
     }
     commands = {}
@@ -93,6 +96,8 @@ def _run_federation(
             str(record),
             "--connect-timeout",
             str(connect_timeout),
+            "--exchanger",
+            exchanger,
         ]
         if client == fail_client:
             command += ["--fail-in-round", "2"]
@@ -210,3 +215,35 @@ def test_a_server_short_of_clients_exits_within_its_timeout(tmp_path):
     assert re.search(r"server: [01] of the 2 clients needed connected within 5 s; stopping", log), log
     assert codes["client0"] == 1, _tail(tmp_path / "client0.log")
     assert "no server at" in (tmp_path / "client0.log").read_text()
+
+
+def test_a_sparse_exchanger_runs_on_the_sparse_strategy(tmp_path):
+    """The example's sparse-* option works: each weight some client sent is the example-weighted
+    mean of the values sent for it, every other weight is unchanged."""
+    codes = _run_federation(tmp_path, exchanger="sparse-largest-magnitude-change")
+    for name, code in codes.items():
+        assert code == 0, f"{name} exited with {code}:\n{_tail(tmp_path / f'{name}.log')}"
+    history = json.loads((tmp_path / "server_history.json").read_text())
+    assert [len(entry["accepted"]) for entry in history] == [CLIENTS] * ROUNDS
+    for server_round in range(1, ROUNDS + 1):
+        before, after = _global(tmp_path, server_round - 1), _global(tmp_path, server_round)
+        total = {name: np.zeros(layer.size) for name, layer in before.items()}
+        weight = {name: np.zeros(layer.size) for name, layer in before.items()}
+        for client in range(CLIENTS):
+            with np.load(tmp_path / f"client{client}_round{server_round}.npz") as saved:
+                payload = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+            count = json.loads((tmp_path / f"client{client}_round{server_round}.json").read_text())["num_examples"]
+            names = [str(name) for name in payload[-1]]
+            k = len(names)
+            for name, values, indices, shape in zip(names, payload[:k], payload[k : 2 * k], payload[2 * k : 3 * k]):
+                assert tuple(shape) == before[name].shape, name
+                flat = np.ravel_multi_index(tuple(np.asarray(indices).T), tuple(shape))
+                np.add.at(total[name], flat, count * values.astype(np.float64))
+                np.add.at(weight[name], flat, count)
+        assert any(w.any() for w in weight.values()), f"round {server_round}: nothing sent"
+        for name in before:
+            sent = weight[name] > 0
+            got, old = after[name].ravel(), before[name].ravel()
+            np.testing.assert_array_equal(got[~sent], old[~sent], err_msg=name)
+            expected = total[name][sent] / weight[name][sent]
+            np.testing.assert_allclose(got[sent], expected, rtol=2e-6, atol=1e-7, err_msg=name)
