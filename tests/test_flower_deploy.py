@@ -352,7 +352,7 @@ def test_a_node_raising_in_round_two_does_not_stop_the_run(tmp_path):
             **{"record-dir": str(record), "fail-partition": 2, "fail-round": 2, "fraction-evaluate": 0.0},
         )
         short = federation.run("run_short", check=False, **{"min-nodes": NODES + 1, "round-timeout": 5.0})
-    assert f"{NODES} of the {NODES + 1} SuperNodes needed connected within 5 s" in short, short
+    assert f"{NODES} of the {NODES + 1} nodes needed connected within 5 s" in short, short
     _check_run(record, sparse=False, senders_per_round={1: NODES, 2: NODES - 1, 3: NODES})
     errors = [entry["error"] for entry in _replies(record, 2).values() if "error" in entry]
     assert len(errors) == 1 and "fails in round 2, as asked" in errors[0], (errors, output)

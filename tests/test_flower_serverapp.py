@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 
 import ml_dtypes
 import numpy as np
@@ -587,3 +588,20 @@ def test_evaluate_metrics_are_weighted_and_bad_replies_ignored():
     metrics = s.aggregate_evaluate(1, replies)
     assert metrics["loss"] == pytest.approx((1.0 * 1 + 3.0 * 3) / 4)
     assert s.aggregate_evaluate(2, [error_reply(4)]) is None
+
+
+@pytest.mark.parametrize("node_timeout", [0.3, None])
+def test_a_round_short_of_nodes_stops_after_the_node_timeout(node_timeout):
+    """Flower's sampling waits for its minimum without a bound; the strategy raises instead."""
+    grid = FakeGrid({1: Node(1, lambda r: ["dense/bias"])})
+    s = FedAvgDynamicLayer(min_train_nodes=2, min_available_nodes=2, node_timeout=node_timeout)
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match="1 of the 2 nodes needed connected within 0.3 s"):
+        s.start(grid, arrays_to_record(global_model()), num_rounds=2, timeout=0.3)
+    assert time.monotonic() - began < 5
+    assert grid.sent == []  # nothing was sent to the one node
+
+
+def test_node_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="node_timeout must be a positive number"):
+        FedAvgDynamicLayer(node_timeout=0)

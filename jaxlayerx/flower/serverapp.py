@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
@@ -158,6 +159,10 @@ class FedAvgDynamicLayer(FedAvg):
       resume: when ``checkpoint_dir`` holds a checkpoint, :meth:`start` continues from
         it at the next round (``num_rounds`` counts all rounds, those before the restart
         included) and ignores ``initial_arrays`` but for checking its layers.
+      node_timeout: the most seconds a round waits for the nodes it needs to connect
+        (``max(min_available_nodes, min_train_nodes)``, or ``min_evaluate_nodes``) before
+        it raises ``TimeoutError``; ``None``: :meth:`start`'s ``timeout``. Flower's own
+        strategies wait without a bound.
 
     Attributes:
       global_layers: the global model, ``name -> numpy array``.
@@ -181,7 +186,10 @@ class FedAvgDynamicLayer(FedAvg):
         allow_nonfinite: bool = False,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         resume: bool = False,
+        node_timeout: float | None = None,
     ) -> None:
+        if node_timeout is not None and not node_timeout > 0:
+            raise ValueError(f"node_timeout must be a positive number of seconds or None, got {node_timeout!r}")
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -198,6 +206,8 @@ class FedAvgDynamicLayer(FedAvg):
         self.allow_nonfinite = bool(allow_nonfinite)
         self.checkpoint_dir = checkpoint_dir
         self.resume = bool(resume)
+        self.node_timeout = node_timeout
+        self._start_timeout = 3600.0  # start()'s timeout, the default bound of the wait for nodes
         self.global_layers: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.history: list[RoundRecord] = []
         self.version = 0  # rounds aggregated so far: the label of the current global model
@@ -237,15 +247,27 @@ class FedAvgDynamicLayer(FedAvg):
     ) -> list[Message]:
         """Flower's sampling; each node's message holds the layers it lacks (``arrays`` is not used)."""
         self._sent_bytes = {}
+        self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
         return self._per_node(super().configure_train(server_round, ArrayRecord(), _copy(config), grid), server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         """Flower's sampling; each node's message holds the layers it lacks (``arrays`` is not used)."""
+        if self.fraction_evaluate > 0:
+            self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
         return self._per_node(
             super().configure_evaluate(server_round, ArrayRecord(), _copy(config), grid), server_round
         )
+
+    def _wait_for_nodes(self, grid: Grid, count: int) -> None:
+        """Returns once ``count`` nodes are connected; ``TimeoutError`` after ``node_timeout`` s."""
+        timeout = self._start_timeout if self.node_timeout is None else self.node_timeout
+        deadline = time.monotonic() + timeout
+        while (connected := len(list(grid.get_node_ids()))) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{connected} of the {count} nodes needed connected within {timeout:g} s")
+            time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0) + 0.01))
 
     def _per_node(self, messages: Iterable[Message], server_round: int) -> list[Message]:
         per_node: list[Message] = []
@@ -429,6 +451,7 @@ class FedAvgDynamicLayer(FedAvg):
           every round (those before a restart included).
         """
         first = self._begin(initial_arrays)
+        self._start_timeout = float(timeout)
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         result = self._result

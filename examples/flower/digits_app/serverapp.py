@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -38,11 +37,12 @@ def main(grid: Grid, context: Context) -> None:
     base = FedAvgSparseCooTensor if exchanger.payload_kind == "sparse" else FedAvgDynamicLayer
     if record_dir is not None:
         record_dir.mkdir(parents=True, exist_ok=True)
-    strategy = _example_strategy(base, float(config["round-timeout"]), record_dir)(
+    strategy = _example_strategy(base, record_dir)(
         fraction_evaluate=float(config["fraction-evaluate"]),
         min_train_nodes=nodes,
         min_evaluate_nodes=nodes,
         min_available_nodes=nodes,
+        node_timeout=float(config["round-timeout"]),  # Flower's own sampling would wait without a bound
     )
     initial = flatten(variables)
     if config["initial-model"]:  # go on from an earlier run's global model
@@ -79,21 +79,10 @@ def _show_jaxlayerx_logs() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _example_strategy(
-    base: type[FedAvgDynamicLayer], timeout: float, record_dir: pathlib.Path | None
-) -> type[FedAvgDynamicLayer]:
-    """``base``, waiting at most ``timeout`` s for its nodes and saving train replies to ``record_dir``."""
+def _example_strategy(base: type[FedAvgDynamicLayer], record_dir: pathlib.Path | None) -> type[FedAvgDynamicLayer]:
+    """``base``, saving train replies to ``record_dir``."""
 
     class Strategy(base):
-        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Any:
-            wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes), timeout)
-            return super().configure_train(server_round, arrays, config, grid)
-
-        def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Any:
-            if self.fraction_evaluate > 0:
-                wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes), timeout)
-            return super().configure_evaluate(server_round, arrays, config, grid)
-
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
             replies = list(replies)
             if record_dir is not None:
@@ -101,18 +90,6 @@ def _example_strategy(
             return super().aggregate_train(server_round, replies)
 
     return Strategy
-
-
-def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
-    """Returns once ``count`` SuperNodes are connected; raises ``TimeoutError`` after ``timeout`` s.
-
-    (Flower's strategies wait for their minimum without a bound.)
-    """
-    deadline = time.monotonic() + timeout
-    while (connected := len(list(grid.get_node_ids()))) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{connected} of the {count} SuperNodes needed connected within {timeout:g} s")
-        time.sleep(0.5)
 
 
 def record_round(record_dir: pathlib.Path, server_round: int, replies: Iterable[Message]) -> None:
