@@ -314,9 +314,6 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
 
     specs = specs_from_args(args)
     folder = run_folder(args)
-    if not args.no_compile_cache:
-        enable_compile_cache(cache_dir())
-    _import_in_background("matplotlib.figure", "matplotlib.backends.backend_agg", "tqdm.auto")
     if args.clients < 1:
         raise ValueError(f"--clients must be a positive integer, got {args.clients}")
     if args.repeat < 1:
@@ -326,6 +323,10 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
     dataset = load_dataset(args.data)
     beta = {None: None if args.shift else 0.5, "iid": None}.get(args.beta, args.beta)
     model_name = args.model or DEFAULT_MODEL.get(dataset.name, "mlp")
+    # The options and the data are good: from here the run compiles (and fills the cache).
+    if not args.no_compile_cache:
+        enable_compile_cache(cache_dir())
+    _import_in_background("matplotlib.figure", "matplotlib.backends.backend_agg", "tqdm.auto")
     # Everything that can be wrong is checked before any training: data, exchangers, globs.
     runs: dict[str, list[list[dict[str, Any]]]] = {spec.label: [] for spec in specs}
     notes: dict[str, str] = {}
