@@ -93,8 +93,8 @@ def payload_nbytes(payload: Sequence[np.ndarray]) -> int:
 def _check_names(names: list[str], count: int) -> None:
     if len(names) != count:
         raise ValueError(f"{count} arrays but {len(names)} layer names")
-    for name in names:
-        if not isinstance(cast(object, name), str):
+    for name in cast("list[object]", names):
+        if not isinstance(name, str):
             raise TypeError(f"layer names must be strings, got {type(name).__name__} {name!r}")
     if len(set(names)) != len(names):
         repeated = sorted({name for name in names if names.count(name) > 1})

@@ -285,8 +285,7 @@ class _LayerSelectionRule:
         names = tuple(current)
         arrays = list(current.values())
         mask = self._mask_vector(names, arrays, [initial[name] for name in names])
-        selected = np.asarray(mask).tolist()  # the one device-to-host sync of the selection
-        chosen = [position for position, keep in enumerate(selected) if keep]
+        chosen = np.flatnonzero(np.asarray(mask)).tolist()  # the one device-to-host sync of the selection
         return to_numpy([arrays[position] for position in chosen]), [names[position] for position in chosen]
 
     def _mask_vector(self, names: tuple[str, ...], current: list[Any], initial: list[Any]) -> jax.Array:
@@ -311,7 +310,7 @@ class ThresholdRule(_LayerSelectionRule):
 
     def _mask_vector(self, names: tuple[str, ...], current: list[Any], initial: list[Any]) -> jax.Array:
         # The threshold is a traced argument: a new value does not compile again.
-        threshold = jnp.asarray(_float32_floor(self.norm_threshold), jnp.float32)
+        threshold = _threshold_argument(self.norm_threshold)
         return cast(
             jax.Array,
             _threshold_mask_vector(
@@ -500,6 +499,15 @@ def _named(names: tuple[str, ...], arrays: list[Any]) -> FlatView:
 
 def _stack(mask: Mapping[str, jax.Array]) -> jax.Array:
     return jnp.stack(list(mask.values())) if mask else jnp.zeros((0,), dtype=bool)
+
+
+@functools.lru_cache(maxsize=64)
+def _threshold_argument(norm_threshold: float) -> np.ndarray:
+    """The jitted threshold mask's argument for a threshold: its float32 floor as a
+    read-only numpy scalar array (computed once per value)."""
+    threshold = np.asarray(_float32_floor(norm_threshold), np.float32)
+    threshold.flags.writeable = False
+    return threshold
 
 
 def _float32_floor(threshold: Any) -> Any:

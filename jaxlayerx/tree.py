@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias, cast
 
 import jax
@@ -59,8 +59,8 @@ def flatten(
       ValueError: a path part contains ``sep``, or two leaves get the same name.
       TypeError: a leaf is not an array.
     """
-    _, _, entries = _walk(_as_tree(model), sep, nnx_filter)
-    return collections.OrderedDict((name, value) for name, value, _ in entries)
+    _, _, names, values, _ = _walk(_as_tree(model), sep, nnx_filter)
+    return collections.OrderedDict(zip(names, values))
 
 
 def as_flat_view(model: Any, sep: str = "/", *, nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER) -> FlatView:
@@ -73,7 +73,7 @@ def as_flat_view(model: Any, sep: str = "/", *, nnx_filter: nnx.filterlib.Filter
     """
     if isinstance(model, Mapping) and not isinstance(model, nnx.State):
         mapping = cast("Mapping[Any, Any]", model)
-        if all(map(is_array_leaf, mapping.values())):
+        if _all_array_leaves(mapping.values()):
             if isinstance(mapping, collections.OrderedDict):
                 return mapping
             if all(isinstance(name, str) for name in mapping):
@@ -220,8 +220,8 @@ def _replace(
     model: Model, layers: Mapping[str, Any], sep: str, nnx_filter: nnx.filterlib.Filter, *, in_place: bool
 ) -> Model:
     tree = _as_tree(model)
-    leaves, treedef, entries = _walk(tree, sep, nnx_filter)
-    index = {name: position for name, _, position in entries}
+    leaves, treedef, names, _, positions = _walk(tree, sep, nnx_filter)
+    index = dict(zip(names, positions))
     for name in layers:
         if name not in index:
             raise unknown_layer(name, index)
@@ -252,30 +252,32 @@ def _as_tree(model: Any) -> Any:
 
 def _walk(
     tree: Any, sep: object, nnx_filter: nnx.filterlib.Filter
-) -> tuple[list[Any], PyTreeDef, list[tuple[str, Any, int]]]:
+) -> tuple[list[Any], PyTreeDef, Sequence[str], Sequence[Any], Sequence[int]]:
     """Flattens ``tree`` (NNX variables as leaves) and names the leaves in the view.
 
-    Returns the leaves, the treedef, and ``(name, array, leaf position)`` for each leaf
-    in the view (NNX variables rejected by ``nnx_filter`` are left out).
+    Returns the leaves, the treedef, and the names, arrays and leaf positions of the
+    leaves in the view (NNX variables rejected by ``nnx_filter`` are left out).
     """
     if not isinstance(sep, str) or not sep:
         raise ValueError(f"sep must be a non-empty string, got {sep!r}")
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    if _holds_nnx_variables(treedef):  # NNX state: flatten again, stopping at the variables
-        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_nnx_variable)
     try:
-        paths, names, unique = _leaf_names(treedef, sep)
+        layout = _plain_layout(treedef, sep)
+        if layout is None:  # NNX state: flatten again, stopping at the variables
+            leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_nnx_variable)
+            layout = _leaf_names(treedef, sep)
+        paths, names, unique = layout
     except _NoSkeleton:  # a custom node that cannot hold integers: name the leaves directly
         path_leaves = cast(_PathLeaves, jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)[0])  # pyright: ignore[reportUnknownMemberType]
         paths, names, unique = _names_of(tuple(path for path, _ in path_leaves), sep)
-    kinds = set(map(type, leaves))
-    if all(issubclass(kind, _ARRAY_TYPES) for kind in kinds):  # plain arrays: nothing to unwrap
-        entries: list[tuple[str, Any, int]] = list(zip(names, leaves, range(len(leaves))))
+    if _all_of_array_types(leaves):  # plain arrays: nothing to unwrap
         if not unique:
-            _check_unique([(name, paths[position]) for name, _, position in entries])
-        return leaves, treedef, entries
+            _check_unique(list(zip(names, paths)))
+        return leaves, treedef, names, leaves, range(len(leaves))
     keep = nnx.filterlib.to_predicate(nnx_filter)
-    entries = []
+    kept_names: list[str] = []
+    values: list[Any] = []
+    positions: list[int] = []
     for position, leaf in enumerate(leaves):
         if is_nnx_variable(leaf) and not keep(paths[position], leaf):
             continue
@@ -285,20 +287,26 @@ def _walk(
                 f"layer {names[position]!r} is a {type(value).__name__}, not an array; "
                 "models must hold arrays (wrap scalars with jnp.asarray)"
             )
-        entries.append((names[position], value, position))
+        kept_names.append(names[position])
+        values.append(value)
+        positions.append(position)
     if not unique:  # names can only clash among the leaves kept in the view
-        _check_unique([(name, paths[position]) for name, _, position in entries])
-    return leaves, treedef, entries
+        _check_unique([(name, paths[position]) for name, position in zip(kept_names, positions)])
+    return leaves, treedef, kept_names, values, positions
 
 
 @functools.lru_cache(maxsize=256)
-def _holds_nnx_variables(treedef: PyTreeDef) -> bool:
-    """Whether ``treedef`` has an NNX variable among its nodes; cached per structure.
+def _plain_layout(treedef: PyTreeDef, sep: str) -> tuple[tuple[tuple[Any, ...], ...], tuple[str, ...], bool] | None:
+    """:func:`_leaf_names` of ``treedef``, or ``None`` when it holds NNX variables (whose
+    leaves are named after a flatten that stops at the variables). Cached per structure in
+    one lookup: comparing two treedefs walks their whole structure.
 
     Flattening without an ``is_leaf`` callback is about twice as fast, and only trees
     that hold variables (NNX state) need it.
     """
-    return any(_is_variable_type(node_type) for node_type in _node_types(treedef))
+    if any(_is_variable_type(node_type) for node_type in _node_types(treedef)):
+        return None
+    return _leaf_names(treedef, sep)
 
 
 def _node_types(treedef: PyTreeDef) -> Iterator[type]:
@@ -382,6 +390,16 @@ _ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
 def is_array_leaf(x: Any) -> bool:
     """Arrays, numpy scalars, and ``jax.ShapeDtypeStruct`` (abstract models from ``eval_shape``)."""
     return isinstance(x, _ARRAY_TYPES)
+
+
+def _all_of_array_types(values: Iterable[Any]) -> bool:
+    """Whether every value's type is an array type (a tracer's is not: see :func:`_all_array_leaves`)."""
+    return all(issubclass(kind, _ARRAY_TYPES) for kind in set(map(type, values)))
+
+
+def _all_array_leaves(values: Collection[Any]) -> bool:
+    """``all(map(is_array_leaf, values))``, checked once per type where it can be."""
+    return _all_of_array_types(values) or all(map(is_array_leaf, values))
 
 
 def _value_of(leaf: Any) -> Any:
