@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
-import jax
 import numpy as np
 from flax import nnx
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
@@ -13,8 +12,8 @@ from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 
 from jaxlayerx._host import to_numpy
-from jaxlayerx._results import is_example_count
 from jaxlayerx.base import Config, Exchanger, NDArrays, check_exchanger
+from jaxlayerx.flower._user_results import checked_triple, real_scalar, snapshot
 from jaxlayerx.flower.clientapp import whole_layers_coo
 from jaxlayerx.flower.payloads import checked_payload, named_payload
 from jaxlayerx.packing import is_packed, pack_layers, payload_nbytes, unpack_layers
@@ -109,8 +108,8 @@ class ExchangerClient(NumPyClient):
 
     def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, Metrics]:
         self.receive(parameters)
-        self.initial_model = _snapshot(self.model)
-        model, num_examples, metrics = _checked_triple(
+        self.initial_model = snapshot(self.model)
+        model, num_examples, metrics = checked_triple(
             self.train_fn(self.model, dict(config)), "train_fn", "(model, num_examples, metrics)"
         )
         self.model = model
@@ -123,10 +122,10 @@ class ExchangerClient(NumPyClient):
         if self.evaluate_fn is None:
             raise NotImplementedError("this ExchangerClient was built without an evaluate_fn")
         self.receive(parameters)
-        loss, num_examples, metrics = _checked_triple(
+        loss, num_examples, metrics = checked_triple(
             self.evaluate_fn(self.model, dict(config)), "evaluate_fn", "(loss, num_examples, metrics)"
         )
-        return _real_scalar(loss, "loss"), num_examples, metrics
+        return real_scalar(loss, "loss"), num_examples, metrics
 
     def receive(self, parameters: NDArrays) -> None:
         """Applies a server payload to the model (all of it, validated first, or nothing).
@@ -273,35 +272,3 @@ def _check_whole_model(payload: NDArrays, layers: Mapping[str, Any]) -> None:
 def _array_record(layers: Mapping[str, Any]) -> ArrayRecord:
     arrays = to_numpy(layers.values())
     return ArrayRecord(array_dict={name: Array(np.ascontiguousarray(array)) for name, array in zip(layers, arrays)})
-
-
-def _snapshot(model: Any) -> Any:
-    """A copy of ``model`` that later in-place updates do not reach.
-
-    An ``nnx.Module`` is cloned; a pytree gets new containers around the same (immutable)
-    arrays, so replacing a leaf of the trained model's dicts leaves the snapshot as it was.
-    """
-    if isinstance(model, nnx.Module):
-        return nnx.clone(model)
-    same: Callable[[Any], Any] = lambda leaf: leaf
-    return jax.tree.map(same, model)
-
-
-def _checked_triple(result: Any, what: str, form: str) -> tuple[Any, int, Metrics]:
-    if not isinstance(cast(object, result), tuple) or len(result) != 3:
-        raise TypeError(f"{what} must return {form}, got {type(result).__name__}")
-    first, num_examples, metrics = result
-    if not is_example_count(num_examples):
-        raise TypeError(f"{what} must return an integer num_examples >= 0, got {num_examples!r}")
-    if not isinstance(cast(object, metrics), Mapping):
-        raise TypeError(f"{what} must return a metrics dict, got {type(metrics).__name__}")
-    return first, int(num_examples), dict(metrics)
-
-
-def _real_scalar(value: Any, what: str) -> float:
-    """``value`` as a float: a Python or numpy real, or a 0-d numpy/JAX real array."""
-    if np.ndim(value) == 0 and not isinstance(value, (bool, np.bool_)):
-        dtype = np.asarray(value).dtype
-        if dtype.kind in "iuf" or dtype.name == "bfloat16":
-            return float(value)
-    raise TypeError(f"evaluate_fn must return a real {what}, got {value!r}")

@@ -22,11 +22,9 @@ Each ``train`` message is handled in the order of the protocol in :mod:`jaxlayer
 from __future__ import annotations
 
 import collections
-import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-import jax
 import numpy as np
 from flax import nnx
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -35,6 +33,7 @@ from flwr.clientapp import ClientApp
 from jaxlayerx.base import Config, Exchanger, check_exchanger
 from jaxlayerx.coo import SparseLayer, read_coo, write_coo
 from jaxlayerx.flower import records
+from jaxlayerx.flower._user_results import checked_triple, real_scalar, snapshot
 from jaxlayerx.flower.payloads import checked_payload
 from jaxlayerx.packing import pack_layers, unpack_layers
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, merge_layers
@@ -95,8 +94,8 @@ def exchanger_client_app(
     @app.train()
     def train(message: Message, context: Context) -> Message:  # pyright: ignore[reportUnusedFunction]
         model, exchanger_, config, received = node.receive(message, context)
-        initial_model = _snapshot(model)
-        model, num_examples, metrics = _checked_triple(
+        initial_model = snapshot(model)
+        model, num_examples, metrics = checked_triple(
             train_fn(model, config, context), "train_fn", "(model, num_examples, metrics)"
         )
         sent = node.push(exchanger_, model, initial_model, config)
@@ -118,14 +117,14 @@ def exchanger_client_app(
         def evaluate(message: Message, context: Context) -> Message:  # pyright: ignore[reportUnusedFunction]
             model, exchanger_, config, received = node.receive(message, context)
             node.save(context, model, exchanger_, _held_version(config))
-            loss, num_examples, metrics = _checked_triple(
+            loss, num_examples, metrics = checked_triple(
                 evaluate_fn(model, config, context), "evaluate_fn", "(loss, num_examples, metrics)"
             )
             metric_record = _metric_record(
                 metrics,
                 {
                     records.NUM_EXAMPLES_KEY: num_examples,
-                    "loss": _real(loss, "loss"),
+                    "loss": real_scalar(loss, "loss"),
                     records.BYTES_RECEIVED_KEY: received,
                 },
             )
@@ -280,33 +279,6 @@ def _reference(exchanger: Exchanger) -> Mapping[str, Any]:
     if not isinstance(cast(object, reference), Mapping):
         raise TypeError(f"{type(exchanger).__name__} has error_feedback=True but no reference mapping")
     return cast(Mapping[str, Any], reference)
-
-
-def _snapshot(model: Any) -> Any:
-    """A copy of ``model`` that later in-place updates (an ``nnx.Module``'s) do not reach."""
-    if isinstance(model, nnx.Module):
-        return nnx.clone(model)
-    same: Callable[[Any], Any] = lambda leaf: leaf
-    return jax.tree.map(same, model)
-
-
-def _checked_triple(result: Any, what: str, form: str) -> tuple[Any, int, Metrics]:
-    if not isinstance(cast(object, result), tuple) or len(result) != 3:
-        raise TypeError(f"{what} must return {form}, got {type(result).__name__}")
-    first, num_examples, metrics = result
-    if isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) or num_examples < 0:
-        raise TypeError(f"{what} must return an integer num_examples >= 0, got {num_examples!r}")
-    if not isinstance(cast(object, metrics), Mapping):
-        raise TypeError(f"{what} must return a metrics dict, got {type(metrics).__name__}")
-    return first, int(num_examples), dict(metrics)
-
-
-def _real(value: Any, what: str) -> float:
-    if np.ndim(value) == 0 and not isinstance(value, (bool, np.bool_)):
-        dtype = np.asarray(value).dtype
-        if dtype.kind in "iuf" or dtype.name == "bfloat16":
-            return float(value)
-    raise TypeError(f"evaluate_fn must return a real {what}, got {value!r}")
 
 
 def _metric_record(user: Mapping[str, Any], own: Mapping[str, int | float]) -> MetricRecord:
