@@ -7,15 +7,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.common import FitRes, parameters_to_ndarrays
 
-from jaxlayerx._results import is_example_count
 from jaxlayerx.aggregation import cast_mean
 from jaxlayerx.coo import SparseLayer, read_coo, write_coo
 from jaxlayerx.dtypes import conform_dtype, dtype_kind
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.flower.strategy import ClientRecord, FedAvgDynamicLayerStrategy
-from jaxlayerx.packing import payload_nbytes
 from jaxlayerx.sparse_aggregation import FedAvgSparseCooTensor
 
 
@@ -72,24 +69,9 @@ class FedAvgSparseCooTensorStrategy(FedAvgDynamicLayerStrategy):
                 changed[name] = SparseLayer(layer.reshape(-1)[entries], entries, layer.shape)
         return write_coo(changed)
 
-    def _check_result(self, client: str, fit_res: FitRes) -> tuple[ClientRecord, collections.OrderedDict[str, Any]]:
-        num_examples = fit_res.num_examples
-        if not is_example_count(num_examples):
-            raise ValueError(f"num_examples must be an integer >= 0, got {num_examples!r}")
-        try:
-            payload = parameters_to_ndarrays(fit_res.parameters)
-        except Exception as error:  # noqa: BLE001 - np.load raises many types on bad bytes
-            raise ValueError(f"the payload does not deserialize: {type(error).__name__}: {error}") from error
-        layers = checked_coo(payload, self.global_layers, allow_nonfinite=self.allow_nonfinite)
-        record = ClientRecord(
-            client=client,
-            num_examples=int(num_examples),
-            layers=tuple(layers),
-            payload_bytes=payload_nbytes(payload),
-            wire_bytes=sum(len(tensor) for tensor in fit_res.parameters.tensors),
-            metrics=dict(fit_res.metrics),
-        )
-        return record, layers
+    def _checked_layers(self, payload: list[np.ndarray]) -> collections.OrderedDict[str, Any]:
+        """A deserialized COO payload's layers, checked whole against the global model."""
+        return checked_coo(payload, self.global_layers, allow_nonfinite=self.allow_nonfinite)
 
     def _average(self, accepted: list[tuple[ClientRecord, collections.OrderedDict[str, Any]]]) -> dict[str, Any]:
         results = [

@@ -244,7 +244,27 @@ class FedAvgDynamicLayerStrategy(FedAvg):
         Raises:
           ValueError, TypeError, KeyError: the result is rejected (the message says why).
         """
-        return _checked_result(client, fit_res, self.global_layers, self.allow_nonfinite)
+        num_examples = fit_res.num_examples
+        if not is_example_count(num_examples):
+            raise ValueError(f"num_examples must be an integer >= 0, got {num_examples!r}")
+        try:
+            payload = parameters_to_ndarrays(fit_res.parameters)
+        except Exception as error:  # noqa: BLE001 - np.load raises many types on bad bytes
+            raise ValueError(f"the payload does not deserialize: {type(error).__name__}: {error}") from error
+        layers = self._checked_layers(payload)
+        record = ClientRecord(
+            client=client,
+            num_examples=int(num_examples),
+            layers=tuple(layers),
+            payload_bytes=payload_nbytes(payload),
+            wire_bytes=sum(len(tensor) for tensor in fit_res.parameters.tensors),
+            metrics=dict(fit_res.metrics),
+        )
+        return record, layers
+
+    def _checked_layers(self, payload: list[np.ndarray]) -> collections.OrderedDict[str, Any]:
+        """A deserialized payload's layers, checked whole against the global model."""
+        return checked_payload(payload, self.global_layers, allow_nonfinite=self.allow_nonfinite)
 
     def _apply(self, averages: Mapping[str, Any], server_round: int) -> None:
         """Writes a round's averages (from :meth:`_average`) into the global model."""
@@ -328,28 +348,6 @@ def _is_flat_view(model: Any) -> bool:
             for value in cast("Mapping[Any, Any]", model).values()
         )
     )
-
-
-def _checked_result(
-    client: str, fit_res: FitRes, reference: Mapping[str, np.ndarray], allow_nonfinite: bool
-) -> tuple[ClientRecord, collections.OrderedDict[str, np.ndarray]]:
-    num_examples = fit_res.num_examples
-    if not is_example_count(num_examples):
-        raise ValueError(f"num_examples must be an integer >= 0, got {num_examples!r}")
-    try:
-        payload = parameters_to_ndarrays(fit_res.parameters)
-    except Exception as error:  # noqa: BLE001 - np.load raises many types on bad bytes
-        raise ValueError(f"the payload does not deserialize: {type(error).__name__}: {error}") from error
-    layers = checked_payload(payload, reference, allow_nonfinite=allow_nonfinite)
-    record = ClientRecord(
-        client=client,
-        num_examples=int(num_examples),
-        layers=tuple(layers),
-        payload_bytes=payload_nbytes(payload),
-        wire_bytes=sum(len(tensor) for tensor in fit_res.parameters.tensors),
-        metrics=dict(fit_res.metrics),
-    )
-    return record, layers
 
 
 def _with_round(config: Mapping[str, Scalar], server_round: int) -> dict[str, Scalar]:
