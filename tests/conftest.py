@@ -61,6 +61,19 @@ class LinenNet(nn.Module):
         return nn.Dense(2)(x)
 
 
+#: ``LinenNet``'s layers and their shapes, written by hand in JAX's sorted-dict-key order.
+LINEN_SHAPES = {
+    "batch_stats/BatchNorm_0/mean": (3,),
+    "batch_stats/BatchNorm_0/var": (3,),
+    "params/BatchNorm_0/bias": (3,),
+    "params/BatchNorm_0/scale": (3,),
+    "params/Dense_0/bias": (3,),
+    "params/Dense_0/kernel": (4, 3),
+    "params/Dense_1/bias": (2,),
+    "params/Dense_1/kernel": (3, 2),
+}
+
+
 @functools.cache
 def fake_proxy_class() -> type:
     """A Flower ``ClientProxy`` that is never called: tests drive a strategy directly."""

@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 from conftest import (  # noqa: E402
+    LINEN_SHAPES,
     LinenNet,  # noqa: E402
     fake_proxy,
     nest,
@@ -81,16 +82,6 @@ class BF16Net(nn.Module):
         return nn.Dense(2)(x)
 
 
-LINEN_SHAPES = {
-    "batch_stats/BatchNorm_0/mean": (3,),
-    "batch_stats/BatchNorm_0/var": (3,),
-    "params/BatchNorm_0/bias": (3,),
-    "params/BatchNorm_0/scale": (3,),
-    "params/Dense_0/bias": (3,),
-    "params/Dense_0/kernel": (4, 3),
-    "params/Dense_1/bias": (2,),
-    "params/Dense_1/kernel": (3, 2),
-}
 LINEN_NAMES = list(LINEN_SHAPES)
 LINEN_BN = [name for name in LINEN_NAMES if "BatchNorm" in name]
 LINEN_DENSE = [name for name in LINEN_NAMES if "Dense" in name]

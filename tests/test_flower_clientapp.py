@@ -20,7 +20,7 @@ pytest.importorskip("flwr")
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from conftest import LinenNet, nest, ref_flat  # noqa: E402
+from conftest import LINEN_SHAPES, LinenNet, nest, ref_flat  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
@@ -29,17 +29,7 @@ from jaxlayerx.flower import records  # noqa: E402
 from jaxlayerx.flower.clientapp import VersionMismatchError, exchanger_client_app  # noqa: E402
 
 X = np.zeros((1, 4), np.float32)
-SHAPES = {
-    "batch_stats/BatchNorm_0/mean": (3,),
-    "batch_stats/BatchNorm_0/var": (3,),
-    "params/BatchNorm_0/bias": (3,),
-    "params/BatchNorm_0/scale": (3,),
-    "params/Dense_0/bias": (3,),
-    "params/Dense_0/kernel": (4, 3),
-    "params/Dense_1/bias": (2,),
-    "params/Dense_1/kernel": (3, 2),
-}
-NAMES = list(SHAPES)
+NAMES = list(LINEN_SHAPES)
 
 
 class _Collect(logging.Handler):
@@ -71,7 +61,8 @@ def make_model(context):
 def full_layers(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
-        name: (rng.standard_normal(shape) + 10 + i).astype(np.float32) for i, (name, shape) in enumerate(SHAPES.items())
+        name: (rng.standard_normal(shape) + 10 + i).astype(np.float32)
+        for i, (name, shape) in enumerate(LINEN_SHAPES.items())
     }
 
 
@@ -210,8 +201,8 @@ def test_fedbn_keeps_local_layers_after_the_first_message():
 def sparse_server_message(layers: dict[str, tuple[list, list]], base: int, version: int) -> Message:
     """A COO payload in the records layout, built with Flower's classes and numpy."""
     values = {n: np.array(v, np.float32) for n, (_, v) in layers.items()}
-    indices = {n: np.array(i, np.int64).reshape(len(i), len(SHAPES[n])) for n, (i, _) in layers.items()}
-    shapes = {n: np.array(SHAPES[n], np.int64) for n in layers}
+    indices = {n: np.array(i, np.int64).reshape(len(i), len(LINEN_SHAPES[n])) for n, (i, _) in layers.items()}
+    shapes = {n: np.array(LINEN_SHAPES[n], np.int64) for n in layers}
     config = ConfigRecord({"server-round": version + 1, "jaxlayerx.base-round": base, "jaxlayerx.round": version})
     content = RecordDict(
         {
@@ -244,7 +235,7 @@ def test_sparse_reply_and_error_feedback_reference_persist_per_node():
         assert np.array_equal(got[name].values, expected[name].values)
         assert np.array_equal(got[name].flat_indices, expected[name].flat_indices)
     # ceil(0.1 * 35) = 4 weights, but the 12 shifted kernel weights tie at the threshold: all sent
-    assert math.ceil(0.1 * sum(math.prod(s) for s in SHAPES.values())) == 4
+    assert math.ceil(0.1 * sum(math.prod(s) for s in LINEN_SHAPES.values())) == 4
     assert list(got) == ["params/Dense_0/kernel"] and got["params/Dense_0/kernel"].values.size == 12
     metrics = reply.content.metric_records["metrics"]
     assert metrics["jaxlayerx.bytes-sent"] == content_bytes(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import nest, ref_flat
+from conftest import LINEN_SHAPES, nest, ref_flat
 
 import jaxlayerx as jlx
 from jaxlayerx import (
@@ -52,17 +52,7 @@ class TinyNet(nn.Module):
         return nn.Dense(2)(x)
 
 
-TINY_SHAPES = {
-    "batch_stats/BatchNorm_0/mean": (3,),
-    "batch_stats/BatchNorm_0/var": (3,),
-    "params/BatchNorm_0/bias": (3,),
-    "params/BatchNorm_0/scale": (3,),
-    "params/Dense_0/bias": (3,),
-    "params/Dense_0/kernel": (4, 3),
-    "params/Dense_1/bias": (2,),
-    "params/Dense_1/kernel": (3, 2),
-}
-TINY_NAMES = list(TINY_SHAPES)
+TINY_NAMES = list(LINEN_SHAPES)  # TinyNet's layers are LinenNet's
 TINY_BN = [name for name in TINY_NAMES if "BatchNorm" in name]
 
 # The default simulation MLP (Dense_0 -> BatchNorm_0 -> Dense_1 -> Dense_2), by hand.
@@ -219,7 +209,7 @@ def test_builtins_satisfy_the_protocol(which):
 
 
 def tiny_pair(seed: int = 0) -> tuple[Flat, Flat]:
-    return flat_view(random_layers(TINY_SHAPES, seed)), flat_view(random_layers(TINY_SHAPES, seed + 100))
+    return flat_view(random_layers(LINEN_SHAPES, seed)), flat_view(random_layers(LINEN_SHAPES, seed + 100))
 
 
 def as_bools(mask: Mapping[str, Any]) -> dict[str, bool]:
@@ -579,7 +569,7 @@ def test_flower_client_runs_a_named_user_exchanger():
     exchanger = DriftedKernels("*/kernel", threshold=0.01)
     client = ExchangerClient(tiny_variables(), exchanger, shifting_train_fn(deltas, record))
 
-    first = random_layers(TINY_SHAPES, seed=1, offset=5.0)
+    first = random_layers(LINEN_SHAPES, seed=1, offset=5.0)
     payload, num_examples, metrics = client.fit(jlx.pack_layers([first[n] for n in TINY_NAMES], TINY_NAMES), {})
     assert_layers_equal(record[0], first)  # the whole first payload was applied
     assert exchanger.pulls == [TINY_NAMES]  # through the exchanger's pull_parameters
@@ -593,7 +583,7 @@ def test_flower_client_runs_a_named_user_exchanger():
     assert metrics["payload_bytes"] == 4 * 3 * 4 + np.array(names).nbytes
 
     trained = {name: value + np.float32(deltas.get(name, 0.0)) for name, value in first.items()}
-    new = random_layers(TINY_SHAPES, seed=2, offset=-5.0)
+    new = random_layers(LINEN_SHAPES, seed=2, offset=-5.0)
     partial = ["params/Dense_1/kernel", "batch_stats/BatchNorm_0/mean"]
     payload, _, metrics = client.fit(jlx.pack_layers([new[n] for n in partial], partial), {})
     expected = {name: (new[name] if name in partial else trained[name]) for name in TINY_NAMES}
@@ -615,7 +605,7 @@ def test_flower_client_runs_a_positional_user_exchanger():
     exchanger = HeadOnly("Dense_1")
     client = ExchangerClient(tiny_variables(), exchanger, shifting_train_fn(deltas, record))
 
-    first = random_layers(TINY_SHAPES, seed=3)
+    first = random_layers(LINEN_SHAPES, seed=3)
     payload, _, metrics = client.fit(jlx.pack_layers([first[n] for n in TINY_NAMES[::-1]], TINY_NAMES[::-1]), {})
     assert_layers_equal(record[0], first)  # the first payload is applied whole, BN included
     trained = {name: value + np.float32(0.5) for name, value in first.items()}
@@ -628,7 +618,7 @@ def test_flower_client_runs_a_positional_user_exchanger():
     assert metrics["payload_bytes"] == (3 * 2 + 2) * 4 + np.array(head).nbytes
 
     # A later named payload: only the head is applied; the rest stays local.
-    new = random_layers(TINY_SHAPES, seed=4, offset=3.0)
+    new = random_layers(LINEN_SHAPES, seed=4, offset=3.0)
     partial = ["params/Dense_0/kernel", "params/Dense_1/kernel", "batch_stats/BatchNorm_0/var"]
     payload, _, _ = client.fit(jlx.pack_layers([new[n] for n in partial], partial), {})
     expected = {name: (new[name] if name == "params/Dense_1/kernel" else trained[name]) for name in TINY_NAMES}
