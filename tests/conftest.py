@@ -153,6 +153,23 @@ def fake_grid_class() -> type:
     return FakeGrid
 
 
+def flower_metadata(message_type: str = "train", src_node_id: int = 0, dst_node_id: int = 7) -> Any:
+    """The ``Metadata`` of a hand-built Flower ``Message`` (run 1, group "1", an hour's ttl)."""
+    from flwr.app import Metadata
+
+    return Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=src_node_id,
+        dst_node_id=dst_node_id,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=0.0,
+        ttl=3600.0,
+        message_type=message_type,
+    )
+
+
 def nest(flat: Mapping[str, Any], array: Callable[[Any], Any] = jnp.asarray) -> dict[str, Any]:
     """The nested dict whose layers are ``flat`` (``a/b/c -> {"a": {"b": {"c": ...}}}``),
     each value passed through ``array`` (JAX arrays by default; ``np.array`` for copies)."""

@@ -20,8 +20,8 @@ pytest.importorskip("flwr")
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from conftest import LINEN_SHAPES, LinenNet, nest, ref_flat  # noqa: E402
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict  # noqa: E402
+from conftest import LINEN_SHAPES, LinenNet, flower_metadata, nest, ref_flat  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 import jaxlayerx  # noqa: E402
@@ -72,18 +72,7 @@ def array_record(flat: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def message(content: RecordDict, kind: str = "train") -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=0.0,
-        ttl=3600.0,
-        message_type=kind,
-    )
-    return Message(metadata=metadata, content=content)
+    return Message(metadata=flower_metadata(kind, src_node_id=0, dst_node_id=7), content=content)
 
 
 def train_message(flat, base: int, version: int, kind: str = "train", extra: dict | None = None) -> Message:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import bits
+from conftest import bits, flower_metadata
 
 pytest.importorskip("flwr")
 
@@ -45,28 +45,12 @@ def _through_protobuf(content: RecordDict) -> RecordDict:
 def _through_object_store(content: RecordDict) -> RecordDict:
     """``content`` inside a Message deflated into Flower's object contents (what the
     SuperLink stores and nodes pull) and inflated back."""
-    message = make_message(metadata=_metadata(), content=content)
+    message = make_message(metadata=flower_metadata("train", src_node_id=1, dst_node_id=2), content=content)
     objects = get_all_nested_objects(message)
     contents = {object_id: obj.deflate() for object_id, obj in objects.items()}
     inflated = inflate_object_from_contents(message.object_id, contents)
     assert isinstance(inflated, Message)
     return inflated.content
-
-
-def _metadata():
-    from flwr.app import Metadata
-
-    return Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=1,
-        dst_node_id=2,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=0.0,
-        ttl=3600.0,
-        message_type="train",
-    )
 
 
 CARRIERS = [pytest.param(lambda c: c, id="in-memory"), pytest.param(_through_protobuf, id="protobuf")]
