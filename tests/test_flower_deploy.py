@@ -32,6 +32,8 @@ import pytest
 pytest.importorskip("flwr", reason="the deployment test needs Flower: pip install 'jaxlayerx[flower]'")
 pytest.importorskip("sklearn", reason="the example's data (scikit-learn's digits) needs scikit-learn")
 
+from conftest import free_loopback_port, loopback_environment  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "flower"
 BIN = pathlib.Path(sys.executable).parent
@@ -43,12 +45,6 @@ RUN_TIMEOUT = 420
 LISTEN_TIMEOUT = 60
 #: Seconds a stopped process may take to exit after SIGTERM (then SIGKILL).
 STOP_TIMEOUT = 15
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: pathlib.Path, lines: int = 40) -> str:
@@ -84,7 +80,7 @@ class Deployment:
 
     def __init__(self, folder: pathlib.Path) -> None:
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_loopback_port()
         self.processes: dict[str, subprocess.Popen] = {}
         home = folder / "home"
         (home / ".flwr").mkdir(parents=True)
@@ -92,13 +88,9 @@ class Deployment:
         (home / ".flwr" / "config.toml").write_text(
             f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        self.env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
-        self.env.update(
+        self.env = loopback_environment(
             HOME=str(home),
             FLWR_HOME=str(home / ".flwr"),
-            JAX_PLATFORMS="cpu",
-            PYTHONUNBUFFERED="1",
-            no_proxy="127.0.0.1,localhost",
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             # Every message runs in a fresh ClientApp process: let them share compiled steps.
             JAX_COMPILATION_CACHE_DIR=str(folder / "jax-cache"),
@@ -144,7 +136,7 @@ class Deployment:
                     "--host",
                     "127.0.0.1",
                     "--port",
-                    str(_free_port()),
+                    str(free_loopback_port()),
                     "--max-wait-time",
                     "60",
                     "--node-config",

@@ -10,10 +10,8 @@ exits within its timeout.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 
@@ -23,24 +21,14 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("sklearn")
 
+from conftest import free_loopback_port, loopback_environment  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "flower" / "legacy"
 ROUNDS = 3
 CLIENTS = 3
 #: Seconds any process of a run may take, start-up included.
 PROCESS_TIMEOUT = 240
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _environment() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", no_proxy="127.0.0.1,localhost")
-    return env
 
 
 def _run_federation(
@@ -57,9 +45,9 @@ def _run_federation(
 
     The clients start first: the server is not listening yet when they try to connect.
     """
-    port = _free_loopback_port()
+    port = free_loopback_port()
     address = f"127.0.0.1:{port}"
-    env = _environment()
+    env = loopback_environment()
     min_clients = clients - (fail_client is not None)
     server = {
         "server": [
