@@ -77,6 +77,32 @@ LINEN_SHAPES = {
 
 
 @functools.cache
+class NnxDigitsNet(nnx.Module):
+    """An NNX MLP for 64 digit features: Linear, BatchNorm, Linear (the simulation tests' NNX model)."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.linear1 = nnx.Linear(64, 16, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.linear2 = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x: Any) -> Any:
+        return self.linear2(nnx.relu(self.bn(self.linear1(x))))
+
+
+#: NnxDigitsNet's layers in flatten order, written by hand: all of them, and its Params.
+NNX_DIGITS_LAYERS = [
+    "bn/bias",
+    "bn/mean",
+    "bn/scale",
+    "bn/var",
+    "linear1/bias",
+    "linear1/kernel",
+    "linear2/bias",
+    "linear2/kernel",
+]
+NNX_DIGITS_PARAMS = ["bn/bias", "bn/scale", "linear1/bias", "linear1/kernel", "linear2/bias", "linear2/kernel"]
+
+
 def fake_proxy_class() -> type:
     """A Flower ``ClientProxy`` that is never called: tests drive a strategy directly."""
     from flwr.server.client_proxy import ClientProxy

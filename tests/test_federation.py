@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from conftest import NNX_DIGITS_LAYERS, NNX_DIGITS_PARAMS, NnxDigitsNet
 from flax import nnx
 
 import jaxlayerx as jlx
@@ -677,29 +678,6 @@ def test_local_adam_equals_a_reference_training_loop(runs):
 # -- 8. NNX ---------------------------------------------------------------------------------------------
 
 
-class NnxNet(nnx.Module):
-    def __init__(self, rngs):
-        self.linear1 = nnx.Linear(64, 16, rngs=rngs)
-        self.bn = nnx.BatchNorm(16, rngs=rngs)
-        self.linear2 = nnx.Linear(16, 10, rngs=rngs)
-
-    def __call__(self, x):
-        return self.linear2(nnx.relu(self.bn(self.linear1(x))))
-
-
-NNX_LAYERS = [
-    "bn/bias",
-    "bn/mean",
-    "bn/scale",
-    "bn/var",
-    "linear1/bias",
-    "linear1/kernel",
-    "linear2/bias",
-    "linear2/kernel",
-]
-NNX_PARAMS = ["bn/bias", "bn/scale", "linear1/bias", "linear1/kernel", "linear2/bias", "linear2/kernel"]
-
-
 def nnx_with(module, flat):
     """A copy of ``module`` holding ``flat``, set attribute by attribute."""
     model = nnx.clone(module)
@@ -716,7 +694,7 @@ def nnx_with(module, flat):
 def nnx_runs(data8):
     config = SimulationConfig(rounds=2, local_steps=2, batch_size=8, seed=SEED)
     return {
-        kind: Run(Simulation(ExchangerSpec(kind), config, data8, module=NnxNet(nnx.Rngs(0))))
+        kind: Run(Simulation(ExchangerSpec(kind), config, data8, module=NnxDigitsNet(nnx.Rngs(0))))
         for kind in ("full", "exclude-bn")
     }
 
@@ -724,14 +702,14 @@ def nnx_runs(data8):
 def test_nnx_module_full_exchange(nnx_runs, data8):
     run = nnx_runs["full"]
     simulation = run.simulation
-    assert simulation.layer_names == NNX_LAYERS
-    assert simulation.model.trainable == NNX_PARAMS
+    assert simulation.layer_names == NNX_DIGITS_LAYERS
+    assert simulation.model.trainable == NNX_DIGITS_PARAMS
     first, second = run.outputs
     initial = host(simulation.initial_layers)
     np.testing.assert_array_equal(initial["bn/mean"], np.zeros(16))
     # Training mode moves the BatchNorm statistics; the round-2 start is round 1's global model.
     assert not np.allclose(np.asarray(first.trained_layers["bn/mean"][0]), 0.0)
-    for name in NNX_LAYERS:
+    for name in NNX_DIGITS_LAYERS:
         for client in range(8):
             np.testing.assert_array_equal(
                 np.asarray(second.start_layers[name][client]), np.asarray(first.state.global_layers[name])
@@ -740,7 +718,7 @@ def test_nnx_module_full_exchange(nnx_runs, data8):
     assert run.records[0]["download_bytes"] == 8 * whole and run.records[0]["upload_bytes"] == 8 * whole
     # The global loss is the global model's, evaluated in eval mode (running statistics).
     for record, output in zip(run.records, run.outputs):
-        model = nnx_with(NnxNet(nnx.Rngs(0)), host(output.state.global_layers))
+        model = nnx_with(NnxDigitsNet(nnx.Rngs(0)), host(output.state.global_layers))
         model.eval()
         logits = model(jnp.asarray(data8.x_global_test))
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(data8.y_global_test)).mean()
@@ -751,10 +729,10 @@ def test_nnx_module_fedbn_keeps_batchnorm_local(nnx_runs):
     run = nnx_runs["exclude-bn"]
     simulation = run.simulation
     assert isinstance(simulation.exchanger, jlx.LayerExchangerWithExclusions)
-    assert simulation.layer_names == NNX_LAYERS
+    assert simulation.layer_names == NNX_DIGITS_LAYERS
     first, second = run.outputs
-    exchanged = [n for n in NNX_LAYERS if not n.startswith("bn/")]
-    for name in NNX_LAYERS:
+    exchanged = [n for n in NNX_DIGITS_LAYERS if not n.startswith("bn/")]
+    for name in NNX_DIGITS_LAYERS:
         sent = np.asarray(first.send_masks[name])
         assert sent.tolist() == [not name.startswith("bn/")] * 8, name
         for client in range(8):
@@ -764,7 +742,7 @@ def test_nnx_module_fedbn_keeps_batchnorm_local(nnx_runs):
             else:
                 np.testing.assert_array_equal(start, np.asarray(first.state.global_layers[name]), err_msg=name)
     initial = host(simulation.initial_layers)
-    for name in NNX_LAYERS:  # nobody sends BatchNorm: it stays the initial global value
+    for name in NNX_DIGITS_LAYERS:  # nobody sends BatchNorm: it stays the initial global value
         if name.startswith("bn/"):
             np.testing.assert_array_equal(np.asarray(second.state.global_layers[name]), initial[name])
     assert not np.array_equal(

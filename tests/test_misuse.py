@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import LinenNet, fake_proxy  # noqa: E402
+from conftest import NNX_DIGITS_LAYERS, NNX_DIGITS_PARAMS, LinenNet, NnxDigitsNet, fake_proxy  # noqa: E402
 from flax import nnx
 from flwr.common import (
     Code,
@@ -531,27 +531,6 @@ def test_flower_client_default_filter_refuses_param_only_first_payload():
 # ---------------------------------------------------------------------------------------
 
 
-class DigitsNet(nnx.Module):
-    def __init__(self, rngs):
-        self.linear1 = nnx.Linear(64, 16, rngs=rngs)
-        self.bn = nnx.BatchNorm(16, rngs=rngs)
-        self.linear2 = nnx.Linear(16, 10, rngs=rngs)
-
-    def __call__(self, x):
-        return self.linear2(nnx.relu(self.bn(self.linear1(x))))
-
-
-SIM_PARAMS = ["bn/bias", "bn/scale", "linear1/bias", "linear1/kernel", "linear2/bias", "linear2/kernel"]
-SIM_ALL = [
-    "bn/bias",
-    "bn/mean",
-    "bn/scale",
-    "bn/var",
-    "linear1/bias",
-    "linear1/kernel",
-    "linear2/bias",
-    "linear2/kernel",
-]
 #: float32 bytes of the Param layers: bn 2*16, linear1 64*16 + 16, linear2 16*10 + 10.
 SIM_PARAM_BYTES = 4 * (2 * 16 + 64 * 16 + 16 + 16 * 10 + 10)
 
@@ -568,24 +547,26 @@ def test_simulation_nnx_param_filter(digits3):
     from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig
 
     config = SimulationConfig(rounds=2, local_steps=2, batch_size=8)
-    simulation = Simulation(ExchangerSpec("full"), config, digits3, module=DigitsNet(nnx.Rngs(0)), nnx_filter=nnx.Param)
-    assert simulation.layer_names == SIM_PARAMS
+    simulation = Simulation(
+        ExchangerSpec("full"), config, digits3, module=NnxDigitsNet(nnx.Rngs(0)), nnx_filter=nnx.Param
+    )
+    assert simulation.layer_names == NNX_DIGITS_PARAMS
     records, outputs = zip(*simulation.iterate())
     assert [record["round"] for record in records] == [1, 2]
     for record in records:
         assert math.isfinite(record["global_loss"])
         assert record["upload_bytes"] == 3 * SIM_PARAM_BYTES
         assert record["download_bytes"] == 3 * SIM_PARAM_BYTES
-    assert list(outputs[-1].state.global_layers) == SIM_PARAMS
-    assert list(outputs[-1].send_masks) == SIM_PARAMS
+    assert list(outputs[-1].state.global_layers) == NNX_DIGITS_PARAMS
+    assert list(outputs[-1].send_masks) == NNX_DIGITS_PARAMS
 
 
 def test_simulation_nnx_default_filter_includes_batch_stats(digits3):
     from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig
 
     config = SimulationConfig(rounds=2, local_steps=2, batch_size=8)
-    simulation = Simulation(ExchangerSpec("full"), config, digits3, module=DigitsNet(nnx.Rngs(0)))
-    assert simulation.layer_names == SIM_ALL
+    simulation = Simulation(ExchangerSpec("full"), config, digits3, module=NnxDigitsNet(nnx.Rngs(0)))
+    assert simulation.layer_names == NNX_DIGITS_LAYERS
 
 
 # ---------------------------------------------------------------------------------------
