@@ -665,6 +665,12 @@ def test_checked_payload_refuses_non_finite_values_unless_allowed():
     assert np.isnan(checked_payload(payload, reference)["w"][1])
 
 
+def failed_fit():
+    """A client's failure as Flower reports it: the proxy and a FitRes whose status is not OK."""
+    status = Status(code=Code.FIT_NOT_IMPLEMENTED, message="no fit")
+    return fake_proxy("failed"), FitRes(status=status, parameters=EMPTY_PARAMS, num_examples=0, metrics={})
+
+
 @pytest.mark.parametrize(
     "failure",
     [
@@ -677,15 +683,7 @@ def test_failures_without_accept_failures_change_nothing(failure, caplog):
     strategy = strategy_for(model, accept_failures=False)
     before = snapshot(strategy.global_layers)
     if failure == "tuple":
-        failure = (
-            fake_proxy("failed"),
-            FitRes(
-                status=Status(code=Code.FIT_NOT_IMPLEMENTED, message="no fit"),
-                parameters=EMPTY_PARAMS,
-                num_examples=0,
-                metrics={},
-            ),
-        )
+        failure = failed_fit()
     caplog.set_level(logging.WARNING, logger=LOGGER)
     parameters, _ = strategy.aggregate_fit(1, results_of(good_clients(model)), [failure])
     assert parameters is None
@@ -700,15 +698,7 @@ def test_failures_with_accept_failures_do_not_stop_aggregation(failure):
     model = make_model()
     strategy = strategy_for(model, accept_failures=True)
     if failure == "tuple":
-        failure = (
-            fake_proxy("failed"),
-            FitRes(
-                status=Status(code=Code.FIT_NOT_IMPLEMENTED, message="no fit"),
-                parameters=EMPTY_PARAMS,
-                num_examples=0,
-                metrics={},
-            ),
-        )
+        failure = failed_fit()
     goods = good_clients(model)
     parameters, metrics = strategy.aggregate_fit(1, results_of(goods), [failure])
     assert parameters is not None
