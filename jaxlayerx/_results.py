@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from jaxlayerx import validation
 from jaxlayerx.dtypes import dtype_kind
 
 
@@ -76,13 +77,10 @@ def check_numeric(client: int, name: str, dtype: np.dtype) -> None:
 
 def check_finite(client: int, name: str, values: np.ndarray) -> None:
     """Raises ``ValueError`` if a floating ``values`` holds NaN or infinity (naming the client)."""
-    if dtype_kind(values.dtype) == "float" and not np.isfinite(values).all():
-        position = int(np.flatnonzero(~np.isfinite(values.reshape(-1)))[0])
-        value = float(values.reshape(-1)[position])
-        raise ValueError(
-            f"client {client}: layer {name!r} holds a non-finite value ({value} at flat index {position}); "
-            "pass allow_nonfinite=True to average it anyway"
-        )
+    try:
+        validation.check_finite(name, values)
+    except ValueError as error:
+        raise ValueError(f"client {client}: {error}; pass allow_nonfinite=True to average it anyway") from None
 
 
 def check_total_weight(name: str, weights: Sequence[float]) -> None:

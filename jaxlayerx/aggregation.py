@@ -200,6 +200,26 @@ def masked_fedavg(
     return averages, sent
 
 
+@functools.partial(jax.jit, static_argnames=("weighted", "over"))  # pyright: ignore[reportUnknownMemberType]
+def compiled_masked_fedavg(
+    client_layers: Mapping[str, jax.Array],
+    masks: Mapping[str, jax.Array],
+    num_examples: jax.Array,
+    fallback: Mapping[str, jax.Array],
+    *,
+    weighted: bool,
+    over: str,
+) -> tuple[collections.OrderedDict[str, jax.Array], collections.OrderedDict[str, jax.Array]]:
+    """:func:`masked_fedavg` with the global model as ``fallback``, compiled on its own.
+
+    The one program that averages a round, in the simulation and on a Flower server alike
+    (:class:`jaxlayerx.protocol.ExchangeServer`): called with the same layers, shapes and
+    options, both run the same compiled code, so they average bit for bit alike. (Compiled
+    inside a larger program, the same arithmetic may fuse and round differently.)
+    """
+    return masked_fedavg(client_layers, masks, num_examples, weighted=weighted, fallback=fallback, over=over)
+
+
 def _masked_sums(
     stacked: jax.Array, mask: jax.Array, counts: jax.Array, accumulate: Any
 ) -> tuple[jax.Array, jax.Array]:

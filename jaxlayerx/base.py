@@ -1,18 +1,22 @@
 """Shared types, and the exchanger interface every exchanger satisfies.
 
 An *exchanger* decides what a client sends and how it applies what it receives. It is
-anything with these members (a :class:`typing.Protocol`: no inheritance needed):
+anything with these members (a :class:`typing.Protocol`: no inheritance needed, though
+:class:`jaxlayerx.ExchangerBase` writes all but ``send_mask`` for you):
 
-* ``push_parameters(model, initial_model=None, config=None) -> NDArrays``: the payload;
-* ``pull_parameters(parameters, model, config=None) -> model``: applies a payload;
 * ``send_mask(current, reference) -> name -> bool``: what a client whose flat view is
   ``current`` sends, drift measured against the flat view ``reference``. Pure, fixed
   shapes: it runs inside ``jax.jit`` and ``jax.vmap``. A scalar per layer for layer
   exchangers, an array of the layer's shape for sparse ones;
-* ``payload_kind``: how payloads name what they hold (:data:`PayloadKind`);
-* ``error_feedback``: whether drift is measured against the last values pulled rather
-  than the round's ``initial_model``. When true, the exchanger also has ``reference``: a
-  flat view of those values, which the caller may save and restore.
+* ``payload_kind``: how it selects and how fl4health names what it sends (:data:`PayloadKind`);
+* ``error_feedback``: whether drift is measured against the values last pulled (the
+  state's reference) rather than the round's ``initial_model``;
+* ``quantize``: ``None``, ``"bf16"`` or ``"int8"``: how its uploads' values are coded
+  (:mod:`jaxlayerx.quantize`);
+* ``init_state() -> ExchangeState``, ``push(model, state, initial_model) -> (payload,
+  state)`` and ``pull(payload, model, state, first=False) -> (model, state)``: the
+  exchange itself, its state (:class:`jaxlayerx.ExchangeState`) passed in and returned,
+  optax-style, and payloads in the wire-neutral form of :mod:`jaxlayerx.payload`.
 
 The simulation and the Flower adapters use nothing else, so a rule written once runs in
 both. :func:`check_exchanger` says what a candidate lacks.
@@ -21,11 +25,16 @@ both. :func:`check_exchanger` says what a candidate lacks.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import jax
 import numpy as np
+
+if TYPE_CHECKING:
+    from jaxlayerx.payload import Payload
+    from jaxlayerx.quantize import Quantize
+    from jaxlayerx.state import ExchangeState
 
 #: A model: Linen variables, an ``nnx.Module``, an ``nnx.State``, or any pytree of arrays.
 Model = TypeVar("Model")
@@ -68,17 +77,24 @@ class Exchanger(Protocol):
 
     payload_kind: PayloadKind
     error_feedback: bool
-
-    def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
-        """The payload a client sends for ``model`` (drift measured from ``initial_model``)."""
-        ...
-
-    def pull_parameters(self, parameters: Sequence[np.ndarray], model: Any, config: Config | None = None) -> Any:
-        """``model`` with ``parameters`` applied (validated whole before anything changes)."""
-        ...
+    quantize: Quantize | None
 
     def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> Mapping[str, Any]:
         """``name -> bool`` (scalar, or of the layer's shape): what ``current`` sends; pure."""
+        ...
+
+    def init_state(self) -> ExchangeState:
+        """The state before the first pull."""
+        ...
+
+    def push(self, model: Any, state: ExchangeState, initial_model: Any = None) -> tuple[Payload, ExchangeState]:
+        """The payload a client sends for ``model``, and the state after sending it."""
+        ...
+
+    def pull(
+        self, payload: Payload, model: Any, state: ExchangeState, *, first: bool = False
+    ) -> tuple[Any, ExchangeState]:
+        """``model`` with ``payload`` applied (checked whole first), and the state after it."""
         ...
 
 
@@ -100,9 +116,12 @@ class MaskedSelectionFunction(Protocol):
 def check_exchanger(exchanger: Any) -> None:
     """Raises ``TypeError`` unless ``exchanger`` satisfies :class:`Exchanger`, naming what is missing."""
     what = type(exchanger).__name__
-    for method in ("push_parameters", "pull_parameters", "send_mask"):
+    for method in ("send_mask", "init_state", "push", "pull"):
         if not callable(getattr(exchanger, method, None)):
-            raise TypeError(f"an exchanger needs a {method} method; {what} has none (see jaxlayerx.Exchanger)")
+            raise TypeError(
+                f"an exchanger needs a {method} method; {what} has none (see jaxlayerx.Exchanger, or "
+                "subclass jaxlayerx.ExchangerBase and write send_mask)"
+            )
     kind = getattr(exchanger, "payload_kind", None)
     if kind not in PAYLOAD_KINDS:
         raise TypeError(
@@ -111,5 +130,6 @@ def check_exchanger(exchanger: Any) -> None:
     feedback = getattr(exchanger, "error_feedback", None)
     if not isinstance(feedback, bool):
         raise TypeError(f"an exchanger's error_feedback must be True or False; {what} has {feedback!r}")
-    if feedback and not isinstance(getattr(exchanger, "reference", None), Mapping):
-        raise TypeError(f"{what} has error_feedback=True but no reference mapping (the last values it pulled)")
+    quantize = getattr(exchanger, "quantize", None)
+    if quantize not in (None, "bf16", "int8"):
+        raise TypeError(f"an exchanger's quantize must be None, 'bf16' or 'int8'; {what} has {quantize!r}")

@@ -20,18 +20,17 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxlayerx._host import to_numpy
 from jaxlayerx.base import Model, NDArrays
-from jaxlayerx.dtypes import conform_dtype
-from jaxlayerx.errors import unknown_layer
+from jaxlayerx.merge import merge_payload
 from jaxlayerx.packing import read_names
-from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, merge_layers
+from jaxlayerx.payload import Entries
+from jaxlayerx.tree import DEFAULT_NNX_FILTER
 
 
 class SparseLayer(NamedTuple):
@@ -104,18 +103,6 @@ def write_coo(layers: Mapping[str, SparseLayer]) -> NDArrays:
         [np.asarray(layer.shape, np.int64) for layer in layers.values()],
         list(layers),
     )
-
-
-def coo_nbytes(
-    counts: Sequence[int], shapes: Sequence[tuple[int, ...]], itemsizes: Sequence[int], names: Sequence[str]
-) -> int:
-    """Bytes of the COO payload holding ``counts[i]`` weights of each named layer (as
-    :func:`jaxlayerx.payload_nbytes` counts :func:`write_coo`'s output): values, int64
-    indices and shapes, names."""
-    total = sum(
-        n * (itemsize + 8 * len(shape)) + 8 * len(shape) for n, shape, itemsize in zip(counts, shapes, itemsizes)
-    )
-    return int(total + np.array(list(names), dtype=np.str_).nbytes)
 
 
 def unravel(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -216,24 +203,8 @@ def merge_sparse_layers(
       KeyError: a name is not a layer of ``model``. ValueError: a layer's shape differs.
       TypeError: values that cannot be cast to the layer's dtype without loss.
     """
-    current = flatten(model, nnx_filter=nnx_filter)
-    checked: dict[str, Any] = {}
-    for name, layer in layers.items():
-        if name not in current:
-            raise unknown_layer(name, current)
-        like = current[name]
-        if tuple(layer.shape) != tuple(np.shape(like)):
-            raise ValueError(f"layer {name!r}: expected shape {tuple(np.shape(like))}, got {tuple(layer.shape)}")
-        checked[name] = conform_dtype(name, layer.values, like.dtype)
-    updates = {name: _scatter(current[name], layers[name].flat_indices, values) for name, values in checked.items()}
-    return merge_layers(model, updates, nnx_filter=nnx_filter)
-
-
-def _scatter(like: Any, flat: np.ndarray, values: Any) -> Any:
-    """A copy of the layer ``like`` with ``values`` written at row-major ``flat`` positions."""
-    if isinstance(like, (np.ndarray, np.generic)):
-        updated = np.array(cast("np.ndarray | np.generic[Any]", like), copy=True, order="C")
-        updated.reshape(-1)[flat] = np.asarray(values).astype(updated.dtype, copy=False)
-        return updated
-    like = jnp.asarray(like)
-    return like.reshape(-1).at[flat].set(jnp.asarray(values, like.dtype)).reshape(like.shape)
+    payload = collections.OrderedDict(
+        (name, Entries(np.asarray(layer.values), np.asarray(layer.flat_indices, np.int64), tuple(layer.shape)))
+        for name, layer in layers.items()
+    )
+    return merge_payload(model, payload, nnx_filter=nnx_filter)

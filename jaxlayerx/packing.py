@@ -86,8 +86,11 @@ def is_packed(payload: Sequence[Any]) -> bool:
 
 
 def payload_nbytes(payload: Sequence[np.ndarray]) -> int:
-    """Bytes of array data in a payload (names array included), as sent on the wire."""
-    return int(sum(np.asarray(array).nbytes for array in payload))
+    """Bytes of a payload as Flower sends it on the legacy route: each array's ``numpy.save``
+    blob, header and data (names array included); see :mod:`jaxlayerx.wire.npy`."""
+    from jaxlayerx.wire.npy import ndarrays_nbytes  # the wire package builds on this module
+
+    return ndarrays_nbytes(payload)
 
 
 def _check_names(names: list[str], count: int) -> None:

@@ -277,16 +277,27 @@ class _LayerSelectionRule:
                 "of the round (pass initial_model=...)"
             )
         check_snapshot(model, initial_model)
-        current, initial = as_flat_view(model), as_flat_view(initial_model)
-        if current.keys() != initial.keys():
-            check_matching_layers(current, initial)  # raises, naming the layer
+        current = as_flat_view(model)
+        names = tuple(current)
+        arrays = list(current.values())
+        chosen = np.flatnonzero(self.host_mask(current, as_flat_view(initial_model))).tolist()
+        return to_numpy([arrays[position] for position in chosen]), [names[position] for position in chosen]
+
+    def host_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> np.ndarray:
+        """:meth:`mask` for the host: a numpy boolean per layer, in the order of ``current``,
+        computed by one jitted function with one device-to-host transfer.
+
+        Raises:
+          KeyError: the two flat views do not have the same layers (naming the layer).
+          ValueError: a layer's shapes differ.
+        """
+        if current.keys() != reference.keys():
+            check_matching_layers(current, reference)  # raises, naming the layer
         # Shapes are checked by drift_norms while the mask function traces: a mismatch
         # changes the jit cache key, so it is always traced, and raises, before use.
         names = tuple(current)
-        arrays = list(current.values())
-        mask = self._mask_vector(names, arrays, [initial[name] for name in names])
-        chosen = np.flatnonzero(np.asarray(mask)).tolist()  # the one device-to-host sync of the selection
-        return to_numpy([arrays[position] for position in chosen]), [names[position] for position in chosen]
+        mask = self._mask_vector(names, list(current.values()), [reference[name] for name in names])
+        return np.asarray(mask)
 
     def _mask_vector(self, names: tuple[str, ...], current: list[Any], initial: list[Any]) -> jax.Array:
         raise NotImplementedError

@@ -125,14 +125,12 @@ def select_sparse_coo(
     Raises:
       KeyError, ValueError: the scores miss a layer, name an unknown one, or have another shape.
     """
-    validate_sparsity_level(sparsity_level)
-    scores = check_scores(score_gen_function(current, initial), current)
-    masks = to_numpy(cast(FlatView, _masks_at(scores, current, _threshold(scores, sparsity_level))).values())
+    masks = host_sparse_masks(score_gen_function, sparsity_level, current, initial)
     values: list[np.ndarray] = []
     indices: list[np.ndarray] = []
     shapes: list[np.ndarray] = []
     names: list[str] = []
-    for (name, layer), mask in zip(current.items(), masks):
+    for (name, layer), mask in zip(current.items(), masks.values()):
         if not mask.any():
             continue
         flat = np.flatnonzero(mask)
@@ -142,6 +140,21 @@ def select_sparse_coo(
         shapes.append(np.asarray(array.shape, np.int64))
         names.append(name)
     return values, (indices, shapes, names)
+
+
+def host_sparse_masks(
+    score_gen_function: Callable[[Any, Any], Mapping[str, Any]],
+    sparsity_level: float,
+    current: Mapping[str, jax.Array],
+    initial: Mapping[str, jax.Array] | None,
+) -> FlatView:
+    """:func:`sparse_masks` of the scores of ``current``, computed for the host: ``name ->
+    numpy bool array`` in the order of ``current`` (the threshold by ``numpy.partition``
+    when the scores are in host memory)."""
+    validate_sparsity_level(sparsity_level)
+    scores = check_scores(score_gen_function(current, initial), current)
+    masks = to_numpy(cast(FlatView, _masks_at(scores, current, _threshold(scores, sparsity_level))).values())
+    return FlatView(zip(current, masks))
 
 
 def check_scores(scores: Mapping[str, Any], layers: Mapping[str, Any]) -> FlatView:

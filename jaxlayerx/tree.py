@@ -29,6 +29,7 @@ from jax.tree_util import PyTreeDef
 from jaxlayerx.base import FlatView, Model
 from jaxlayerx.dtypes import conform_dtype
 from jaxlayerx.errors import unknown_layer
+from jaxlayerx.validation import check_shape
 
 #: NNX variables that a flat view holds by default: everything ``nnx.state`` holds but
 #: RNG state (keys and counters are not weights and must not be averaged).
@@ -198,11 +199,8 @@ def conform_layer(name: str, value: Any, like: Any) -> Any:
     Raises:
       ValueError: shapes differ. TypeError: the layer does not accept the value's dtype.
     """
-    shape, dtype = tuple(np.shape(like)), np.dtype(like.dtype)
-    got_shape = tuple(np.shape(value))
-    if got_shape != shape:
-        raise ValueError(f"layer {name!r}: expected shape {shape}, got {got_shape}")
-    return _place_like(conform_dtype(name, value, dtype), like)
+    check_shape(name, tuple(np.shape(value)), tuple(np.shape(like)))
+    return _place_like(conform_dtype(name, value, np.dtype(like.dtype)), like)
 
 
 def _place_like(value: Any, like: Any) -> Any:

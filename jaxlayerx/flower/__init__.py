@@ -1,29 +1,30 @@
 """Flower adapters: jaxlayerx exchangers in real, multi-process federations.
 
+Both routes are thin shells over the framework-free protocol core
+(:mod:`jaxlayerx.protocol`) and the codecs of :mod:`jaxlayerx.wire`, so they serve,
+validate, average and count bytes alike.
+
 The Message API (Flower 1.21 and later; these modules import only from ``flwr.app``,
 ``flwr.clientapp`` and ``flwr.serverapp``):
 
-* :func:`jaxlayerx.flower.clientapp.exchanger_client_app`: a ``ClientApp`` around a
+* :class:`FedAvgLayers` and :class:`FedAvgSparse` (:mod:`jaxlayerx.flower.serverapp`): the
+  layer and sparse exchange strategies of a ``ServerApp``;
+* :func:`exchanger_client_app` (:mod:`jaxlayerx.flower.clientapp`): a ``ClientApp`` around a
   model, a local train function and any jaxlayerx exchanger, its state kept in
   ``context.state`` between messages;
-* :mod:`jaxlayerx.flower.serverapp`: the partial and sparse exchange strategies;
-* :mod:`jaxlayerx.flower.records`: flat ``name -> array`` views as Flower records.
+* :mod:`jaxlayerx.flower.records`: payloads and models as Flower records.
 
-The legacy route (``NumPyClient`` and ``flwr.server.strategy``), for interoperating with
-fl4health's servers and clients:
+The legacy route (``NumPyClient`` and ``flwr.server.strategy``, :mod:`jaxlayerx.flower.legacy`),
+for interoperating with fl4health's servers and clients in fl4health's layouts:
 
 * :class:`ExchangerClient`: a Flower ``NumPyClient`` around a Flax model, a local train
-  function and any jaxlayerx exchanger, sparse ones included; :func:`stateful_client_fn`
-  and :func:`client_app` build Flower's ``client_fn``/``ClientApp`` from it, keeping the
-  model between messages.
-* :class:`FedAvgDynamicLayerStrategy`: a Flower ``FedAvg`` that averages packed, named,
-  partial payloads layer by layer and keeps the full global model.
-* :class:`FedAvgSparseCooTensorStrategy`: the same for fl4health's sparse COO payloads,
-  weight by weight.
+  function and any exchanger; :func:`stateful_client_fn` and :func:`client_app` build
+  Flower's ``client_fn``/``ClientApp`` from it, keeping the model between messages;
+* :class:`FedAvgDynamicLayerStrategy` and :class:`FedAvgSparseCooTensorStrategy`: Flower
+  ``FedAvg`` strategies averaging layers, or weights, over the clients that sent them.
 
-The legacy modules are loaded on first use of one of their names, so importing
-``jaxlayerx.flower`` (or its Message-API modules) loads none of Flower's deprecated
-import paths.
+Every name loads its module on first use, so importing ``jaxlayerx.flower`` loads none of
+Flower's deprecated import paths.
 
 Needs the ``flower`` extra: ``pip install 'jaxlayerx[flower]'``.
 """
@@ -39,37 +40,44 @@ except ImportError as error:  # pragma: no cover - exercised without the extra
     raise ImportError("jaxlayerx.flower needs Flower; install it with: pip install 'jaxlayerx[flower]'") from error
 
 from jaxlayerx.flower.metrics import weighted_metrics_average
-from jaxlayerx.flower.payloads import checked_payload
 
 if TYPE_CHECKING:
-    from jaxlayerx.flower.client import ExchangerClient, client_app, stateful_client_fn
     from jaxlayerx.flower.clientapp import exchanger_client_app
-    from jaxlayerx.flower.sparse_strategy import FedAvgSparseCooTensorStrategy
-    from jaxlayerx.flower.strategy import ClientRecord, FedAvgDynamicLayerStrategy, RoundRecord
+    from jaxlayerx.flower.history import NodeReply, RoundRecord
+    from jaxlayerx.flower.legacy.client import ExchangerClient, client_app, stateful_client_fn
+    from jaxlayerx.flower.legacy.strategy import FedAvgDynamicLayerStrategy, FedAvgSparseCooTensorStrategy
+    from jaxlayerx.flower.serverapp import ExchangeStrategy, FedAvgLayers, FedAvgSparse
 
 #: Public name -> the module that defines it, imported on first access.
 _LAZY = {
-    "ClientRecord": "jaxlayerx.flower.strategy",
-    "ExchangerClient": "jaxlayerx.flower.client",
-    "FedAvgDynamicLayerStrategy": "jaxlayerx.flower.strategy",
-    "FedAvgSparseCooTensorStrategy": "jaxlayerx.flower.sparse_strategy",
-    "RoundRecord": "jaxlayerx.flower.strategy",
-    "client_app": "jaxlayerx.flower.client",
+    "ExchangeStrategy": "jaxlayerx.flower.serverapp",
+    "FedAvgLayers": "jaxlayerx.flower.serverapp",
+    "FedAvgSparse": "jaxlayerx.flower.serverapp",
     "exchanger_client_app": "jaxlayerx.flower.clientapp",
-    "stateful_client_fn": "jaxlayerx.flower.client",
+    "NodeReply": "jaxlayerx.flower.history",
+    "RoundRecord": "jaxlayerx.flower.history",
+    "ExchangerClient": "jaxlayerx.flower.legacy.client",
+    "client_app": "jaxlayerx.flower.legacy.client",
+    "stateful_client_fn": "jaxlayerx.flower.legacy.client",
+    "FedAvgDynamicLayerStrategy": "jaxlayerx.flower.legacy.strategy",
+    "FedAvgSparseCooTensorStrategy": "jaxlayerx.flower.legacy.strategy",
 }
 
 __all__ = [
-    "ClientRecord",
+    # the Message API
+    "FedAvgLayers",
+    "FedAvgSparse",
+    "ExchangeStrategy",
+    "exchanger_client_app",
+    "RoundRecord",
+    "NodeReply",
+    "weighted_metrics_average",
+    # the legacy route
     "ExchangerClient",
     "FedAvgDynamicLayerStrategy",
     "FedAvgSparseCooTensorStrategy",
-    "RoundRecord",
     "client_app",
-    "checked_payload",
-    "exchanger_client_app",
     "stateful_client_fn",
-    "weighted_metrics_average",
 ]
 
 

@@ -1,31 +1,32 @@
-"""Flat ``name -> array`` views as Flower records, and the keys of the Message-API protocol.
+"""Payloads and models as Flower records, and the keys of the Message-API protocol.
 
-A dense payload is one :class:`flwr.app.ArrayRecord`: the layer names are its keys, in
-order. A sparse (COO) payload is three ArrayRecords with the same keys, in one
-``RecordDict``:
-
-* ``"arrays"`` (the strategy's ``arrayrecord_key``): each sent layer's 1-D values;
-* ``"coo-indices"``: each layer's ``(n, ndim)`` int64 row-major coordinates;
-* ``"coo-shapes"``: each layer's ``(ndim,)`` int64 shape.
+Every message of the exchange carries its payload as one ``ArrayRecord`` (under the
+strategy's ``arrayrecord_key``, ``"arrays"`` by default) in the compact encoding of
+:mod:`jaxlayerx.wire.compact`: whole layers, sparse entries, quantized updates alike.
+:func:`payload_to_record` and :func:`record_to_payload` convert; a whole model outside the
+exchange (a strategy's ``Result.arrays``, a checkpoint, your own code) is an ``ArrayRecord``
+keyed by layer names (:func:`arrays_to_record`, :func:`record_to_arrays`).
 
 Every dtype, bfloat16 and float16 included, crosses bit for bit: Flower serializes an
 ``Array`` with ``numpy.save``, which writes bfloat16 as raw ``|V2`` bytes, while
-``Array.dtype`` keeps the name ``"bfloat16"``; :func:`record_to_arrays` decodes by that name.
+``Array.dtype`` keeps the name ``"bfloat16"``; :func:`decode_array` decodes by that name.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import ml_dtypes as ml_dtypes  # noqa: F401 - registers bfloat16 and the other JAX dtypes with numpy
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from jaxlayerx._host import to_numpy
-from jaxlayerx.coo import SparseLayer, read_coo, unravel
+from jaxlayerx.coo import SparseLayer
+from jaxlayerx.payload import Entries, Payload
+from jaxlayerx.protocol import ClientState
+from jaxlayerx.wire import MESSAGE_API, compact
 
 #: The config key of the round a message belongs to (Flower's own name for it).
 SERVER_ROUND_KEY = "server-round"
@@ -39,9 +40,6 @@ NUM_EXAMPLES_KEY = "num-examples"
 BYTES_SENT_KEY = "jaxlayerx.bytes-sent"
 #: Metric key: bytes of the arrays the node received.
 BYTES_RECEIVED_KEY = "jaxlayerx.bytes-received"
-#: RecordDict keys of a sparse payload's coordinates and shapes (its values go under ``"arrays"``).
-COO_INDICES_KEY = "coo-indices"
-COO_SHAPES_KEY = "coo-shapes"
 #: The default ArrayRecord key of a message's arrays.
 ARRAYS_KEY = "arrays"
 
@@ -84,70 +82,100 @@ def decode_array(name: str, array: Array) -> np.ndarray:
     return value
 
 
-def sparse_to_records(layers: Mapping[str, SparseLayer], *, values_key: str = ARRAYS_KEY) -> dict[str, ArrayRecord]:
-    """``name -> SparseLayer`` as the three ArrayRecords of the COO layout (module docstring).
+def payload_to_record(payload: Payload) -> ArrayRecord:
+    """``payload`` as one ``ArrayRecord``, in the compact encoding."""
+    arrays = MESSAGE_API.encode(payload, sparse=True)
+    record = ArrayRecord()
+    for key, array in cast(Mapping[str, np.ndarray], arrays).items():
+        record[key] = Array(np.ascontiguousarray(array))
+    return record
 
-    Put them into the message's ``RecordDict`` (``content.update(...)`` or one by one).
+
+def record_to_payload(
+    record: ArrayRecord, layout: Mapping[str, Any] | None = None, *, allow_nonfinite: bool = True
+) -> Payload:
+    """The payload of a compact ``ArrayRecord``, checked whole against the model ``layout``
+    (``None``: read as it declares itself).
+
+    Raises:
+      ValueError, KeyError, TypeError: a malformed record, or one the model refuses (naming
+        the array or the layer).
     """
-    values = {name: layer.values for name, layer in layers.items()}
-    indices = {name: unravel(np.asarray(layer.flat_indices), layer.shape) for name, layer in layers.items()}
-    shapes = {name: np.asarray(layer.shape, np.int64) for name, layer in layers.items()}
-    return {
-        values_key: arrays_to_record(values),
-        COO_INDICES_KEY: arrays_to_record(indices),
-        COO_SHAPES_KEY: arrays_to_record(shapes),
-    }
+    arrays = record_to_arrays(record)
+    if layout is None:
+        return compact.decode(arrays, None, allow_nonfinite=allow_nonfinite)
+    return MESSAGE_API.decode(arrays, layout, allow_nonfinite=allow_nonfinite)
 
 
-def is_sparse(content: RecordDict) -> bool:
-    """Whether ``content`` holds a COO payload (it has the coordinates record)."""
-    return COO_INDICES_KEY in content.array_records
+def sparse_to_records(layers: Mapping[str, SparseLayer], *, values_key: str = ARRAYS_KEY) -> dict[str, ArrayRecord]:
+    """``name -> SparseLayer`` as the records of a message: ``{values_key: ArrayRecord}``
+    in the compact encoding (each layer in its cheapest form).
+
+    Put them into the message's ``RecordDict`` (``content.update(...)``).
+    """
+    payload: Payload = collections.OrderedDict()
+    for name, layer in layers.items():
+        flat = np.asarray(layer.flat_indices, np.int64)
+        order = np.argsort(flat, kind="stable")
+        payload[name] = Entries(np.asarray(layer.values)[order], flat[order], tuple(layer.shape))
+    return {values_key: payload_to_record(payload)}
+
+
+def is_sparse(content: RecordDict, *, values_key: str = ARRAYS_KEY) -> bool:
+    """Whether ``content`` holds a payload of single entries (some layer not sent whole)."""
+    record = content.array_records.get(values_key)
+    if record is None or compact.HEADER_KEY not in record:
+        return False
+    return any(not entries.dense for entries in record_to_payload(record).values())
 
 
 def records_to_sparse(
     content: RecordDict | Mapping[str, ArrayRecord], *, values_key: str = ARRAYS_KEY
 ) -> collections.OrderedDict[str, SparseLayer]:
-    """The COO layers of ``content``, in the values record's order, after checking all of it.
+    """The entries of ``content``'s payload as ``name -> SparseLayer``, in payload order,
+    whatever each layer's encoding: a layer sent whole comes back as all of its entries.
 
     Raises:
-      KeyError: a missing record.
-      ValueError: the three records name different layers; an entry that does not decode;
-        the checks of :func:`jaxlayerx.read_coo` (1-D values, ``(n, ndim)`` indices in
-        bounds and distinct, a non-negative shape), naming the layer.
-      TypeError: indices or a shape that are not integers.
-    """
-    return read_coo(records_to_coo_payload(content, values_key=values_key))
-
-
-def records_to_coo_payload(
-    content: RecordDict | Mapping[str, ArrayRecord], *, values_key: str = ARRAYS_KEY
-) -> list[np.ndarray]:
-    """The COO records of ``content`` as the legacy payload ``values + indices + shapes + [names]``
-    (:func:`jaxlayerx.pack_coo`'s layout), decoded but not yet checked (see :func:`records_to_sparse`).
-
-    Raises:
-      KeyError: a missing record. ValueError: the records name different layers; an entry that does not decode.
+      KeyError: no record under ``values_key``.
+      ValueError, TypeError: a malformed payload (naming the array or the layer).
     """
     records = content.array_records if isinstance(content, RecordDict) else content
-    parts: list[collections.OrderedDict[str, np.ndarray]] = []
-    for key in (values_key, COO_INDICES_KEY, COO_SHAPES_KEY):
-        if key not in records:
-            raise KeyError(f"a sparse payload needs the ArrayRecord {key!r}; got {sorted(records)}")
-        parts.append(record_to_arrays(records[key]))
-    values, indices, shapes = parts
-    names = list(values)
-    for key, part in zip((COO_INDICES_KEY, COO_SHAPES_KEY), (indices, shapes)):
-        if list(part) != names:
-            raise ValueError(f"the ArrayRecord {key!r} names layers {list(part)}, the values name {names}")
-    return [*values.values(), *indices.values(), *shapes.values(), np.array(names, dtype=np.str_)]
+    if values_key not in records:
+        raise KeyError(f"no ArrayRecord {values_key!r}; got {sorted(records)}")
+    return collections.OrderedDict(
+        (name, SparseLayer(np.asarray(entries.values), entries.flat_indices(), entries.shape))
+        for name, entries in record_to_payload(records[values_key]).items()
+    )
+
+
+#: ``context.state`` keys of a client: its layers, the version it holds, its exchanger's state.
+STATE_LAYERS = "jaxlayerx.layers"
+STATE_VERSION = "jaxlayerx.version"
+STATE_EXCHANGE = "jaxlayerx.exchange"
+#: The saved version of a client that holds nothing yet.
+NO_VERSION = -2
+
+
+def save_client(saved: RecordDict, layers: Mapping[str, Any], state: ClientState) -> None:
+    """Writes a client's layers and protocol state into ``saved`` (a ``context.state``)."""
+    saved[STATE_LAYERS] = arrays_to_record(layers)
+    saved[STATE_VERSION] = ConfigRecord({"version": NO_VERSION if state.version is None else state.version})
+    saved[STATE_EXCHANGE] = arrays_to_record(state.to_arrays())
+
+
+def load_client(saved: RecordDict) -> tuple[collections.OrderedDict[str, np.ndarray], ClientState | None]:
+    """What :func:`save_client` wrote: the layers and the state (``None`` when nothing was saved)."""
+    if STATE_VERSION not in saved.config_records:
+        return collections.OrderedDict(), None
+    layers_record = saved.array_records.get(STATE_LAYERS)
+    layers = record_to_arrays(layers_record if layers_record is not None else ArrayRecord())
+    version = int(cast(Any, saved.config_records[STATE_VERSION]["version"]))
+    exchange_record = saved.array_records.get(STATE_EXCHANGE)
+    exchange = record_to_arrays(exchange_record if exchange_record is not None else ArrayRecord())
+    return layers, ClientState.from_arrays(None if version == NO_VERSION else version, exchange)
 
 
 def content_nbytes(content: RecordDict) -> int:
     """Bytes of the arrays ``content`` carries, as Flower counts them (``ArrayRecord.count_bytes``,
     what ``arrays_size_mod`` logs)."""
     return sum(record.count_bytes() for record in content.array_records.values())
-
-
-def data_nbytes(layers: Mapping[str, np.ndarray]) -> int:
-    """Bytes of the array data alone (no serialization headers, no names)."""
-    return sum(math.prod(np.shape(array)) * np.asarray(array).dtype.itemsize for array in layers.values())

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from jaxlayerx import __version__
+from jaxlayerx.quantize import QUANTIZE_MODES
 from jaxlayerx.selection import MEASURES
 from jaxlayerx.simulation.cache import CACHE_VARIABLE, cache_dir, enable_compile_cache
 from jaxlayerx.simulation.datasets import DATASETS
@@ -201,10 +202,17 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
         help="dynamic-* and sparse-*: measure drift from the last values pulled, so what was not sent accumulates",
     )
     exchange.add_argument(
+        "--quantize",
+        choices=("none", *QUANTIZE_MODES),
+        default="none",
+        help="code each upload's update in bf16, or in int8 with one scale per layer; with --error-feedback, "
+        "what quantization loses is carried into the next round (default: none)",
+    )
+    exchange.add_argument(
         "--sparsity-level",
         type=float,
         default=0.1,
-        help="sparse-*: fraction of all weights sent each round, in (0, 1]; bytes count the COO indices (default: 0.1)",
+        help="sparse-*: fraction of all weights sent each round, in (0, 1]; bytes count the indices (default: 0.1)",
     )
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -248,6 +256,7 @@ def specs_from_args(args: argparse.Namespace) -> list[ExchangerSpec]:
     for name in names:
         for byte_fraction in _budgets(args.budget) if name == "dynamic-budget" else [0.5]:
             adaptive = name.startswith(("dynamic-", "sparse-"))
+            quantize = None if args.quantize == "none" else args.quantize
             specs.append(
                 ExchangerSpec(
                     kind=name,
@@ -259,7 +268,8 @@ def specs_from_args(args: argparse.Namespace) -> list[ExchangerSpec]:
                     sparsity_level=args.sparsity_level,
                     measure=args.measure,
                     byte_fraction=byte_fraction,
-                    error_feedback=args.error_feedback and adaptive,
+                    error_feedback=args.error_feedback and (adaptive or quantize is not None),
+                    quantize=quantize,
                 )
             )
     return specs

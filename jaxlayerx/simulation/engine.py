@@ -44,16 +44,19 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlayerx.aggregation import AVERAGE_OVER, masked_fedavg
+from jaxlayerx.aggregation import AVERAGE_OVER, compiled_masked_fedavg
 from jaxlayerx.base import Exchanger, FlatView, check_exchanger
-from jaxlayerx.coo import coo_nbytes
 from jaxlayerx.errors import unknown_layer
+from jaxlayerx.protocol import ledger
+from jaxlayerx.protocol.accounting import LayerSpec, download_nbytes, upload_nbytes
+from jaxlayerx.quantize import drift_reference, quantized_push
 from jaxlayerx.simulation.adapters import ModelAdapter
 from jaxlayerx.simulation.data import ClientData
 from jaxlayerx.simulation.exchange import ExchangerSpec
 from jaxlayerx.simulation.models import MLP
 from jaxlayerx.simulation.server import SERVER_OPTIMIZERS, init_server_state, server_optimizer, server_step
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, unflatten
+from jaxlayerx.wire import MESSAGE_API, Wire
 
 #: Local steps per round above this are refused (a typo, not a plan).
 MAX_LOCAL_STEPS = 100_000
@@ -155,6 +158,8 @@ class SimulationState:
       global_layers: the server's model.
       client_layers: every client's own model, stacked on a leading client axis.
       references: with error feedback, every client's last pulled values (stacked); else empty.
+      residuals: with error feedback and quantization, every client's carried quantization
+        error (float32, stacked); else empty.
       updated_in: per layer (per weight, for sparse exchangers), the round in which the
         global value last changed (0: the initial model).
       synced: ``(num_clients,)``, the round whose global model each client holds (``-1``:
@@ -166,6 +171,7 @@ class SimulationState:
     global_layers: FlatView
     client_layers: FlatView
     references: FlatView
+    residuals: FlatView
     updated_in: FlatView
     synced: jax.Array
     server_state: FlatView
@@ -176,6 +182,33 @@ class SimulationState:
         """What the last round changed in the global model: what a client that took part in
         it pulls next (a scalar per layer, or per weight)."""
         return FlatView((name, rounds == self.round_index) for name, rounds in self.updated_in.items())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ClientUpdates:
+    """What the sampled clients of a round computed (client-stacked device arrays).
+
+    Attributes:
+      starts, trained: each client's layers at the round's start and after training.
+      masks: what each sent (a boolean per layer, or per weight).
+      values: what the server receives of it: the trained values, or with quantization
+        what the server rebuilds.
+      references, residuals: each client's error-feedback state after the round.
+      counts: each client's weight (its training examples, float32).
+      pull_counts: ``(clients, layers)``: how many values of each layer each pulled.
+      first_contact: whether each got the whole model.
+    """
+
+    starts: FlatView
+    trained: FlatView
+    masks: FlatView
+    values: FlatView
+    references: FlatView
+    residuals: FlatView
+    counts: jax.Array
+    pull_counts: jax.Array
+    first_contact: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -213,6 +246,8 @@ class Simulation:
         exchanger's class name.
       nnx_filter: for an ``nnx.Module``, which variables are layers (exchanged, and kept per
         client); the spec's exchanger is built with it. Default: all but RNG state.
+      wire: the route whose bytes the records count (:class:`jaxlayerx.wire.Wire`): the
+        Message API by default, or :data:`jaxlayerx.wire.LEGACY` (fl4health's layouts).
 
     Raises:
       TypeError, ValueError: the exchanger does not satisfy the interface, or its
@@ -229,8 +264,10 @@ class Simulation:
         *,
         label: str | None = None,
         nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
+        wire: Wire = MESSAGE_API,
     ) -> None:
         self.config, self.data = config, data
+        self.wire = wire
         self.clients_per_round = config.clients_per_round or data.num_clients
         if self.clients_per_round > data.num_clients:
             raise ValueError(
@@ -252,20 +289,18 @@ class Simulation:
         abstract: FlatView = jax.eval_shape(lambda: self.initial_layers)  # pyright: ignore[reportUnknownMemberType]
         self.layer_names = list(abstract)
         self.mask_shapes = _mask_shapes(exchanger, abstract)
-        self.layer_shapes = [tuple(layer.shape) for layer in abstract.values()]
-        self.layer_itemsizes = [layer.dtype.itemsize for layer in abstract.values()]
-        self.layer_nbytes = np.array(
-            [math.prod(shape) * size for shape, size in zip(self.layer_shapes, self.layer_itemsizes)]
-        )
+        self.layer_specs = [
+            LayerSpec(name, tuple(layer.shape), np.dtype(layer.dtype)) for name, layer in abstract.items()
+        ]
+        self.layer_sizes = np.array([math.prod(spec.shape) for spec in self.layer_specs], np.int64)
+        self.entrywise = any(shape != () for shape in self.mask_shapes.values())
         self.optimizer = config.optimizer
         self.server_optimizer = server_optimizer(config.server_optimizer, config.server_lr)
         chunked = config.chunk_size is not None and config.chunk_size < self.clients_per_round
         self._client_sharding, self._replicated = (None, None) if chunked else _shardings(self.clients_per_round)
         self._arrays = tuple(jnp.asarray(a) for a in _client_arrays(data))
-        self._round = jax.jit(self._round_fn)  # pyright: ignore[reportUnknownMemberType]
-        # The round as ``round`` calls it: the batch keys drawn inside, so that a round is one
-        # dispatch; and the initial state built in one computation.
-        self._keyed_round = jax.jit(self._keyed_round_fn)  # pyright: ignore[reportUnknownMemberType]
+        self._clients = jax.jit(self._clients_fn)  # pyright: ignore[reportUnknownMemberType]
+        self._finish = jax.jit(self._finish_fn)  # pyright: ignore[reportUnknownMemberType]
         self._init_state = jax.jit(self._init_state_fn)  # pyright: ignore[reportUnknownMemberType]
 
     def init_state(self) -> SimulationState:
@@ -276,11 +311,15 @@ class Simulation:
         clients = self.data.num_clients
         client_layers = FlatView((n, jnp.broadcast_to(v, (clients, *v.shape))) for n, v in global_layers.items())
         references = client_layers if self.exchanger.error_feedback else FlatView()
+        residuals = FlatView()
+        if self.exchanger.error_feedback and self.exchanger.quantize is not None:
+            residuals = FlatView((n, jnp.zeros((clients, *v.shape), jnp.float32)) for n, v in global_layers.items())
         updated_in = FlatView((n, jnp.zeros(shape, jnp.int32)) for n, shape in self.mask_shapes.items())
         return SimulationState(
             global_layers=global_layers,
             client_layers=client_layers,
             references=references,
+            residuals=residuals,
             updated_in=updated_in,
             synced=jnp.full(clients, -1, jnp.int32),
             server_state=init_server_state(self.server_optimizer, global_layers),
@@ -296,12 +335,28 @@ class Simulation:
         return np.sort(rng.choice(self.data.num_clients, self.clients_per_round, replace=False)).astype(np.int32)
 
     def round(self, state: SimulationState, round_index: int) -> RoundOutput:
-        """Runs round ``round_index`` (from 1) from ``state``."""
+        """Runs round ``round_index`` (from 1) from ``state``.
+
+        Three compiled programs: the clients' updates, the server's masked average (the very
+        program a Flower server runs, :func:`jaxlayerx.aggregation.compiled_masked_fedavg`,
+        so that both average bit for bit alike), and the server step with the evaluation.
+        """
         clients = self.sample_clients(round_index)
-        return cast(
-            RoundOutput,
-            self._keyed_round(state, np.int32(round_index), clients, self._batch_key, *self._arrays),
+        index = np.int32(round_index)
+        x_train, y_train, n_train, *tests = self._arrays
+        updates = cast(ClientUpdates, self._clients(state, index, clients, self._batch_key, x_train, y_train, n_train))
+        averages, sent = cast(
+            tuple[FlatView, FlatView],
+            compiled_masked_fedavg(  # the program a Flower server runs
+                updates.values,
+                updates.masks,
+                updates.counts,
+                state.global_layers,
+                weighted=self.config.weighted,
+                over=self.config.average_over,
+            ),
         )
+        return cast(RoundOutput, self._finish(state, index, clients, updates, averages, sent, *tests))
 
     def round_keys(self, round_index: jax.Array, clients: jax.Array, batch_key: jax.Array) -> jax.Array:
         """The batch keys of the round's clients: client ``c`` of round ``r`` draws from
@@ -329,60 +384,67 @@ class Simulation:
 
     # -- the jitted round ------------------------------------------------------------------
 
-    def _keyed_round_fn(
+    def _clients_fn(
         self,
         state: SimulationState,
         round_index: jax.Array,
         clients: jax.Array,
         batch_key: jax.Array,
-        *arrays: jax.Array,
-    ) -> RoundOutput:
+        x_train: jax.Array,
+        y_train: jax.Array,
+        n_train: jax.Array,
+    ) -> ClientUpdates:
+        """The sampled clients' round: what each pulls, trains and sends (one program)."""
+        take = functools.partial(_take, clients)
         keys = self.round_keys(round_index, clients, batch_key)
-        return self._round_fn(state, round_index, clients, keys, *arrays)
+        synced = state.synced[clients]
+        pull_masks = FlatView(
+            (name, ledger.changed_since(rounds[None], synced.reshape(-1, *(1,) * rounds.ndim)))
+            for name, rounds in state.updated_in.items()
+        )
+        inputs = (
+            pull_masks,
+            take(state.client_layers),
+            take(state.references),
+            take(state.residuals),
+            keys,
+            *map(take, (x_train, y_train, n_train)),
+        )
+        starts, trained, masks, references, residuals, values = self._map_clients(
+            functools.partial(self.client_update, state.global_layers), self._shard(inputs)
+        )
+        return ClientUpdates(
+            starts=starts,
+            trained=self._replicate(trained),
+            masks=self._replicate(masks),
+            values=self._replicate(values),
+            references=references,
+            residuals=residuals,
+            counts=take(n_train).astype(jnp.float32),
+            pull_counts=_counts(pull_masks),
+            first_contact=synced == ledger.NOTHING,
+        )
 
-    def _round_fn(
+    def _finish_fn(
         self,
         state: SimulationState,
         round_index: jax.Array,
         clients: jax.Array,
-        keys: jax.Array,
-        x_train: jax.Array,
-        y_train: jax.Array,
-        n_train: jax.Array,
+        updates: ClientUpdates,
+        averages: FlatView,
+        sent: FlatView,
         x_test: jax.Array,
         y_test: jax.Array,
         n_test: jax.Array,
         x_global: jax.Array,
         y_global: jax.Array,
     ) -> RoundOutput:
+        """The server's step after the average, the evaluation and the next state (one program)."""
         take = functools.partial(_take, clients)
-        synced = state.synced[clients]
-        pull_masks = FlatView(
-            (name, rounds[None] > synced.reshape(-1, *(1,) * rounds.ndim)) for name, rounds in state.updated_in.items()
-        )
-        inputs = (
-            pull_masks,
-            take(state.client_layers),
-            take(state.references),
-            keys,
-            *map(take, (x_train, y_train, n_train)),
-        )
-        starts, trained, masks, references = self._map_clients(
-            functools.partial(self.client_update, state.global_layers), self._shard(inputs)
-        )
-        trained, masks = self._replicate(trained), self._replicate(masks)
-        counts = take(n_train).astype(jnp.float32)
-        averages, sent = masked_fedavg(
-            trained,
-            masks,
-            counts,
-            weighted=self.config.weighted,
-            fallback=state.global_layers,
-            over=self.config.average_over,
-        )
         global_layers, server_state = server_step(
             self.server_optimizer, state.global_layers, averages, sent, state.server_state
         )
+        trained = updates.trained
         personal = FlatView((n, jnp.where(sent[n], global_layers[n], trained[n])) for n in trained)
         global_loss, global_accuracy = self._evaluate(global_layers, x_global, y_global, jnp.asarray(len(y_global)))
         evaluated = self._map_clients(
@@ -391,9 +453,12 @@ class Simulation:
         new_state = SimulationState(
             global_layers=global_layers,
             client_layers=_put(state.client_layers, clients, trained),
-            references=_put(state.references, clients, references),
-            updated_in=FlatView((n, jnp.where(sent[n], round_index, rounds)) for n, rounds in state.updated_in.items()),
-            synced=state.synced.at[clients].set(round_index - 1),
+            references=_put(state.references, clients, updates.references),
+            residuals=_put(state.residuals, clients, updates.residuals),
+            updated_in=FlatView(
+                (n, ledger.mark_changed(rounds, sent[n], round_index, jnp)) for n, rounds in state.updated_in.items()
+            ),
+            synced=state.synced.at[clients].set(ledger.held_after_round(round_index)),  # pyright: ignore[reportArgumentType]
             server_state=server_state,
             round_index=round_index,
         )
@@ -401,11 +466,11 @@ class Simulation:
             "global_loss": global_loss,
             "global_accuracy": global_accuracy,
             "local_accuracy": evaluated[1],
-            "send_counts": _counts(masks),
-            "pull_counts": _counts(pull_masks),
-            "first_contact": synced < 0,
+            "send_counts": _counts(updates.masks),
+            "pull_counts": updates.pull_counts,
+            "first_contact": updates.first_contact,
         }
-        return RoundOutput(new_state, clients, starts, trained, masks, metrics)
+        return RoundOutput(new_state, clients, updates.starts, trained, updates.masks, metrics)
 
     def _map_clients(self, function: Callable[[Any], Any], inputs: Any) -> Any:
         """``function`` over the leading client axis of ``inputs``: one ``vmap``, or
@@ -418,20 +483,41 @@ class Simulation:
 
     def client_update(
         self, global_layers: FlatView, inputs: tuple[Any, ...]
-    ) -> tuple[FlatView, FlatView, FlatView, FlatView]:
+    ) -> tuple[FlatView, FlatView, FlatView, FlatView, FlatView, FlatView]:
         """One client's round (pure): merge what it pulls, train, pick what to send.
 
-        ``inputs`` is ``(pull_mask, own layers, reference, key, x, y, n)``; ``reference``
-        holds the client's last pulled values (error feedback; else empty). Returns the
-        round's starting layers, the trained layers, the send mask and the updated reference.
+        ``inputs`` is ``(pull_mask, own layers, reference, residual, key, x, y, n)``;
+        ``reference`` holds the client's last pulled values (error feedback; else empty),
+        ``residual`` its carried quantization error (error feedback with quantization; else
+        empty). Returns the round's starting layers, the trained layers, the send mask, the
+        updated reference and residual, and the values the server receives: the trained
+        ones, or with quantization what the server rebuilds over its global values (which
+        the client holds, having just pulled every change).
         """
-        pull_mask, local, reference, key, x, y, n = inputs
+        pull_mask, local, reference, residual, key, x, y, n = inputs
+        exchanger = self.exchanger
         start = _merged(pull_mask, global_layers, local)
-        if self.exchanger.error_feedback:
+        if exchanger.error_feedback:
             reference = _merged(pull_mask, global_layers, reference)
         trained = self._train(start, key, x, y, n)
-        mask = self.exchanger.send_mask(trained, reference if self.exchanger.error_feedback else start)
-        return start, trained, FlatView((name, jnp.asarray(mask[name], bool)) for name in trained), reference
+        if not exchanger.error_feedback:
+            drift_from = start
+        elif residual:
+            drift_from = FlatView((name, drift_reference(reference[name], residual[name])) for name in reference)
+        else:
+            drift_from = reference
+        mask = exchanger.send_mask(trained, drift_from)
+        mask = FlatView((name, jnp.asarray(mask[name], bool)) for name in trained)
+        values = trained
+        if exchanger.quantize is not None:
+            values, new_residual = FlatView(), FlatView()
+            for name in trained:
+                carried = residual[name] if residual else jnp.zeros((), jnp.float32)
+                _, _, values[name], new_residual[name] = quantized_push(
+                    trained[name], global_layers[name], carried, mask[name], exchanger.quantize
+                )
+            residual = new_residual if residual else residual
+        return start, trained, mask, reference, residual, values
 
     def _train(self, start: FlatView, key: jax.Array, x: jax.Array, y: jax.Array, n: jax.Array) -> FlatView:
         params = FlatView((name, start[name]) for name in self.model.trainable)
@@ -485,16 +571,11 @@ class Simulation:
     # -- host side -------------------------------------------------------------------------
 
     def _record(self, round_index: int, output: RoundOutput) -> dict[str, Any]:
-        """The round's metrics: accuracies, and the exact bytes of the payloads."""
+        """The round's metrics: accuracies, and the exact bytes of every message."""
         metrics, clients = jax.device_get((output.metrics, output.clients))  # one fetch a round
         clients = np.asarray(clients)
-        send_counts = np.asarray(metrics["send_counts"])  # (clients, layers): values sent
-        pull_counts = np.asarray(metrics["pull_counts"])  # (clients, layers): values pulled
-        upload = [self._payload_bytes(row, self.exchanger.payload_kind) for row in send_counts]
-        download = [
-            self._payload_bytes(row, "positional" if first else self.exchanger.payload_kind)
-            for row, first in zip(pull_counts, metrics["first_contact"])
-        ]
+        upload, download = self.message_bytes(metrics)
+        sent_entries = self.entry_counts(np.asarray(metrics["send_counts"]))
         has_test = self.data.n_test[clients] > 0
         local = [float(a) if tested else None for a, tested in zip(metrics["local_accuracy"], has_test)]
         return {
@@ -508,33 +589,33 @@ class Simulation:
             "local_accuracy": local,
             "upload_bytes": int(sum(upload)),
             "download_bytes": int(sum(download)),
-            "layers_sent": [int(np.count_nonzero(row)) for row in send_counts],
+            "client_upload_bytes": upload,
+            "client_download_bytes": download,
+            "layers_sent": [int(np.count_nonzero(row)) for row in sent_entries],
         }
 
-    def _payload_bytes(self, counts: np.ndarray, kind: str) -> int:
-        """Exact bytes of a payload of ``kind`` holding ``counts[i]`` values of layer ``i``,
-        as :func:`jaxlayerx.payload_nbytes` counts them."""
-        if kind == "sparse":
-            return self._coo_bytes(counts)
-        return self._dense_bytes(counts > 0, names=kind == "named")
+    def message_bytes(self, metrics: Mapping[str, Any], wire: Wire | None = None) -> tuple[list[int], list[int]]:
+        """``(upload, download)``: the bytes of each sampled client's reply and of the message
+        it was sent, in a round's ``metrics`` (:attr:`RoundOutput.metrics`), on ``wire``
+        (default: the simulation's), through the codecs the Flower routes encode with."""
+        wire = self.wire if wire is None else wire
+        sent_entries = self.entry_counts(np.asarray(metrics["send_counts"]))
+        pulled_entries = self.entry_counts(np.asarray(metrics["pull_counts"]))
+        quantize = self.exchanger.quantize
+        upload = [
+            upload_nbytes(wire, self.layer_specs, row, sparse=self.entrywise, quantize=quantize) for row in sent_entries
+        ]
+        download = [
+            download_nbytes(wire, self.layer_specs, row, sparse=self.entrywise, whole_model=bool(first))
+            for row, first in zip(pulled_entries, np.asarray(metrics["first_contact"]).tolist())
+        ]
+        return upload, download
 
-    def _dense_bytes(self, mask: np.ndarray, names: bool) -> int:
-        """The masked layers, plus their names array when ``names``."""
-        arrays = int(self.layer_nbytes[mask].sum())
-        if not names:
-            return arrays
-        selected = [name for name, keep in zip(self.layer_names, mask) if keep]
-        return arrays + np.array(selected, dtype=np.str_).nbytes
-
-    def _coo_bytes(self, counts: np.ndarray) -> int:
-        """The COO payload holding ``counts[i]`` values of layer ``i`` (layers with none are not sent)."""
-        sent = np.flatnonzero(counts)
-        return coo_nbytes(
-            [int(counts[i]) for i in sent],
-            [self.layer_shapes[i] for i in sent],
-            [self.layer_itemsizes[i] for i in sent],
-            [self.layer_names[i] for i in sent],
-        )
+    def entry_counts(self, counts: np.ndarray) -> np.ndarray:
+        """``(clients, layers)`` entries from a round's send or pull counts, a layer-wise
+        mask's flag (0 or 1) read as none or every entry of its layer."""
+        scalar = np.array([shape == () for shape in self.mask_shapes.values()])
+        return np.where(scalar, np.asarray(counts, np.int64) * self.layer_sizes, counts).astype(np.int64)
 
     def _variables_like_module(self) -> Any:
         """The initial model in the module's own form: Linen variables, or the NNX module."""

@@ -18,6 +18,7 @@ from jaxlayerx.exchangers import (
     LayerExchangerWithExclusions,
     SparseCooParameterExchanger,
 )
+from jaxlayerx.quantize import check_quantize
 from jaxlayerx.scores import SCORE_FUNCTIONS
 from jaxlayerx.selection import (
     LayerSelectionFunctionConstructor,
@@ -54,7 +55,10 @@ class ExchangerSpec:
       sparsity_level: for the sparse kinds, the fraction of all weights sent (see
         :class:`jaxlayerx.SparseCooParameterExchanger`).
       error_feedback: for the dynamic and sparse kinds, measure drift from the last values
-        pulled (see :mod:`jaxlayerx.feedback`).
+        pulled (see :mod:`jaxlayerx.state`); with ``quantize``, for every kind, carry what
+        quantization lost into the next round.
+      quantize: ``None``, ``"bf16"`` or ``"int8"``: how uploads are coded (see
+        :mod:`jaxlayerx.quantize`).
     """
 
     kind: str = "full"
@@ -67,6 +71,7 @@ class ExchangerSpec:
     measure: str | None = None
     byte_fraction: float = 0.5
     error_feedback: bool = False
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in EXCHANGER_KINDS:
@@ -78,9 +83,11 @@ class ExchangerSpec:
         resolve_measure(self.measure, self.normalize)
         if self.kind == "fixed" and not self.layers:
             raise ValueError("the fixed exchanger needs at least one layer name or glob")
-        if self.error_feedback and not self.adaptive:
+        check_quantize(self.quantize)
+        if self.error_feedback and not self.adaptive and self.quantize is None:
             raise ValueError(
-                f"error feedback needs a dynamic or sparse exchanger; {self.kind} always sends the same layers"
+                f"error feedback needs a dynamic or sparse exchanger, or quantization; {self.kind} always sends "
+                "the same layers"
             )
         if self.kind == "dynamic-budget" and not self.select_drift_more:
             raise ValueError(
@@ -109,6 +116,8 @@ class ExchangerSpec:
             parameters.append("less")
         if self.error_feedback:
             parameters.append("ef")
+        if self.quantize is not None:
+            parameters.append(self.quantize)
         return f"{self.kind}({', '.join(parameters)})" if parameters else self.kind
 
     def make_exchanger(
@@ -120,20 +129,18 @@ class ExchangerSpec:
     ) -> Exchanger:
         """The core exchanger this spec names, for ``module`` (Linen, traced on
         ``example_args``, or NNX) and its ``variables``, reading NNX variables through ``nnx_filter``."""
+        options: dict[str, Any] = {"quantize": self.quantize, "nnx_filter": nnx_filter}
         if self.kind == "full":
-            return FullParameterExchanger(nnx_filter=nnx_filter)
+            return FullParameterExchanger(error_feedback=self.error_feedback, **options)
         if self.kind == "fixed":
-            return FixedLayerExchanger(
-                match_layers(self.layers, flatten(variables, nnx_filter=nnx_filter)), nnx_filter=nnx_filter
-            )
-        if self.kind == "exclude-bn" and isinstance(module, nnx.Module):
-            return LayerExchangerWithExclusions(module, {nnx.BatchNorm}, nnx_filter=nnx_filter)
+            layers = match_layers(self.layers, flatten(variables, nnx_filter=nnx_filter))
+            return FixedLayerExchanger(layers, error_feedback=self.error_feedback, **options)
         if self.kind == "exclude-bn":
-            return LayerExchangerWithExclusions(module, {nn.BatchNorm}, *example_args, nnx_filter=nnx_filter)
+            excluded = {nnx.BatchNorm} if isinstance(module, nnx.Module) else {nn.BatchNorm}
+            args = () if isinstance(module, nnx.Module) else example_args
+            return LayerExchangerWithExclusions(module, excluded, *args, error_feedback=self.error_feedback, **options)
         if self.kind in SPARSE_KINDS:
-            return SparseCooParameterExchanger(
-                self.sparsity_level, self.score_function, self.error_feedback, nnx_filter=nnx_filter
-            )
+            return SparseCooParameterExchanger(self.sparsity_level, self.score_function, self.error_feedback, **options)
         rules = LayerSelectionFunctionConstructor(
             self.norm_threshold, self.exchange_percentage, self.normalize, self.select_drift_more, measure=self.measure
         )
@@ -142,7 +149,7 @@ class ExchangerSpec:
             "dynamic-percentage": rules.select_by_percentage,
             "dynamic-budget": lambda: rules.select_by_budget(self.byte_fraction),
         }[self.kind]()
-        return DynamicLayerExchanger(select, self.error_feedback, nnx_filter=nnx_filter)
+        return DynamicLayerExchanger(select, self.error_feedback, **options)
 
 
 def match_layers(patterns: tuple[str, ...] | list[str], names: Any) -> list[str]:

@@ -1,8 +1,8 @@
 """The example's ServerApp: partial (or sparse) layer exchange on the digits, averaged per layer.
 
 The run config (``pyproject.toml``, or ``flwr run ... --run-config``) picks the exchanger the
-nodes run; a sparse one gets :class:`jaxlayerx.flower.serverapp.FedAvgSparseCooTensor`,
-any other :class:`jaxlayerx.flower.serverapp.FedAvgDynamicLayer`. With ``record-dir`` set,
+nodes run; a sparse one gets :class:`jaxlayerx.flower.serverapp.FedAvgSparse`,
+any other :class:`jaxlayerx.flower.serverapp.FedAvgLayers`. With ``record-dir`` set,
 the ServerApp writes what a run can be checked against (see :func:`record_round`).
 """
 
@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from digits_app import task
 from jaxlayerx.flower.records import arrays_to_record, content_nbytes, record_to_arrays
-from jaxlayerx.flower.serverapp import FedAvgDynamicLayer, FedAvgSparseCooTensor
+from jaxlayerx.flower.serverapp import ExchangeStrategy, FedAvgLayers, FedAvgSparse
 from jaxlayerx.tree import flatten, unflatten
 
 app = ServerApp()
@@ -34,7 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     nodes = int(config["min-nodes"])
     variables = task.init_variables()
     exchanger = task.make_exchanger(str(config["exchanger"]), variables, float(config["exchange-percentage"]))
-    base = FedAvgSparseCooTensor if exchanger.payload_kind == "sparse" else FedAvgDynamicLayer
+    base = FedAvgSparse if exchanger.payload_kind == "sparse" else FedAvgLayers
     if record_dir is not None:
         record_dir.mkdir(parents=True, exist_ok=True)
     strategy = _example_strategy(base, record_dir)(
@@ -79,7 +79,7 @@ def _show_jaxlayerx_logs() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _example_strategy(base: type[FedAvgDynamicLayer], record_dir: pathlib.Path | None) -> type[FedAvgDynamicLayer]:
+def _example_strategy(base: type[ExchangeStrategy], record_dir: pathlib.Path | None) -> type[ExchangeStrategy]:
     """``base``, saving train replies to ``record_dir``."""
 
     class Strategy(base):
