@@ -268,6 +268,16 @@ def decode(
     return check_payload(payload, layout, allow_nonfinite=allow_nonfinite)
 
 
+def is_compact(arrays: Sequence[Any]) -> bool:
+    """Whether a list of arrays (the legacy route's) is a compact payload: it starts with the
+    1-D uint8 header and does not end with a names array (fl4health's named and COO
+    layouts do)."""
+    if not arrays:
+        return False
+    first, last = np.asarray(arrays[0]), np.asarray(arrays[-1])
+    return first.dtype == np.uint8 and first.ndim == 1 and not (last.dtype.kind == "U" and last.size)
+
+
 def _is_list(arrays: Any) -> bool:
     return isinstance(arrays, (list, tuple))
 

@@ -90,9 +90,10 @@ class Wire:
     ) -> Payload:
         """The payload of ``arrays``, checked whole against the receiving model ``layout``.
 
-        On the legacy route the layout is read off the arrays: a list ending in a names array
-        is named (``k + 1`` arrays) or COO (``3k + 1``), any other list compact; with
-        ``whole_model``, a list without names holds every layer of ``layout`` in its order.
+        On the legacy route the layout is read off the arrays: a list starting with a compact
+        header is compact; one ending in a names array is named (``k + 1`` arrays) or COO
+        (``3k + 1``); with ``whole_model``, a list without names holds every layer of
+        ``layout`` in its order.
 
         Raises:
           ValueError, KeyError, TypeError: a malformed payload, or one the model refuses.
@@ -104,6 +105,8 @@ class Wire:
         if not isinstance(arrays, (list, tuple)):
             raise TypeError(f"a legacy payload is a list of numpy arrays, got {type(arrays).__name__}")
         listed = list(arrays)  # pyright: ignore[reportUnknownArgumentType]
+        if compact.is_compact(listed):
+            return compact.decode(listed, layout, allow_nonfinite=allow_nonfinite)
         if is_packed(listed):
             names = np.asarray(listed[-1]).size
             if len(listed) == 3 * names + 1 and names > 0:
@@ -111,7 +114,12 @@ class Wire:
             return fl4health.decode_named(listed, layout, allow_nonfinite=allow_nonfinite)
         if whole_model:
             return fl4health.decode_positional(listed, list(layout), layout, allow_nonfinite=allow_nonfinite)
-        return compact.decode(listed, layout, allow_nonfinite=allow_nonfinite)
+        raise ValueError(
+            f"a legacy payload ends with a names array (named or COO) or starts with a compact header; got "
+            f"{len(listed)} arrays, the last of dtype {np.asarray(listed[-1]).dtype} and shape {np.shape(listed[-1])}"
+            if listed
+            else "an empty legacy payload: expected the layers followed by one names array"
+        )
 
     def nbytes(self, layers: Iterable[LayerCount], *, sparse: bool, whole_model: bool = False) -> int:
         """Bytes of the payload holding ``layers`` (a count of entries each), computed without

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
-import numpy as np
 from flax import nnx
 from flwr.app import Context
 from flwr.client import Client, NumPyClient
@@ -19,6 +18,7 @@ from jaxlayerx.packing import is_packed, pack_layers
 from jaxlayerx.protocol import ClientState, push, receive
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten, merge_layers
 from jaxlayerx.wire import Wire
+from jaxlayerx.wire.compact import is_compact
 from jaxlayerx.wire.fl4health import decode_positional
 from jaxlayerx.wire.npy import ndarrays_nbytes
 from jaxlayerx.wire.routes import SparseWire
@@ -135,7 +135,7 @@ class ExchangerClient(NumPyClient):
         arrays = list(parameters)
         layers = self._layers()
         base = int(config.get(BASE_ROUND_KEY, -2))  # -2: the server does not say
-        positional = not is_packed(arrays) and not _is_compact(arrays)
+        positional = not is_packed(arrays) and not is_compact(arrays)
         if positional and self.initialized and base == -2 and self.exchanger.payload_kind == "positional":
             names = [name for name, sends in self.exchanger.send_mask(layers, layers).items() if bool(sends)]
             payload = decode_positional(arrays, names, layers)  # a plain FedAvg server's: its own layers, its order
@@ -224,8 +224,3 @@ class _Persisting(NumPyClient):
         result = self._client.evaluate(parameters, config)
         self._client.save_state(self._context.state)
         return result
-
-
-def _is_compact(arrays: NDArrays) -> bool:
-    """Whether ``arrays`` is a compact payload: its first array the uint8 header."""
-    return bool(arrays) and np.asarray(arrays[0]).dtype == np.uint8 and np.asarray(arrays[0]).ndim == 1
