@@ -1,44 +1,69 @@
-"""jaxlayerx.flower.serverapp: the Message-API strategies against the core aggregation and numpy.
+"""jaxlayerx.flower.serverapp: the Message-API strategies against numpy, message by message.
 
 Replies are hand-built Flower ``Message``s (``Message(content, reply_to=instruction)``, as a
-ClientApp's reply is made); ``start()`` runs against a fake ``Grid`` whose nodes are functions.
+ClientApp's reply is made), their payload one compact ``ArrayRecord`` made with
+``records.payload_to_record``, or written by hand (``conftest.ref_compact_encode``) when it
+must be malformed. What the strategy sends is read with the independent reader
+``conftest.ref_compact_decode``. ``start()`` runs against a fake ``Grid`` whose nodes are
+functions. Averages are checked against a numpy weighted mean over the senders, bytes
+against ``ArrayRecord.count_bytes`` of the records actually sent and the ``numpy.save``
+sizes of their arrays.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
+import re
 import time
+import uuid
 
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import bits, fake_grid_class
+from conftest import (
+    RefLayer,
+    bits,
+    fake_grid_class,
+    npy_size,
+    ref_apply,
+    ref_compact_decode,
+    ref_compact_encode,
+    ref_record_arrays,
+)
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import (  # noqa: E402
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.app.message.message import make_message  # noqa: E402
 from flwr.common import serde  # noqa: E402
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # noqa: E402
 
-from jaxlayerx.aggregation import FedAvgDynamicLayer as CoreDynamic  # noqa: E402
-from jaxlayerx.coo import SparseLayer, write_coo  # noqa: E402
-from jaxlayerx.flower.records import (  # noqa: E402
-    arrays_to_record,
-    content_nbytes,
-    record_to_arrays,
-    sparse_to_records,
-)
+from jaxlayerx.coo import SparseLayer  # noqa: E402
+from jaxlayerx.flower.records import arrays_to_record, payload_to_record, record_to_arrays  # noqa: E402
 from jaxlayerx.flower.serverapp import (  # noqa: E402
     ACCEPTED_KEY,
     FAILURES_KEY,
+    LAYERS_KEY,
+    MISSING_KEY,
     REJECTED_KEY,
     SERVER_BYTES_RECEIVED_KEY,
     SERVER_BYTES_SENT_KEY,
-    FedAvgDynamicLayer,
-    FedAvgSparseCooTensor,
+    FedAvgLayers,
+    FedAvgSparse,
 )
-from jaxlayerx.sparse_aggregation import FedAvgSparseCooTensor as CoreSparse  # noqa: E402
+from jaxlayerx.payload import Entries  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -60,7 +85,7 @@ def global_model() -> dict[str, np.ndarray]:
         "dense/kernel": rng.normal(size=(3, 4)).astype(np.float32),
         "dense/bias": rng.normal(size=(4,)).astype(np.float32),
         "head/kernel": rng.normal(size=(4, 2)).astype(BF16),
-        "counter": np.array(5, np.int32),
+        "counter": np.array([5, -3], np.int32),
         "frozen": rng.normal(size=(2, 2)).astype(np.float32),
     }
 
@@ -74,12 +99,30 @@ def like(name: str, seed: int) -> np.ndarray:
     return rng.normal(size=reference.shape).astype(reference.dtype)
 
 
+def whole(array) -> Entries:
+    """Every entry of a layer, as a payload holds it."""
+    array = np.asarray(array)
+    return Entries(array.reshape(-1), None, array.shape)
+
+
+def dense_record(layers: dict[str, np.ndarray]) -> ArrayRecord:
+    return payload_to_record(collections.OrderedDict((name, whole(value)) for name, value in layers.items()))
+
+
+def sparse_record(layers: dict[str, SparseLayer]) -> ArrayRecord:
+    payload = collections.OrderedDict()
+    for name, layer in layers.items():
+        order = np.argsort(layer.flat_indices)
+        payload[name] = Entries(np.asarray(layer.values)[order], np.asarray(layer.flat_indices)[order], layer.shape)
+    return payload_to_record(payload)
+
+
 def instruction(node: int, message_type: str = MessageType.TRAIN) -> Message:
     return Message(content=RecordDict(), dst_node_id=node, message_type=message_type)
 
 
 def reply(node: int, layers: dict[str, np.ndarray], num_examples, *, serialize: bool = True) -> Message:
-    content = RecordDict({"arrays": arrays_to_record(layers), "metrics": MetricRecord({"num-examples": num_examples})})
+    content = RecordDict({"arrays": dense_record(layers), "metrics": MetricRecord({"num-examples": num_examples})})
     return content_reply(node, content, serialize=serialize)
 
 
@@ -95,7 +138,7 @@ def error_reply(node: int) -> Message:
     return Message(Error(code=0, reason="ClientApp raised"), reply_to=instruction(node))
 
 
-def strategy(cls=FedAvgDynamicLayer, **options) -> FedAvgDynamicLayer:
+def strategy(cls=FedAvgLayers, **options) -> FedAvgLayers:
     s = cls(**options)
     s.set_global_model(arrays_to_record(global_model()))
     return s
@@ -107,6 +150,16 @@ def numpy_mean(values: list[np.ndarray], weights: list[float], dtype) -> np.ndar
     return np.rint(mean).astype(dtype) if np.dtype(dtype).kind in "iu" else mean.astype(dtype)
 
 
+def decoded(message: Message) -> dict[str, RefLayer]:
+    """What a message of the strategy carries, read independently."""
+    return ref_compact_decode(ref_record_arrays(message.content.array_records["arrays"]))
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Bytes of a record as Flower serializes it: each array's ``numpy.save`` size plus its key."""
+    return sum(npy_size(array) + len(key) for key, array in ref_record_arrays(record).items())
+
+
 GOOD = [
     (1, {"dense/kernel": like("dense/kernel", 1), "head/kernel": like("head/kernel", 2)}, 10),
     (2, {"dense/bias": like("dense/bias", 3), "dense/kernel": like("dense/kernel", 4)}, 30),
@@ -115,19 +168,18 @@ GOOD = [
 ]
 
 
-def check_against_references(s: FedAvgDynamicLayer, before: dict[str, np.ndarray], good) -> None:
-    core = CoreDynamic().aggregate_layers([(layers, n) for _, layers, n in good if layers])
+def check_against_references(s: FedAvgLayers, before: dict[str, np.ndarray], good) -> None:
     for name, old in before.items():
-        senders = [(layers[name], n) for _, layers, n in good if name in layers]
+        senders = [(layers[name], n) for _, layers, n in good if name in layers and n > 0]
         got = s.global_layers[name]
         assert got.dtype == old.dtype and got.shape == old.shape, name
         if not senders:  # nobody sent it: bit-identical
             np.testing.assert_array_equal(bits(got), bits(old))
             continue
-        np.testing.assert_array_equal(bits(got), bits(core[name].astype(old.dtype)))
         expected = numpy_mean([v for v, _ in senders], [n for _, n in senders], old.dtype)
         tolerance = 1e-2 if old.dtype == BF16 else 1e-6
         np.testing.assert_allclose(got.astype(np.float64), expected.astype(np.float64), rtol=tolerance, atol=tolerance)
+        assert not np.array_equal(got, old), name  # it did move
 
 
 def test_replies_with_different_keys_and_an_empty_one():
@@ -136,12 +188,36 @@ def test_replies_with_different_keys_and_an_empty_one():
     arrays, metrics = s.aggregate_train(1, [reply(node, layers, n) for node, layers, n in GOOD])
     check_against_references(s, before, GOOD)
     assert metrics[ACCEPTED_KEY] == 4 and metrics[REJECTED_KEY] == 0 and metrics[FAILURES_KEY] == 0
+    assert metrics[MISSING_KEY] == 0 and metrics[LAYERS_KEY] == 4
     # The returned record is the full global model, in model order.
-    decoded = record_to_arrays(arrays)
-    assert list(decoded) == list(global_model())
-    for name, value in decoded.items():
+    decoded_model = record_to_arrays(arrays)
+    assert list(decoded_model) == list(global_model())
+    for name, value in decoded_model.items():
         np.testing.assert_array_equal(bits(value), bits(s.global_layers[name]))
     assert s.history[-1].aggregated_layers == ("counter", "dense/bias", "dense/kernel", "head/kernel")
+    # what each accepted reply held, by hand
+    accepted = {r.node: r for r in s.history[-1].accepted}
+    assert {node: (r.num_examples, r.layers) for node, r in accepted.items()} == {
+        node: (n, tuple(layers)) for node, layers, n in GOOD
+    }
+    assert accepted[3].entries == 2 + 8 + 4 and accepted[4].entries == 0
+    assert s.version == 1
+
+
+@pytest.mark.parametrize("cls", [FedAvgLayers, FedAvgSparse])
+def test_a_scalar_layer_is_the_mean_of_its_senders(cls):
+    s = cls()
+    s.set_global_model(arrays_to_record({"temperature": np.array(2.0, np.float32), "steps": np.array(5, np.int32)}))
+    s.aggregate_train(
+        1,
+        [
+            reply(1, {"temperature": np.array(7.0, np.float32), "steps": np.array(67, np.int32)}, 4),
+            reply(2, {"temperature": np.array(3.0, np.float32)}, 1),
+        ],
+    )
+    assert s.global_layers["temperature"].shape == () and s.global_layers["steps"].dtype == np.int32
+    np.testing.assert_allclose(s.global_layers["temperature"], (7.0 * 4 + 3.0 * 1) / 5, rtol=1e-6)
+    assert int(s.global_layers["steps"]) == 67
 
 
 def test_unweighted_aggregation():
@@ -149,6 +225,18 @@ def test_unweighted_aggregation():
     before = dict(s.global_layers)
     s.aggregate_train(1, [reply(node, layers, n) for node, layers, n in GOOD])
     check_against_references(s, before, [(node, layers, 1) for node, layers, _ in GOOD])
+
+
+def test_average_over_participants_moves_by_the_mean_change_of_everyone():
+    s = strategy(average_over="participants")
+    before = dict(s.global_layers)
+    s.aggregate_train(1, [reply(node, layers, n) for node, layers, n in GOOD])
+    total = sum(n for _, _, n in GOOD)
+    for name in ("dense/kernel", "dense/bias"):
+        old = before[name].astype(np.float64)
+        change = sum(n * (layers[name].astype(np.float64) - old) for _, layers, n in GOOD if name in layers)
+        np.testing.assert_allclose(s.global_layers[name], old + change / total, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(bits(s.global_layers["frozen"]), bits(before["frozen"]))
 
 
 def test_reply_order_does_not_matter():
@@ -165,78 +253,68 @@ def test_reply_order_does_not_matter():
 
 
 def _bad_array_record() -> ArrayRecord:
-    good = Array(np.zeros(4, np.float32))
-    return ArrayRecord({"dense/bias": Array(dtype="float32", shape=(4,), stype=good.stype, data=b"garbage")})
+    good = Array(np.zeros(4, np.uint8))
+    return ArrayRecord({"header": Array(dtype="uint8", shape=(4,), stype=good.stype, data=b"garbage")})
 
 
-def _metrics(**values) -> MetricRecord:
-    return MetricRecord(values)
+#: Every bad reply also sends a valid layer first, which must not be applied.
+FROZEN = {"frozen": whole(like("frozen", 99))}
+
+
+def _bad(entries: dict[str, Entries] | None, metrics: dict | None = None, **records) -> RecordDict:
+    content = RecordDict(dict(records))
+    if entries is not None:
+        content["arrays"] = payload_to_record(collections.OrderedDict({**FROZEN, **entries}))
+    content["m"] = MetricRecord({"num-examples": 3} if metrics is None else metrics)
+    return content
+
+
+def _short_values() -> ArrayRecord:
+    arrays = ref_compact_encode(
+        {
+            "frozen": RefLayer(FROZEN["frozen"].values, None, (2, 2)),
+            "dense/bias": RefLayer(np.zeros(4, np.float32), None, (4,)),
+        }
+    )
+    arrays["values0"] = arrays["values0"][:-1]
+    return ArrayRecord({key: Array(value) for key, value in arrays.items()})
 
 
 BAD = {
-    "unknown layer": (
-        RecordDict(
-            {
-                "arrays": arrays_to_record({"dense/kernal": like("dense/kernel", 9)}),
-                "m": _metrics(**{"num-examples": 3}),
-            }
-        ),
-        "dense/kernal",
-    ),
-    "wrong shape": (
-        RecordDict(
-            {"arrays": arrays_to_record({"dense/bias": np.zeros(5, np.float32)}), "m": _metrics(**{"num-examples": 3})}
-        ),
-        r"expected shape \(4,\)",
-    ),
-    "lossy dtype": (
-        RecordDict(
-            {"arrays": arrays_to_record({"counter": np.array(1.5, np.float32)}), "m": _metrics(**{"num-examples": 3})}
-        ),
-        "does not accept",
-    ),
-    "nan": (
-        RecordDict(
-            {
-                "arrays": arrays_to_record({"dense/bias": np.array([0, np.nan, 0, 0], np.float32)}),
-                "m": _metrics(**{"num-examples": 3}),
-            }
-        ),
-        "non-finite",
-    ),
-    "inf bf16": (
-        RecordDict(
-            {
-                "arrays": arrays_to_record({"head/kernel": np.full((4, 2), np.inf, BF16)}),
-                "m": _metrics(**{"num-examples": 3}),
-            }
-        ),
-        "non-finite",
-    ),
-    "missing weight": (
-        RecordDict({"arrays": arrays_to_record({"dense/bias": like("dense/bias", 9)}), "m": _metrics(loss=1.0)}),
+    "unknown layer": (_bad({"dense/kernal": whole(like("dense/kernel", 9))}), "dense/kernal"),
+    "wrong shape": (_bad({"dense/bias": whole(np.zeros(5, np.float32))}), r"expected shape \(4,\)"),
+    "lossy dtype": (_bad({"counter": whole(np.array([1.5, 2.0], np.float32))}), "does not accept"),
+    "nan": (_bad({"dense/bias": whole(np.array([0, np.nan, 0, 0], np.float32))}), "non-finite"),
+    "inf bf16": (_bad({"head/kernel": whole(np.full((4, 2), np.inf, BF16))}), "non-finite"),
+    "missing weight": (_bad({"dense/bias": whole(like("dense/bias", 9))}, {"loss": 1.0}), "num-examples"),
+    "no metrics": (
+        RecordDict({"arrays": payload_to_record(collections.OrderedDict(FROZEN))}),
         "num-examples",
     ),
-    "no metrics": (RecordDict({"arrays": arrays_to_record({"dense/bias": like("dense/bias", 9)})}), "num-examples"),
-    "negative weight": (
-        RecordDict(
-            {"arrays": arrays_to_record({"dense/bias": like("dense/bias", 9)}), "m": _metrics(**{"num-examples": -2})}
-        ),
-        "integer >= 0",
+    "negative weight": (_bad({"dense/bias": whole(like("dense/bias", 9))}, {"num-examples": -2}), "integer >= 0"),
+    "fractional weight": (_bad({"dense/bias": whole(like("dense/bias", 9))}, {"num-examples": 2.5}), "integer >= 0"),
+    "undecodable array": (_bad(None, arrays=_bad_array_record()), "does not decode"),
+    "entries to a layer exchange": (
+        _bad({"dense/bias": Entries(np.ones(1, np.float32), np.array([1]), (4,))}),
+        "averages whole layers, got 1 of its 4 entries",
     ),
-    "fractional weight": (
-        RecordDict(
-            {"arrays": arrays_to_record({"dense/bias": like("dense/bias", 9)}), "m": _metrics(**{"num-examples": 2.5})}
-        ),
-        "integer >= 0",
-    ),
-    "undecodable array": (
-        RecordDict({"arrays": _bad_array_record(), "m": _metrics(**{"num-examples": 3})}),
-        "does not decode",
-    ),
-    "sparse to dense": (
-        RecordDict({**sparse_to_records({}), "m": _metrics(**{"num-examples": 3})}),
+    "an extra record": (
+        _bad({"dense/bias": whole(like("dense/bias", 9))}, other=arrays_to_record({"x": np.zeros(1)})),
         "unexpected ArrayRecord",
+    ),
+    "no payload record": (_bad(None), "no ArrayRecord 'arrays'"),
+    "named layers instead of a compact payload": (
+        _bad(None, arrays=arrays_to_record({"frozen": like("frozen", 99), "dense/bias": like("dense/bias", 9)})),
+        "needs the array 'header'",
+    ),
+    "too few values": (_bad(None, arrays=_short_values()), "value group 0: expected 8 values"),
+    "a quantized update to an integer layer": (
+        _bad({"counter": Entries(np.array([3, 1], np.int8), None, (2,), "int8", np.float32(1.0))}),
+        "takes no quantized update",
+    ),
+    "a negative int8 scale": (
+        _bad({"dense/bias": Entries(np.ones(4, np.int8), None, (4,), "int8", np.float32(-1.0))}),
+        "scale must be finite and >= 0",
     ),
 }
 
@@ -244,11 +322,6 @@ BAD = {
 @pytest.mark.parametrize("kind", list(BAD))
 def test_a_bad_reply_among_good_ones_is_dropped_whole(kind, caplog):
     content, reason = BAD[kind]
-    # The bad reply also sends a valid layer first, which must not be applied.
-    arrays = content.array_records.get("arrays")
-    if arrays is not None and kind not in ("undecodable array", "sparse to dense"):
-        full = {"frozen": like("frozen", 99), **record_to_arrays(arrays)}
-        content = RecordDict({**dict(content), "arrays": arrays_to_record(full)})
     s = strategy()
     before = dict(s.global_layers)
     replies = [reply(node, layers, n) for node, layers, n in GOOD]
@@ -257,16 +330,18 @@ def test_a_bad_reply_among_good_ones_is_dropped_whole(kind, caplog):
         _, metrics = s.aggregate_train(1, replies)
     check_against_references(s, before, GOOD)  # "frozen" untouched: nothing of the bad reply applied
     assert metrics[REJECTED_KEY] == 1 and metrics[ACCEPTED_KEY] == 4
-    (node, logged_reason), *_ = s.history[-1].rejected
+    ((node, logged_reason),) = s.history[-1].rejected
     assert node == 77
-    assert __import__("re").search(reason, logged_reason), logged_reason
+    assert re.search(reason, logged_reason), logged_reason
     assert any("node 77" in message and "rejected" in message for message in caplog.messages)
+    assert 77 not in {r.node for r in s.history[-1].accepted}
 
 
 def test_nonfinite_values_allowed_when_asked():
     s = strategy(allow_nonfinite=True)
     s.aggregate_train(1, [reply(1, {"dense/bias": np.array([1, np.nan, 2, 3], np.float32)}, 2)])
     assert np.isnan(s.global_layers["dense/bias"][1])
+    np.testing.assert_array_equal(s.global_layers["dense/bias"][[0, 2, 3]], [1, 2, 3])
 
 
 def test_error_replies_are_failures_and_the_round_goes_on():
@@ -274,7 +349,8 @@ def test_error_replies_are_failures_and_the_round_goes_on():
     before = dict(s.global_layers)
     _, metrics = s.aggregate_train(1, [reply(node, layers, n) for node, layers, n in GOOD] + [error_reply(9)])
     check_against_references(s, before, GOOD)
-    assert metrics[FAILURES_KEY] == 1 and s.history[-1].failures == (9,)
+    assert metrics[FAILURES_KEY] == 1 and s.history[-1].failures == ((9, "ClientApp raised"),)
+    assert metrics[ACCEPTED_KEY] == 4
 
 
 def test_zero_examples_carry_no_weight():
@@ -285,9 +361,20 @@ def test_zero_examples_carry_no_weight():
     )
     for name, old in before.items():
         np.testing.assert_array_equal(bits(s.global_layers[name]), bits(old))
+    assert s.history[-1].aggregated_layers == ()
 
 
 FakeGrid = fake_grid_class()
+
+
+class FlowerIdGrid(FakeGrid):
+    """A fake grid that gives every message it sends an id, as Flower's grids do on push."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+        return super().send_and_receive(messages, timeout=timeout)
 
 
 class Node:
@@ -299,15 +386,21 @@ class Node:
         self.model: dict[str, np.ndarray] = {}
         self.version: int | None = None
         self.received: list[tuple[int, int, list[str]]] = []  # (round, base, names)
+        self.versions: list[int] = []  # "jaxlayerx.round" of each message
+        self.replies: list[tuple[int, ArrayRecord]] = []  # (round, record) of each train reply
 
     def __call__(self, message: Message) -> RecordDict:
         config = message.content.config_records["config"]
         base, server_round = int(config["jaxlayerx.base-round"]), int(config["server-round"])
-        arrays = record_to_arrays(message.content.array_records["arrays"])
-        self.received.append((server_round, base, list(arrays)))
+        payload = decoded(message)
+        self.received.append((server_round, base, list(payload)))
+        self.versions.append(int(config["jaxlayerx.round"]))
         if base != -1 and base != self.version:
             raise RuntimeError(f"node {self.node_id} holds version {self.version}, the server assumed {base}")
-        self.model.update(arrays)
+        if base == -1:
+            assert all(layer.flat is None for layer in payload.values()) and list(payload) == list(global_model())
+            self.model = {}
+        self.model = ref_apply(self.model, payload)
         self.version = int(config["jaxlayerx.round"])
         if message.metadata.message_type == MessageType.EVALUATE:
             return RecordDict({"metrics": MetricRecord({"num-examples": 1, "loss": float(self.node_id)})})
@@ -317,9 +410,9 @@ class Node:
             name: (self.model[name].astype(np.float32) + self.node_id * 0.5).astype(self.model[name].dtype)
             for name in self.picks(server_round)
         }
-        return RecordDict(
-            {"arrays": arrays_to_record(sent), "metrics": MetricRecord({"num-examples": 10 * self.node_id})}
-        )
+        record = dense_record(sent)
+        self.replies.append((server_round, record))
+        return RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 10 * self.node_id})})
 
 
 def test_start_returns_the_full_model_and_nodes_catch_up_after_skipping_rounds():
@@ -329,26 +422,35 @@ def test_start_returns_the_full_model_and_nodes_catch_up_after_skipping_rounds()
         2: Node(2, lambda r: [floats[(r + 1) % 3]]),
         3: Node(3, lambda r: ["dense/bias"]),
     }
-    grid = FakeGrid(nodes)
-    s = FedAvgDynamicLayer(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
-    # Node 3 takes part in round 1, skips rounds 2 and 3 (unavailable), comes back in round 4.
+    grid = FlowerIdGrid(nodes)
+    s = FedAvgLayers(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+    # Node 3 takes part in round 1, is not connected in rounds 2 and 3 (never sampled), comes
+    # back in round 4.
     original = grid.send_and_receive
+    globals_before: dict[int, dict[str, np.ndarray]] = {}
 
     def send_and_receive(messages, *, timeout=None):
         messages = list(messages)
         server_round = int(messages[0].content.config_records["config"]["server-round"])
-        grid.available = [1, 2] if server_round in (2, 3) else [1, 2, 3]
-        return original([m for m in messages if m.metadata.dst_node_id in grid.available], timeout=timeout)
+        train = messages[0].metadata.message_type == MessageType.TRAIN
+        if train:
+            globals_before[server_round] = {name: value.copy() for name, value in s.global_layers.items()}
+        replies = original(messages, timeout=timeout)
+        upcoming = server_round if train else server_round + 1  # the round the next sampling is for
+        grid.available = [1, 2] if upcoming in (2, 3) else [1, 2, 3]
+        return replies
 
     grid.send_and_receive = send_and_receive
     result = s.start(grid, arrays_to_record(global_model()), num_rounds=5, timeout=10)
     # Result: the full model, equal to the strategy's.
-    decoded = record_to_arrays(result.arrays)
-    assert list(decoded) == list(global_model())
-    for name in decoded:
-        np.testing.assert_array_equal(bits(decoded[name]), bits(s.global_layers[name]))
-    np.testing.assert_array_equal(bits(decoded["frozen"]), bits(global_model()["frozen"]))  # nobody sent it
+    decoded_model = record_to_arrays(result.arrays)
+    assert list(decoded_model) == list(global_model())
+    for name in decoded_model:
+        np.testing.assert_array_equal(bits(decoded_model[name]), bits(s.global_layers[name]))
+    np.testing.assert_array_equal(bits(decoded_model["frozen"]), bits(global_model()["frozen"]))  # nobody sent it
     assert sorted(result.train_metrics_clientapp) == [1, 2, 3, 4, 5]
+    assert s.version == 5
+    assert all(record.missing == () and record.failures == () for record in s.history)
     # First contact: the whole model (base -1); later: only what changed since the version held.
     assert nodes[1].received[0] == (1, -1, list(global_model()))
     history = {record.server_round: set(record.aggregated_layers) for record in s.history}
@@ -356,39 +458,180 @@ def test_start_returns_the_full_model_and_nodes_catch_up_after_skipping_rounds()
         bases = [base for _, base, _ in node.received]
         assert bases[0] == -1 and -1 not in bases[1:]  # the whole model once, deltas after
         assert bases[1:] == sorted(bases[1:])
-        # Every node ends holding exactly the global model's values of every layer it was sent.
+        # Every node ends holding exactly the global model's values.
+        assert list(node.model) == list(global_model())
         for name, value in node.model.items():
             np.testing.assert_array_equal(bits(value), bits(s.global_layers[name]))
+    # Versions move every round: a train message of round r brings version r - 1, an
+    # evaluate message (after the round's aggregation) version r.
+    for node in (nodes[1], nodes[2]):
+        assert node.versions == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
     train_round_4 = [entry for entry in nodes[3].received if entry[0] == 4][0]
     assert train_round_4[1] == 1  # it holds the version of round 1's evaluate message
     assert set(train_round_4[2]) == history[2] | history[3]  # exactly the layers changed since
-    # Bytes: what each train message carried and what each reply carried, per node.
+    # Each round's layers are the numpy weighted mean of the nodes that sent them.
+    for record in s.history:
+        r = record.server_round
+        replies = {
+            node: {
+                name: layer.values.reshape(layer.shape)
+                for name, layer in ref_compact_decode(ref_record_arrays(sent)).items()
+            }
+            for node in nodes
+            for rr, sent in nodes[node].replies
+            if rr == r
+        }
+        assert {reply.node for reply in record.accepted} == set(replies)
+        after = s.global_layers if r == 5 else globals_before[r + 1]
+        good = [(node, layers, 10 * node) for node, layers in replies.items()]
+        for name, old in globals_before[r].items():
+            senders = [(layers[name], n) for _, layers, n in good if name in layers]
+            if not senders:
+                np.testing.assert_array_equal(bits(after[name]), bits(old))
+                continue
+            expected = numpy_mean([v for v, _ in senders], [n for _, n in senders], old.dtype)
+            tolerance = 1e-2 if old.dtype == BF16 else 1e-6
+            np.testing.assert_allclose(
+                after[name].astype(np.float64), expected.astype(np.float64), rtol=tolerance, atol=tolerance
+            )
+    # Bytes: what each train message carried and what each reply carried, per node and round.
     train_messages = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
-    first_round = [m for m in train_messages if m.content.config_records["config"]["server-round"] == 1]
-    assert dict(s.history[0].bytes_sent) == {
-        m.metadata.dst_node_id: m.content.array_records["arrays"].count_bytes() for m in first_round
-    }
-    assert result.train_metrics_clientapp[1][SERVER_BYTES_SENT_KEY] == sum(dict(s.history[0].bytes_sent).values())
-    assert result.train_metrics_clientapp[1][SERVER_BYTES_RECEIVED_KEY] == sum(
-        r.bytes_received for r in s.history[0].accepted
-    )
+    for record in s.history:
+        sent = [m for m in train_messages if m.content.config_records["config"]["server-round"] == record.server_round]
+        counts = {m.metadata.dst_node_id: m.content.array_records["arrays"].count_bytes() for m in sent}
+        assert dict(record.bytes_sent) == counts
+        assert counts == {m.metadata.dst_node_id: record_bytes(m.content.array_records["arrays"]) for m in sent}
+        received = {
+            node: r.count_bytes() for node in nodes for rr, r in nodes[node].replies if rr == record.server_round
+        }
+        assert {reply.node: reply.bytes_received for reply in record.accepted} == received
+        metrics = result.train_metrics_clientapp[record.server_round]
+        assert metrics[SERVER_BYTES_SENT_KEY] == sum(counts.values())
+        assert metrics[SERVER_BYTES_RECEIVED_KEY] == sum(received.values())
+
+
+def test_versions_move_every_round_even_when_nothing_changes():
+    nodes = {1: Node(1, lambda r: []), 2: Node(2, lambda r: [])}
+    s = FedAvgLayers(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0)
+    s.start(FakeGrid(nodes), arrays_to_record(global_model()), num_rounds=3, timeout=10)
+    assert s.version == 3 and [record.aggregated_layers for record in s.history] == [(), (), ()]
+    for node in nodes.values():
+        assert [(r, base, names) for r, base, names in node.received][1:] == [(2, 0, []), (3, 1, [])]
+        assert node.versions == [0, 1, 2]
+    # an empty update: the header alone (format 1, no layers: 2 bytes), one numpy.save blob and its key
+    assert dict(s.history[2].bytes_sent) == {1: 128 + 2 + len("header"), 2: 128 + 2 + len("header")}
+    for name, value in global_model().items():
+        np.testing.assert_array_equal(bits(s.global_layers[name]), bits(value))
 
 
 def test_a_node_whose_reply_is_an_error_gets_the_whole_model_next_time():
     nodes = {1: Node(1, lambda r: ["dense/bias"]), 2: Node(2, lambda r: ["dense/kernel"], fail_rounds=[2])}
-    s = FedAvgDynamicLayer(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1, fraction_evaluate=0.0)
+    s = FedAvgLayers(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1, fraction_evaluate=0.0)
     s.start(FakeGrid(nodes), arrays_to_record(global_model()), num_rounds=3, timeout=10)
     bases = [(r, base) for r, base, _ in nodes[2].received]
     assert bases == [(1, -1), (2, 0), (3, -1)]  # no evaluate messages: it holds round 1's version 0
-    assert len(nodes[2].received[2][2]) == len(global_model())
+    assert nodes[2].received[2][2] == list(global_model())
     assert [(r, base) for r, base, _ in nodes[1].received] == [(1, -1), (2, 0), (3, 1)]
-    assert s.history[1].failures == (2,)
+    assert s.history[1].failures == ((2, "training failed"),)
+    assert s.history[1].missing == ()
+
+
+def _configure(s, server_round: int, grid) -> dict[int, Message]:
+    """The round's train messages by node, each given an id as Flower's grid does on push."""
+    messages = s.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+    for message in messages:
+        message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+    return {message.metadata.dst_node_id: message for message in messages}
+
+
+def _answer(message: Message, layers: dict[str, np.ndarray], n: int) -> Message:
+    content = RecordDict({"arrays": dense_record(layers), "m": MetricRecord({"num-examples": n})})
+    return Message(content, reply_to=message)
+
+
+def test_an_error_reply_is_pinned_on_the_node_its_message_went_to():
+    """An error reply whose source node id is another node's (as Flower makes for a node
+    it could not reach) is the failure of the node the message went to: that node is named
+    and forgotten, the other is not."""
+    s = strategy(min_train_nodes=3, min_available_nodes=3)
+    grid = FakeGrid({})
+    grid.available = [1, 2, 3]
+    first = _configure(s, 1, grid)
+    s.aggregate_train(1, [_answer(first[n], {"dense/bias": like("dense/bias", n)}, n) for n in (1, 2, 3)])
+    second = _configure(s, 2, grid)
+    assert {n: m.content.config_records["config"]["jaxlayerx.base-round"] for n, m in second.items()} == {
+        1: 0,
+        2: 0,
+        3: 0,
+    }
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=2,  # not the node the message went to
+        dst_node_id=0,
+        reply_to_message_id=second[3].metadata.message_id,
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=MessageType.TRAIN,
+    )
+    failed = make_message(metadata, error=Error(code=0, reason="unreachable"))
+    before = dict(s.global_layers)
+    _, metrics = s.aggregate_train(
+        2, [_answer(second[1], {"frozen": like("frozen", 1)}, 4), failed, _answer(second[2], {}, 6)]
+    )
+    record = s.history[-1]
+    assert record.failures == ((3, "unreachable"),)
+    assert [reply.node for reply in record.accepted] == [1, 2] and record.missing == ()
+    assert metrics[FAILURES_KEY] == 1 and metrics[ACCEPTED_KEY] == 2
+    np.testing.assert_array_equal(bits(s.global_layers["frozen"]), bits(like("frozen", 1)))  # node 1 alone sent it
+    np.testing.assert_array_equal(bits(s.global_layers["dense/bias"]), bits(before["dense/bias"]))
+    third = _configure(s, 3, grid)
+    configs = {n: m.content.config_records["config"] for n, m in third.items()}
+    assert {n: (c["jaxlayerx.base-round"], c["jaxlayerx.round"]) for n, c in configs.items()} == {
+        1: (1, 2),
+        2: (1, 2),
+        3: (-1, 2),
+    }
+    assert list(decoded(third[3])) == list(global_model())  # forgotten: the whole model
+    assert list(decoded(third[2])) == ["frozen"]  # not forgotten: what changed in round 2
+
+
+def test_a_sampled_node_that_never_replies_is_missing_and_forgotten():
+    s = strategy(min_train_nodes=3, min_available_nodes=3, min_evaluate_nodes=3)
+    grid = FakeGrid({})
+    grid.available = [1, 2, 3]
+    first = _configure(s, 1, grid)
+    s.aggregate_train(1, [_answer(first[n], {"dense/kernel": like("dense/kernel", n)}, n) for n in (1, 2, 3)])
+    assert s.history[-1].missing == ()
+    second = _configure(s, 2, grid)
+    _, metrics = s.aggregate_train(2, [_answer(second[1], {"frozen": like("frozen", 5)}, 1), _answer(second[2], {}, 1)])
+    record = s.history[-1]
+    assert record.missing == (3,) and record.failures == () and record.rejected == ()
+    assert metrics[MISSING_KEY] == 1 and metrics[ACCEPTED_KEY] == 2
+    assert dict(record.bytes_sent).keys() == {1, 2, 3}  # it was sent a message
+    third = _configure(s, 3, grid)
+    bases = {n: m.content.config_records["config"]["jaxlayerx.base-round"] for n, m in third.items()}
+    assert bases == {1: 1, 2: 1, 3: -1}
+    assert list(decoded(third[3])) == list(global_model())
+    # an evaluate message nobody answers forgets the same way
+    s.aggregate_train(3, [_answer(third[n], {}, 1) for n in (1, 2, 3)])
+    evaluate = s.configure_evaluate(3, ArrayRecord(), ConfigRecord(), grid)
+    replies = [
+        Message(RecordDict({"m": MetricRecord({"num-examples": 1})}), reply_to=m)
+        for m in evaluate
+        if m.metadata.dst_node_id != 1
+    ]
+    s.aggregate_evaluate(3, replies)
+    fourth = _configure(s, 4, grid)
+    bases = {n: m.content.config_records["config"]["jaxlayerx.base-round"] for n, m in fourth.items()}
+    assert bases == {1: -1, 2: 3, 3: 3}
 
 
 def test_a_node_that_lost_its_state_is_resynced():
     """The node raises on a base it does not hold; the next message holds the whole model."""
     nodes = {1: Node(1, lambda r: ["dense/bias"])}
-    s = FedAvgDynamicLayer(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1, fraction_evaluate=0.0)
+    s = FedAvgLayers(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1, fraction_evaluate=0.0)
     grid = FakeGrid(nodes)
     s.set_global_model(arrays_to_record(global_model()))
     for server_round in (1, 2, 3):
@@ -398,6 +641,7 @@ def test_a_node_that_lost_its_state_is_resynced():
             server_round, grid.send_and_receive(s.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
         )
     assert [(r, base) for r, base, _ in nodes[1].received] == [(1, -1), (2, 0), (3, -1)]
+    assert [len(record.failures) for record in s.history] == [0, 1, 0]
     assert list(nodes[1].model) == list(global_model())
     for name in set(global_model()) - set(s.history[-1].aggregated_layers):
         np.testing.assert_array_equal(bits(nodes[1].model[name]), bits(s.global_layers[name]))
@@ -413,7 +657,7 @@ def sparse(name: str, flat: list[int], seed: int) -> SparseLayer:
 
 
 def sparse_reply(node: int, layers: dict[str, SparseLayer], n) -> Message:
-    content = RecordDict({**sparse_to_records(layers), "metrics": MetricRecord({"num-examples": n})})
+    content = RecordDict({"arrays": sparse_record(layers), "metrics": MetricRecord({"num-examples": n})})
     return content_reply(node, content)
 
 
@@ -426,14 +670,11 @@ SPARSE_GOOD = [
 
 
 def check_sparse(s, before, good) -> None:
-    core = CoreSparse().aggregate([(write_coo(layers), n) for _, layers, n in good if layers])
+    """Independent numpy: each weight the mean over the nodes that sent it; bit-identical elsewhere."""
     for name, old in before.items():
         got = s.global_layers[name].reshape(-1)
-        expected = old.reshape(-1).copy()
-        if name in core:
-            expected[core[name].flat_indices] = core[name].values.astype(old.dtype)
-        np.testing.assert_array_equal(bits(got), bits(expected))  # the core's, and bit-identical elsewhere
-        for index in range(old.size):  # independent numpy: each weight over the nodes that sent it
+        assert s.global_layers[name].dtype == old.dtype and s.global_layers[name].shape == old.shape
+        for index in range(old.size):
             senders = [
                 (layers[name].values[list(layers[name].flat_indices).index(index)], n)
                 for _, layers, n in good
@@ -448,12 +689,22 @@ def check_sparse(s, before, good) -> None:
 
 
 def test_sparse_replies_with_different_layers_and_weights():
-    s = strategy(FedAvgSparseCooTensor)
+    s = strategy(FedAvgSparse)
     before = {name: value.copy() for name, value in s.global_layers.items()}
     arrays, metrics = s.aggregate_train(1, [sparse_reply(node, layers, n) for node, layers, n in SPARSE_GOOD])
     check_sparse(s, before, SPARSE_GOOD)
     assert metrics[ACCEPTED_KEY] == 4
     assert list(record_to_arrays(arrays)) == list(global_model())
+    assert {r.node: r.entries for r in s.history[-1].accepted} == {1: 5, 2: 3, 3: 4, 4: 0}
+    # a layer sent whole to the sparse strategy: every weight averaged with the entries sent
+    s.aggregate_train(
+        2,
+        [
+            reply(1, {"dense/bias": np.full(4, 2.0, np.float32)}, 1),
+            sparse_reply(2, {"dense/bias": SparseLayer(np.array([4.0], np.float32), np.array([1]), (4,))}, 3),
+        ],
+    )
+    np.testing.assert_allclose(s.global_layers["dense/bias"], [2.0, 3.5, 2.0, 2.0], rtol=1e-6)
 
 
 def test_sparse_reply_order_does_not_matter():
@@ -461,7 +712,7 @@ def test_sparse_reply_order_does_not_matter():
     for seed in range(3):
         replies = [sparse_reply(node, layers, n) for node, layers, n in SPARSE_GOOD]
         random.Random(seed).shuffle(replies)
-        s = strategy(FedAvgSparseCooTensor)
+        s = strategy(FedAvgSparse)
         s.aggregate_train(1, replies)
         outcomes.append(s.global_layers)
     for other in outcomes[1:]:
@@ -469,54 +720,54 @@ def test_sparse_reply_order_does_not_matter():
             np.testing.assert_array_equal(bits(other[name]), bits(outcomes[0][name]))
 
 
-def _sparse_content(layers, n=3, mutate=None) -> RecordDict:
-    records = sparse_to_records(layers)
+def _sparse_content(layers: dict[str, RefLayer], n=3, mutate=None) -> RecordDict:
+    """A hand-written compact reply (indices written as given), optionally mutated."""
+    arrays = ref_compact_encode(layers)
     if mutate:
-        mutate(records)
-    return RecordDict({**records, "m": MetricRecord({"num-examples": n})})
+        mutate(arrays)
+    record = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+    return RecordDict({"arrays": record, "m": MetricRecord({"num-examples": n})})
 
 
-def _set_indices(name, indices):
-    def mutate(records):
-        current = dict(record_to_arrays(records["coo-indices"]))
-        current[name] = np.asarray(indices, np.int64)
-        records["coo-indices"] = arrays_to_record(current)
-
-    return mutate
+def ref(values, flat, shape, **fields) -> RefLayer:
+    return RefLayer(np.asarray(values, np.float32), None if flat is None else np.asarray(flat), shape, **fields)
 
 
 SPARSE_BAD = {
-    "unknown layer": (_sparse_content({"nope": SparseLayer(np.zeros(1, np.float32), np.array([0]), (4,))}), "nope"),
-    "wrong shape": (
-        _sparse_content({"dense/bias": SparseLayer(np.zeros(1, np.float32), np.array([0]), (5,))}),
-        r"expected shape \(4,\)",
+    "unknown layer": (_sparse_content({"nope": ref([0.0], [0], (4,))}), "nope"),
+    "wrong shape": (_sparse_content({"dense/bias": ref([0.0], [0], (5,))}), r"expected shape \(4,\)"),
+    "out of bounds": (_sparse_content({"dense/bias": ref([1.0], [4], (4,), encoding=1)}), "below the layer's 4"),
+    "repeated entry": (_sparse_content({"dense/bias": ref([1.0, 2.0], [1, 1], (4,), encoding=1)}), "distinct"),
+    "descending entries": (_sparse_content({"dense/bias": ref([1.0, 2.0], [2, 1], (4,), encoding=1)}), "ascending"),
+    "bitmask of another count": (
+        _sparse_content(
+            {"dense/kernel": ref([1.0, 2.0], [0, 5], (3, 4), encoding=3)},
+            mutate=lambda a: a.update(index=np.array([0x07, 0x00], np.uint8)),
+        ),
+        "the bitmask marks 3 entries, the header says 2",
     ),
-    "out of bounds": (
-        _sparse_content({"dense/bias": sparse("dense/bias", [1], 0)}, mutate=_set_indices("dense/bias", [[4]])),
-        "out of bounds",
+    "lossy dtype": (_sparse_content({"counter": ref([1.5], [1], (2,))}), "does not accept"),
+    "nan": (_sparse_content({"dense/bias": ref([np.nan], [0], (4,))}), "non-finite"),
+    "negative weight": (_sparse_content({"dense/bias": ref([1.0], [1], (4,))}, n=-1), "integer >= 0"),
+    "missing index": (
+        _sparse_content({"dense/bias": ref([1.0], [1], (4,))}, mutate=lambda a: a.pop("index")),
+        "announces the arrays",
     ),
-    "repeated entry": (
-        _sparse_content({"dense/bias": sparse("dense/bias", [1, 2], 0)}, mutate=_set_indices("dense/bias", [[1], [1]])),
-        "more than once",
-    ),
-    "lossy dtype": (
-        _sparse_content({"counter": SparseLayer(np.array([1.5], np.float32), np.array([0]), ())}),
-        "does not accept",
-    ),
-    "nan": (
-        _sparse_content({"dense/bias": SparseLayer(np.array([np.nan], np.float32), np.array([0]), (4,))}),
-        "non-finite",
-    ),
-    "negative weight": (_sparse_content({"dense/bias": sparse("dense/bias", [1], 0)}, n=-1), "integer >= 0"),
-    "missing record": (
-        _sparse_content({"dense/bias": sparse("dense/bias", [1], 0)}, mutate=lambda r: r.pop("coo-shapes")),
-        "coo-shapes",
-    ),
-    "dense to sparse": (
+    "named layers instead of a compact payload": (
         RecordDict(
             {"arrays": arrays_to_record({"dense/bias": like("dense/bias", 1)}), "m": MetricRecord({"num-examples": 3})}
         ),
-        "coo-indices",
+        "needs the array 'header'",
+    ),
+    "the old COO records beside": (
+        RecordDict(
+            {
+                "arrays": sparse_record({"dense/bias": sparse("dense/bias", [1], 0)}),
+                "coo-indices": arrays_to_record({"dense/bias": np.array([[1]], np.int64)}),
+                "m": MetricRecord({"num-examples": 3}),
+            }
+        ),
+        r"unexpected ArrayRecord\(s\) \['coo-indices'\]",
     ),
 }
 
@@ -524,55 +775,83 @@ SPARSE_BAD = {
 @pytest.mark.parametrize("kind", list(SPARSE_BAD))
 def test_a_bad_sparse_reply_among_good_ones_is_dropped_whole(kind, caplog):
     content, reason = SPARSE_BAD[kind]
-    s = strategy(FedAvgSparseCooTensor)
+    s = strategy(FedAvgSparse)
     before = {name: value.copy() for name, value in s.global_layers.items()}
     replies = [sparse_reply(node, layers, n) for node, layers, n in SPARSE_GOOD]
     replies.insert(2, content_reply(55, content))
     with caplog.at_level(logging.WARNING, logger="jaxlayerx.flower"):
         _, metrics = s.aggregate_train(1, replies)
     check_sparse(s, before, SPARSE_GOOD)
-    assert metrics[REJECTED_KEY] == 1
-    node, logged = s.history[-1].rejected[0]
-    assert node == 55 and __import__("re").search(reason, logged), logged
+    assert metrics[REJECTED_KEY] == 1 and metrics[ACCEPTED_KEY] == 4
+    ((node, logged),) = s.history[-1].rejected
+    assert node == 55 and re.search(reason, logged), logged
     assert any("node 55" in message for message in caplog.messages)
 
 
-def test_sparse_catch_up_sends_whole_changed_layers():
-    s = strategy(FedAvgSparseCooTensor, min_train_nodes=1, min_available_nodes=1)
+def test_sparse_catch_up_sends_exactly_the_changed_entries():
+    s = strategy(FedAvgSparse, min_train_nodes=1, min_available_nodes=1)
     grid = FakeGrid({})
     grid.available = [1, 2]
     first = s.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
     replies = [
-        Message(RecordDict({**sparse_to_records(layers), "m": MetricRecord({"num-examples": n})}), reply_to=m)
+        Message(RecordDict({"arrays": sparse_record(layers), "m": MetricRecord({"num-examples": n})}), reply_to=m)
         for m, (_, layers, n) in zip(sorted(first, key=lambda m: m.metadata.dst_node_id), SPARSE_GOOD[:2])
     ]
     s.aggregate_train(1, replies)
+    changed = collections.defaultdict(set)
+    for _, layers, _ in SPARSE_GOOD[:2]:
+        for name, layer in layers.items():
+            changed[name] |= set(layer.flat_indices.tolist())
     second = {m.metadata.dst_node_id: m for m in s.configure_train(2, ArrayRecord(), ConfigRecord(), grid)}
     for message in second.values():
-        assert message.content.config_records["config"]["jaxlayerx.base-round"] == 0
-        sent = record_to_arrays(message.content.array_records["arrays"])
+        config = message.content.config_records["config"]
+        assert (config["jaxlayerx.base-round"], config["jaxlayerx.round"]) == (0, 1)
+        sent = decoded(message)
         assert set(sent) == {"dense/kernel", "head/kernel", "dense/bias"}
-        for name, value in sent.items():
-            np.testing.assert_array_equal(bits(value), bits(s.global_layers[name]))
-
-
-def test_content_nbytes_recorded_per_node():
-    s = strategy()
-    replies = [reply(node, layers, n) for node, layers, n in GOOD]
-    s.aggregate_train(1, replies)
-    assert {r.node: r.bytes_received for r in s.history[-1].accepted} == {
-        m.metadata.src_node_id: content_nbytes(m.content) for m in replies
+        for name, layer in sent.items():
+            assert layer.flat is not None and layer.flat.tolist() == sorted(changed[name]), name
+            global_values = s.global_layers[name].reshape(-1)[layer.flat]
+            assert layer.values.dtype == global_values.dtype
+            np.testing.assert_array_equal(bits(layer.values), bits(global_values))
+    assert dict(s.history[0].bytes_sent) == {
+        m.metadata.dst_node_id: record_bytes(m.content.array_records["arrays"]) for m in first
     }
 
 
-@pytest.mark.parametrize("records", [{}, {"arrays": ArrayRecord()}], ids=["no records", "empty values record"])
-def test_an_empty_sparse_reply_is_accepted_and_changes_nothing(records):
-    s = strategy(FedAvgSparseCooTensor)
+def test_bytes_received_recorded_per_node():
+    s = strategy()
+    replies = [reply(node, layers, n) for node, layers, n in GOOD]
+    s.aggregate_train(1, replies)
+    expected = {m.metadata.src_node_id: m.content.array_records["arrays"].count_bytes() for m in replies}
+    assert {r.node: r.bytes_received for r in s.history[-1].accepted} == expected
+    assert expected == {m.metadata.src_node_id: record_bytes(m.content.array_records["arrays"]) for m in replies}
+
+
+@pytest.mark.parametrize("cls", [FedAvgLayers, FedAvgSparse])
+def test_an_empty_payload_is_accepted_and_changes_nothing(cls):
+    s = strategy(cls)
+    before = {name: value.copy() for name, value in s.global_layers.items()}
+    empty = RecordDict({"arrays": payload_to_record(collections.OrderedDict()), "m": MetricRecord({"num-examples": 3})})
+    _, metrics = s.aggregate_train(1, [content_reply(1, empty)])
+    assert metrics[ACCEPTED_KEY] == 1 and metrics[REJECTED_KEY] == 0
+    for name, old in before.items():
+        np.testing.assert_array_equal(bits(s.global_layers[name]), bits(old))
+    assert s.version == 1 and s.history[-1].accepted[0].layers == ()
+
+
+@pytest.mark.parametrize(
+    ("records", "reason"),
+    [({}, "no ArrayRecord 'arrays'"), ({"arrays": ArrayRecord()}, "needs the array 'header'")],
+    ids=["no records", "empty values record"],
+)
+def test_a_reply_without_a_compact_payload_is_rejected(records, reason):
+    s = strategy(FedAvgSparse)
     before = {name: value.copy() for name, value in s.global_layers.items()}
     _, metrics = s.aggregate_train(
         1, [content_reply(1, RecordDict({**records, "m": MetricRecord({"num-examples": 3})}))]
     )
-    assert metrics[ACCEPTED_KEY] == 1 and metrics[REJECTED_KEY] == 0
+    assert metrics[ACCEPTED_KEY] == 0 and metrics[REJECTED_KEY] == 1
+    assert re.search(reason, s.history[-1].rejected[0][1])
     for name, old in before.items():
         np.testing.assert_array_equal(bits(s.global_layers[name]), bits(old))
 
@@ -594,7 +873,7 @@ def test_evaluate_metrics_are_weighted_and_bad_replies_ignored():
 def test_a_round_short_of_nodes_stops_after_the_node_timeout(node_timeout):
     """Flower's sampling waits for its minimum without a bound; the strategy raises instead."""
     grid = FakeGrid({1: Node(1, lambda r: ["dense/bias"])})
-    s = FedAvgDynamicLayer(min_train_nodes=2, min_available_nodes=2, node_timeout=node_timeout)
+    s = FedAvgLayers(min_train_nodes=2, min_available_nodes=2, node_timeout=node_timeout)
     began = time.monotonic()
     with pytest.raises(TimeoutError, match="1 of the 2 nodes needed connected within 0.3 s"):
         s.start(grid, arrays_to_record(global_model()), num_rounds=2, timeout=0.3)
@@ -604,4 +883,4 @@ def test_a_round_short_of_nodes_stops_after_the_node_timeout(node_timeout):
 
 def test_node_timeout_must_be_positive():
     with pytest.raises(ValueError, match="node_timeout must be a positive number"):
-        FedAvgDynamicLayer(node_timeout=0)
+        FedAvgLayers(node_timeout=0)

@@ -228,17 +228,15 @@ class ExchangeServer:
         for name, layer in self.global_layers.items():
             values = np.zeros((rows, *layer.shape), layer.dtype)
             mask = np.zeros((rows, *layer.shape) if self.entrywise else (rows,), bool)
+            # Flat views of the whole stack: a row of a 0-d layer would be a copy.
+            flat_values, flat_mask = values.reshape(rows, -1), mask.reshape(rows, -1)
             for row, reply in enumerate(replies):
                 entries = reply.payload.get(name)
                 if entries is None:
                     continue
-                flat_values = values[row].reshape(-1)
-                if entries.dense:
-                    flat_values[...] = entries.values.astype(layer.dtype, copy=False)
-                    mask[row] = True
-                else:
-                    flat_values[entries.indices] = entries.values.astype(layer.dtype, copy=False)
-                    mask[row].reshape(-1)[entries.indices] = True
+                index = slice(None) if entries.dense else entries.indices
+                flat_values[row, index] = entries.values.astype(layer.dtype, copy=False)
+                flat_mask[row, index if self.entrywise else slice(None)] = True
             stacked[name], masks[name] = values, mask
         return stacked, masks
 
