@@ -7,10 +7,11 @@ this folder on the path.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -225,3 +226,206 @@ def nest(flat: Mapping[str, Any], array: Callable[[Any], Any] = jnp.asarray) -> 
             node = node.setdefault(part, {})
         node[leaf] = array(value)
     return tree
+
+
+# --- the compact wire, read and written independently (docs/wire-formats.md) -------------
+
+
+class RefLayer(NamedTuple):
+    """One layer of a compact payload, as the tests write and read it.
+
+    ``flat``: the sent entries' row-major flat indices, in the order they travel (``None``:
+    every entry, dense); ``encoding``: 0 dense, 1 indices, 2 complement, 3 bitmask
+    (``None`` when writing: the cheapest, ties to the lowest number); ``form``: 0 plain
+    values, 1 bfloat16 update, 2 int8 update; ``scale``: the int8 scale.
+    """
+
+    values: np.ndarray
+    flat: np.ndarray | None
+    shape: tuple[int, ...]
+    encoding: int | None = None
+    form: int = 0
+    scale: float = 1.0
+
+
+def ref_index_width(size: int) -> int:
+    """Bytes of the smallest unsigned integer addressing ``size`` entries (1, 2, 4, then 8)."""
+    for width in (1, 2, 4):
+        if size <= 2 ** (8 * width):
+            return width
+    return 8
+
+
+def ref_cheapest_encoding(size: int, count: int) -> int:
+    """The encoding the table of docs/wire-formats.md picks: least index bytes, ties to the first."""
+    width = ref_index_width(size)
+    costs = {1: count * width, 2: (size - count) * width, 3: (size + 7) // 8}
+    if count == size:
+        costs[0] = 0
+    return min(sorted(costs), key=lambda encoding: costs[encoding])
+
+
+def _ref_varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, number = number & 0x7F, number >> 7
+        out.append(low | (0x80 if number else 0))
+        if not number:
+            return bytes(out)
+
+
+def ref_compact_encode(layers: Mapping[str, RefLayer]) -> dict[str, np.ndarray]:
+    """The compact arrays of ``layers`` (``header``, ``values0``..., ``index``, ``scales``),
+    written from the format's description: indices are written as given, never sorted."""
+    header = bytearray([1]) + _ref_varint(len(layers))
+    groups: dict[np.dtype, list[np.ndarray]] = {}
+    index = bytearray()
+    scales: list[float] = []
+    for name, layer in layers.items():
+        values = np.asarray(layer.values).reshape(-1)
+        size = int(np.prod(layer.shape, dtype=np.int64))
+        encoding = layer.encoding
+        if encoding is None:
+            encoding = 0 if layer.flat is None else ref_cheapest_encoding(size, values.size)
+        if values.dtype not in groups:
+            groups[values.dtype] = []
+        group = list(groups).index(values.dtype)
+        groups[values.dtype].append(values)
+        raw = name.encode("utf-8")
+        header += _ref_varint(len(raw)) + raw + bytes([encoding, layer.form])
+        for number in (group, values.size, len(layer.shape), *layer.shape):
+            header += _ref_varint(int(number))
+        if encoding:
+            flat = np.arange(size) if layer.flat is None else np.asarray(layer.flat)
+            width = ref_index_width(size)
+            little = np.dtype(f"<u{width}")
+            if encoding == 1:
+                index += flat.astype(little).tobytes()
+            elif encoding == 2:
+                index += np.setdiff1d(np.arange(size), flat).astype(little).tobytes()
+            else:
+                mask = np.zeros(-(-size // 8) * 8, np.uint8)
+                mask[flat] = 1
+                index += bytes(int(sum(int(bit) << k for k, bit in enumerate(byte))) for byte in mask.reshape(-1, 8))
+        if layer.form == 2:
+            scales.append(layer.scale)
+    arrays = {"header": np.frombuffer(bytes(header), np.uint8).copy()}
+    for number, parts in enumerate(groups.values()):
+        arrays[f"values{number}"] = np.concatenate(parts)
+    if index:
+        arrays["index"] = np.frombuffer(bytes(index), np.uint8).copy()
+    if scales:
+        arrays["scales"] = np.asarray(scales, np.float32)
+    return arrays
+
+
+class _RefReader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def byte(self) -> int:
+        self.at += 1
+        return self.data[self.at - 1]
+
+    def varint(self) -> int:
+        number = shift = 0
+        while True:
+            byte = self.byte()
+            number |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return number
+
+
+def ref_compact_decode(arrays: Mapping[str, np.ndarray]) -> dict[str, RefLayer]:
+    """``name -> RefLayer`` of compact ``arrays`` (dense layers with ``flat=None``), read
+    from the format's description; asserts the arrays are exactly those the header needs."""
+    reader = _RefReader(np.asarray(arrays["header"], np.uint8).tobytes())
+    assert reader.byte() == 1, "format version"
+    described = []
+    for _ in range(reader.varint()):
+        name = bytes(reader.byte() for _ in range(reader.varint())).decode("utf-8")
+        encoding, form = reader.byte(), reader.byte()
+        group, count, ndim = reader.varint(), reader.varint(), reader.varint()
+        shape = tuple(reader.varint() for _ in range(ndim))
+        described.append((name, encoding, form, group, count, shape))
+    assert reader.at == len(reader.data), "bytes after the last layer"
+    groups = {group for _, _, _, group, _, _ in described}
+    expected = {"header", *(f"values{g}" for g in groups)}
+    expected |= {"index"} if any(encoding for _, encoding, *_ in described) else set()
+    expected |= {"scales"} if any(form == 2 for _, _, form, *_ in described) else set()
+    assert set(arrays) == expected, (sorted(arrays), sorted(expected))
+    value_at = dict.fromkeys(groups, 0)
+    index = np.asarray(arrays.get("index", np.zeros(0, np.uint8))).tobytes()
+    index_at = 0
+    scales = iter(np.asarray(arrays.get("scales", np.zeros(0, np.float32))).tolist())
+    decoded: dict[str, RefLayer] = {}
+    for name, encoding, form, group, count, shape in described:
+        values = np.asarray(arrays[f"values{group}"])[value_at[group] : value_at[group] + count]
+        value_at[group] += count
+        size = int(np.prod(shape, dtype=np.int64))
+        width = ref_index_width(size)
+        flat = None
+        if encoding in (1, 2):
+            listed = count if encoding == 1 else size - count
+            chunk = index[index_at : index_at + listed * width]
+            index_at += listed * width
+            indices = np.frombuffer(chunk, f"<u{width}").astype(np.int64)
+            flat = indices if encoding == 1 else np.setdiff1d(np.arange(size), indices)
+        elif encoding == 3:
+            chunk = index[index_at : index_at + (size + 7) // 8]
+            index_at += (size + 7) // 8
+            flat = np.asarray([i for i in range(size) if chunk[i // 8] >> (i % 8) & 1], np.int64)
+        if flat is not None:
+            assert flat.size == count, name
+        decoded[name] = RefLayer(values, flat, shape, encoding, form, next(scales) if form == 2 else 1.0)
+    for group in groups:
+        assert value_at[group] == np.asarray(arrays[f"values{group}"]).size, f"values{group}"
+    assert index_at == len(index), "index bytes left over"
+    return decoded
+
+
+def ref_record_arrays(record: Any) -> dict[str, np.ndarray]:
+    """A Flower ``ArrayRecord``'s arrays read with Flower's ``Array.numpy()``, raw ``|V``
+    data viewed as the dtype ``Array.dtype`` names (bfloat16)."""
+    import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy
+
+    out = {}
+    for key, array in record.items():
+        value = array.numpy()
+        out[key] = value.view(np.dtype(array.dtype)) if value.dtype.kind == "V" else value
+    return out
+
+
+def ref_apply(layers: Mapping[str, np.ndarray], decoded: Mapping[str, RefLayer]) -> dict[str, np.ndarray]:
+    """Copies of ``layers`` with ``decoded``'s plain values written in (whole layers or
+    entries; a layer ``layers`` lacks must come whole)."""
+    out = {name: np.array(value, copy=True) for name, value in layers.items()}
+    for name, layer in decoded.items():
+        assert layer.form == 0, f"{name}: a quantized update"
+        if layer.flat is None:
+            out[name] = np.asarray(layer.values).reshape(layer.shape).copy()
+        else:
+            out[name].reshape(-1)[layer.flat] = layer.values
+    return out
+
+
+def npy_size(array: Any) -> int:
+    """Bytes of ``numpy.save(array)``: what Flower serializes an array to."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return len(buffer.getvalue())
+
+
+def ref_record_nbytes(arrays: Mapping[str, Any]) -> int:
+    """Flower's own ``ArrayRecord.count_bytes`` of ``key -> numpy array``: what a Message-API
+    message carrying them counts (each ``numpy.save`` blob plus its key)."""
+    from flwr.common import Array, ArrayRecord
+
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()}).count_bytes()
+
+
+def ref_message_nbytes(layers: Mapping[str, RefLayer]) -> int:
+    """Bytes of the Message-API message whose payload is ``layers``: written compact by
+    :func:`ref_compact_encode`, counted by Flower (:func:`ref_record_nbytes`)."""
+    return ref_record_nbytes(ref_compact_encode(layers))

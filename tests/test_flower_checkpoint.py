@@ -9,6 +9,7 @@ round 3, until the test kills the process.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -19,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import bits, fake_grid_class
+from conftest import bits, fake_grid_class, ref_apply, ref_compact_decode, ref_record_arrays
 
 pytest.importorskip("flwr")
 
-from flwr.app import Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 
-from jaxlayerx.coo import SparseLayer  # noqa: E402
 from jaxlayerx.flower.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from jaxlayerx.flower.records import arrays_to_record, record_to_arrays, sparse_to_records  # noqa: E402
+from jaxlayerx.flower.records import arrays_to_record, payload_to_record, record_to_arrays  # noqa: E402
+from jaxlayerx.payload import Entries  # noqa: E402
 
 ROUNDS = 4
 NODES = (11, 22, 33)
@@ -57,7 +58,8 @@ class FileNode:
         server_round, base = int(config["server-round"]), int(config["jaxlayerx.base-round"])
         if base != -1 and base != version:
             raise RuntimeError(f"node {self.node_id} holds version {version}, not {base}")
-        model.update(record_to_arrays(message.content.array_records["arrays"]))
+        payload = ref_compact_decode(ref_record_arrays(message.content.array_records["arrays"]))
+        model = ref_apply({} if base == -1 else model, payload)
         save_checkpoint(self.folder, model, {"round": int(config["jaxlayerx.round"])})
         if message.metadata.message_type == MessageType.EVALUATE:
             return RecordDict({"metrics": MetricRecord({"num-examples": 1})})
@@ -69,13 +71,14 @@ class FileNode:
             name: (model[name] * np.float32(0.9) + np.float32(0.01 * self.node_id)) for name in dict.fromkeys(picked)
         }
         metrics = MetricRecord({"num-examples": self.node_id + server_round})
-        if not self.sparse:
-            return RecordDict({"arrays": arrays_to_record(trained), "metrics": metrics})
-        layers = {}
+        payload = collections.OrderedDict()
         for name, value in trained.items():
+            if not self.sparse:
+                payload[name] = Entries(value.reshape(-1), None, value.shape)
+                continue
             flat = np.arange(0, value.size, 2 if (self.node_id + server_round) % 2 else 3, dtype=np.int64)
-            layers[name] = SparseLayer(value.reshape(-1)[flat], flat, value.shape)
-        return RecordDict({**sparse_to_records(layers), "metrics": metrics})
+            payload[name] = Entries(value.reshape(-1)[flat], flat, value.shape)
+        return RecordDict({"arrays": payload_to_record(payload), "metrics": metrics})
 
 
 class FileGrid(fake_grid_class()):
@@ -100,11 +103,11 @@ def serve(work: Path, *, sparse: bool, resume: bool, stop_after_train: int | Non
     """The server process: run the strategy to the end and write its result."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from jaxlayerx.flower.serverapp import FedAvgDynamicLayer, FedAvgSparseCooTensor
+    from jaxlayerx.flower.serverapp import FedAvgLayers, FedAvgSparse
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     nodes = {node: FileNode(node, work / "nodes", sparse) for node in NODES}
-    cls = FedAvgSparseCooTensor if sparse else FedAvgDynamicLayer
+    cls = FedAvgSparse if sparse else FedAvgLayers
     strategy = cls(min_available_nodes=3, checkpoint_dir=work / "checkpoint", resume=resume)
     grid = FileGrid(nodes, stop_after_train, work / "stopped")
     result = strategy.start(grid, arrays_to_record(initial_model()), num_rounds=ROUNDS, timeout=10)
@@ -207,13 +210,103 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "missing") is None
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
-    from jaxlayerx.flower.serverapp import FedAvgDynamicLayer
+@pytest.fixture
+def task_identity():
+    """Messages are built outside a run here: give them the identity a ServerApp process has."""
+    from flwr.supercore.task_identity import TaskIdentity
 
-    save_checkpoint(tmp_path, {"w": np.ones(3, np.float32)}, {"round": 1})
-    strategy = FedAvgDynamicLayer(checkpoint_dir=tmp_path, resume=True)
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _run(strategy, nodes, rounds):
+    grid = fake_grid_class()(nodes)
+    for server_round in rounds:
+        messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+        strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+    return grid
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_state_is_arrays_and_json_and_restores_the_server(tmp_path, sparse, task_identity):
+    from jaxlayerx.flower.serverapp import FedAvgLayers, FedAvgSparse
+
+    cls = FedAvgSparse if sparse else FedAvgLayers
+    nodes = {node: FileNode(node, tmp_path / "nodes", sparse) for node in (11, 22)}
+    strategy = cls(min_train_nodes=2, min_available_nodes=2, checkpoint_dir=tmp_path / "checkpoint")
+    strategy.set_global_model(arrays_to_record(initial_model()))
+    _run(strategy, nodes, [1, 2])
+    arrays, state = strategy.state()
+    json.loads(json.dumps(state))  # JSON all through
+    assert state["round"] == 2 and state["core"]["version"] == 2
+    # both nodes answered round 2's message, which brought version 1
+    assert sorted(map(tuple, state["core"]["held"])) == [(11, 1), (22, 1)]
+    assert [entry["server_round"] for entry in state["history"]] == [1, 2]
+    layers = {name: value for name, value in arrays.items() if not name.startswith("updated_in/")}
+    assert list(layers) == list(initial_model())
+    for name, value in layers.items():
+        np.testing.assert_array_equal(bits(value), bits(strategy.global_layers[name]))
+    # the version in which each layer (entry) last changed, from what the nodes' logs say they sent
+    changed = {name: np.zeros(value.shape, np.int64) for name, value in initial_model().items()}
+    for server_round in (1, 2):
+        for node in (11, 22):
+            names = sorted(initial_model())
+            for name in {names[(node + server_round) % 4], names[(node * server_round) % 4]}:
+                step = 2 if (node + server_round) % 2 else 3
+                flat = np.arange(0, changed[name].size, step) if sparse else np.arange(changed[name].size)
+                changed[name].reshape(-1)[flat] = server_round
+    if sparse:
+        for name, rounds in changed.items():
+            np.testing.assert_array_equal(arrays[f"updated_in/{name}"], rounds, err_msg=name)
+    else:
+        assert state["core"]["updated_in"] == {name: int(rounds.max()) for name, rounds in changed.items()}
+
+    # a fresh strategy restored from the saved checkpoint serves exactly what the first one would
+    strategy.save_checkpoint()
+    restored = cls(min_train_nodes=2, min_available_nodes=2)
+    restored.set_global_model(arrays_to_record(initial_model()))
+    restored.restore_state(*load_checkpoint(tmp_path / "checkpoint"))
+    assert restored.version == 2 and restored.history == strategy.history
+    for name in initial_model():
+        np.testing.assert_array_equal(bits(restored.global_layers[name]), bits(strategy.global_layers[name]))
+    grid = fake_grid_class()(nodes)
+    ours = {m.metadata.dst_node_id: m for m in strategy.configure_train(3, ArrayRecord(), ConfigRecord(), grid)}
+    theirs = {m.metadata.dst_node_id: m for m in restored.configure_train(3, ArrayRecord(), ConfigRecord(), grid)}
+    assert sorted(ours) == sorted(theirs) == [11, 22]
+    for node in ours:
+        assert dict(ours[node].content.config_records["config"]) == dict(theirs[node].content.config_records["config"])
+        assert ours[node].content.config_records["config"]["jaxlayerx.base-round"] == 1
+        mine = ref_record_arrays(ours[node].content.array_records["arrays"])
+        other = ref_record_arrays(theirs[node].content.array_records["arrays"])
+        assert list(mine) == list(other)
+        for key in mine:
+            np.testing.assert_array_equal(bits(mine[key]), bits(other[key]))
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    from jaxlayerx.flower.serverapp import FedAvgLayers
+
+    saved = FedAvgLayers(checkpoint_dir=tmp_path)
+    saved.set_global_model(arrays_to_record({"w": np.ones(3, np.float32)}))
+    saved.save_checkpoint()
+    strategy = FedAvgLayers(checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="differ"):
         strategy.start(fake_grid_class()({}), arrays_to_record({"w": np.ones(4, np.float32)}), num_rounds=2)
+    with pytest.raises(ValueError, match="differ"):
+        strategy.start(fake_grid_class()({}), arrays_to_record({"v": np.ones(3, np.float32)}), num_rounds=2)
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_strategy(tmp_path):
+    from jaxlayerx.flower.serverapp import FedAvgLayers, FedAvgSparse
+
+    saved = FedAvgLayers(checkpoint_dir=tmp_path)
+    saved.set_global_model(arrays_to_record({"w": np.ones(3, np.float32)}))
+    saved.save_checkpoint()
+    strategy = FedAvgSparse(checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="other kind"):
+        strategy.start(fake_grid_class()({}), arrays_to_record({"w": np.ones(3, np.float32)}), num_rounds=2)
 
 
 if __name__ == "__main__":

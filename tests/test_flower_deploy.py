@@ -3,7 +3,8 @@
 The test starts the SuperLink and the SuperNodes as separate processes on free loopback
 ports (``--insecure``), submits the example app (``examples/flower``) with ``flwr run``
 against that SuperLink, and checks what the ServerApp recorded against an independent
-numpy reading of the replies: every layer (or weight) some node sent is the
+numpy reading of the replies (each one compact ``ArrayRecord``, read with the independent
+``conftest.ref_compact_decode``): every layer (or weight) some node sent is the
 example-weighted mean of what was sent, everything else is bit-identical to the round
 before, and the byte counts match the arrays. One deployment runs 3 rounds of dynamic
 layer exchange, then 3 rounds of sparse exchange going on from its result; a second one
@@ -32,7 +33,7 @@ import pytest
 pytest.importorskip("flwr", reason="the deployment test needs Flower: pip install 'jaxlayerx[flower]'")
 pytest.importorskip("sklearn", reason="the example's data (scikit-learn's digits) needs scikit-learn")
 
-from conftest import free_loopback_port, loopback_environment  # noqa: E402
+from conftest import free_loopback_port, loopback_environment, ref_compact_decode  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 APP = ROOT / "examples" / "flower"
@@ -205,7 +206,8 @@ def _global(record: pathlib.Path, server_round: int) -> dict[str, np.ndarray]:
 
 
 def _replies(record: pathlib.Path, server_round: int) -> dict[int, dict]:
-    """Each node's reply in ``server_round``: its metrics, byte count, and arrays per record."""
+    """Each node's reply in ``server_round``: its metrics, byte count, arrays per record, and
+    its payload (``"payload"``: the compact ``"arrays"`` record decoded)."""
     summary = json.loads((record / f"round{server_round}.json").read_text())
     replies = {}
     for node, entry in summary.items():
@@ -218,6 +220,7 @@ def _replies(record: pathlib.Path, server_round: int) -> dict[int, dict]:
             entry["arrays"] = {
                 key: {name: arrays[key][name] for name in names} for key, names in entry["records"].items()
             }
+            entry["payload"] = ref_compact_decode(entry["arrays"]["arrays"])
         replies[int(node)] = entry
     return replies
 
@@ -236,12 +239,14 @@ def _wire_bytes(arrays: dict[str, dict[str, np.ndarray]]) -> int:
 
 def _dense_reference(before, replies):
     """Each layer's example-weighted mean over the nodes that sent it (float64 numpy)."""
+    for reply in replies:  # a layer exchange sends whole layers, plain values
+        assert all(layer.flat is None and layer.form == 0 for layer in reply["payload"].values())
     expected = {}
     for name in before:
         senders = [
-            (r["metrics"]["num-examples"], r["arrays"]["arrays"][name])
+            (r["metrics"]["num-examples"], r["payload"][name].values.reshape(r["payload"][name].shape))
             for r in replies
-            if name in r["arrays"].get("arrays", {})
+            if name in r["payload"]
         ]
         if senders:
             total = sum(count for count, _ in senders)
@@ -256,14 +261,13 @@ def _sparse_reference(before, replies):
         total = np.zeros(layer.size)
         weight = np.zeros(layer.size)
         for reply in replies:
-            arrays = reply["arrays"]
-            if name not in arrays.get("arrays", {}):
+            if name not in reply["payload"]:
                 continue
-            shape = tuple(int(n) for n in arrays["coo-shapes"][name])
-            assert shape == layer.shape, name
-            flat = np.ravel_multi_index(tuple(np.asarray(arrays["coo-indices"][name]).T), shape)
+            sent = reply["payload"][name]
+            assert sent.shape == layer.shape and sent.form == 0, name
+            flat = np.arange(layer.size) if sent.flat is None else sent.flat
             count = reply["metrics"]["num-examples"]
-            np.add.at(total, flat, count * arrays["arrays"][name].astype(np.float64))
+            np.add.at(total, flat, count * sent.values.astype(np.float64))
             np.add.at(weight, flat, count)
         if weight.any():
             sent = weight > 0
@@ -283,14 +287,18 @@ def _check_run(record: pathlib.Path, *, sparse: bool, senders_per_round: dict[in
         good = [reply for reply in replies.values() if "error" not in reply]
         entry = history[server_round]
         assert len(good) == senders_per_round[server_round], replies
-        assert sorted(entry["failures"]) == sorted(node for node, r in replies.items() if "error" in r)
-        assert not entry["rejected"]
+        assert sorted(node for node, _ in entry["failures"]) == sorted(
+            node for node, r in replies.items() if "error" in r
+        )
+        assert not entry["rejected"] and not entry["missing"]
         sent_bytes = dict(entry["bytes_sent"])
         for accepted in entry["accepted"]:
             reply = replies[accepted["node"]]
             # The server's counts match the reply: weight, layers, bytes as Flower counts them.
             assert accepted["num_examples"] == reply["metrics"]["num-examples"]
-            assert accepted["layers"] == reply["records"].get("arrays", [])
+            assert list(reply["records"]) == ["arrays"]  # one compact record
+            assert accepted["layers"] == list(reply["payload"])
+            assert accepted["entries"] == sum(layer.values.size for layer in reply["payload"].values())
             assert accepted["bytes_received"] == reply["content_bytes"]
             # The node's own counts: the arrays it sent (serialized), what the server sent it.
             assert reply["metrics"]["jaxlayerx.bytes-sent"] == reply["content_bytes"] == _wire_bytes(reply["arrays"])

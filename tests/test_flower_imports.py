@@ -10,22 +10,24 @@ Message-API modules load. Flower's deprecations are logged (``flwr`` logger, "DE
 FEATURE") rather than warned; both are captured. ``python -W error::DeprecationWarning``
 cannot be used as such: with it ``import flwr`` fails on its own (typer imports a deprecated
 ``click.utils`` name), so the warning filter turns errors on after the baseline imports.
+
+The legacy route lives in ``jaxlayerx.flower.legacy``; the Message-API strategies' names of
+the previous release still import from ``jaxlayerx.flower.serverapp``, with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flwr")
 
-FLOWER = Path(__file__).resolve().parents[1] / "jaxlayerx" / "flower"
-LEGACY_MODULES = ["jaxlayerx.flower.client", "jaxlayerx.flower.strategy", "jaxlayerx.flower.sparse_strategy"]
+LEGACY_MODULES = ["jaxlayerx.flower.legacy", "jaxlayerx.flower.legacy.client", "jaxlayerx.flower.legacy.strategy"]
 
 SCRIPT = textwrap.dedent(
     """
@@ -79,9 +81,16 @@ def run_imports(*modules: str) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-MESSAGE_API = ["jaxlayerx.flower", "jaxlayerx.flower.clientapp", "jaxlayerx.flower.records"]
-if (FLOWER / "serverapp.py").exists():  # written by another change; checked as soon as it exists
-    MESSAGE_API.append("jaxlayerx.flower.serverapp")
+MESSAGE_API = [
+    "jaxlayerx.protocol",
+    "jaxlayerx.flower",
+    "jaxlayerx.flower.clientapp",
+    "jaxlayerx.flower.records",
+    "jaxlayerx.flower.serverapp",
+    "jaxlayerx.flower.history",
+    "jaxlayerx.flower.checkpoint",
+    "jaxlayerx.flower.user_functions",
+]
 
 
 def test_message_api_modules_import_no_deprecated_flower_path():
@@ -89,33 +98,79 @@ def test_message_api_modules_import_no_deprecated_flower_path():
     assert outcome["error"] is None, outcome["error"]
     assert outcome["legacy_imports"] == []
     assert outcome["deprecated_logs"] == []
+    assert set(MESSAGE_API[1:]) <= set(outcome["loaded"])
     for module in LEGACY_MODULES:
         assert module not in outcome["loaded"], f"{module} was imported eagerly"
 
 
 def test_the_check_sees_a_legacy_import():
     """The recorder is not blind: the legacy route does import the deprecated paths."""
-    outcome = run_imports("jaxlayerx.flower.client")
+    outcome = run_imports("jaxlayerx.flower.legacy.client", "jaxlayerx.flower.legacy.strategy")
     importers = {importer for importer, _, _ in outcome["legacy_imports"]}
-    assert "jaxlayerx.flower.client" in importers
+    assert {"jaxlayerx.flower.legacy.client", "jaxlayerx.flower.legacy.strategy"} <= importers
     assert any(name == "flwr.client" for _, name, _ in outcome["legacy_imports"])
+    assert any(name.startswith("flwr.server") for _, name, _ in outcome["legacy_imports"])
 
 
 def test_legacy_names_stay_importable_from_the_package():
     import jaxlayerx.flower as flower
     from jaxlayerx.flower import (  # noqa: F401
-        ClientRecord,
         ExchangerClient,
         FedAvgDynamicLayerStrategy,
         FedAvgSparseCooTensorStrategy,
+        NodeReply,
         RoundRecord,
         client_app,
         exchanger_client_app,
+        legacy,
         stateful_client_fn,
     )
+    from jaxlayerx.flower.history import RoundRecord as HistoryRoundRecord
+    from jaxlayerx.flower.legacy.strategy import FedAvgDynamicLayerStrategy as Moved
+
+    # the lazy names are the classes of the modules they moved to
+    assert FedAvgDynamicLayerStrategy is Moved and RoundRecord is HistoryRoundRecord
+    assert ExchangerClient is legacy.ExchangerClient and client_app is legacy.client_app
 
     assert set(flower.__all__) <= set(dir(flower))
     for name in flower.__all__:
         assert getattr(flower, name) is not None
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         flower.Nope  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("FedAvgDynamicLayer", "FedAvgLayers"), ("FedAvgSparseCooTensor", "FedAvgSparse")]
+)
+def test_the_previous_strategy_names_import_with_a_deprecation_warning(old, new):
+    import jaxlayerx.flower.serverapp as serverapp
+
+    with pytest.warns(DeprecationWarning, match=re.escape(f"jaxlayerx.flower.serverapp.{old} is now {new}")):
+        renamed = getattr(serverapp, old)
+    assert renamed is getattr(serverapp, new)
+    with pytest.warns(DeprecationWarning, match=old):
+        exec(f"from jaxlayerx.flower.serverapp import {old}", {})  # the import statement warns too
+    with pytest.raises(AttributeError, match="has no attribute 'FedAvgNope'"):
+        serverapp.FedAvgNope  # noqa: B018
+
+
+def test_the_new_names_import_without_a_warning():
+    import warnings
+
+    import jaxlayerx.flower as flower
+    import jaxlayerx.flower.serverapp as serverapp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert flower.FedAvgLayers is serverapp.FedAvgLayers
+        assert flower.FedAvgSparse is serverapp.FedAvgSparse
+        assert issubclass(serverapp.FedAvgLayers, serverapp.ExchangeStrategy)
+        assert issubclass(serverapp.FedAvgSparse, serverapp.ExchangeStrategy)
+
+
+def test_version_mismatch_error_lives_in_the_protocol():
+    import jaxlayerx.protocol
+    from jaxlayerx.protocol import VersionMismatchError
+
+    assert issubclass(VersionMismatchError, ValueError)
+    assert "VersionMismatchError" in jaxlayerx.protocol.__all__
