@@ -130,6 +130,8 @@ def check_exchanger(exchanger: Any) -> None:
     feedback = getattr(exchanger, "error_feedback", None)
     if not isinstance(feedback, bool):
         raise TypeError(f"an exchanger's error_feedback must be True or False; {what} has {feedback!r}")
-    quantize = getattr(exchanger, "quantize", None)
+    if not hasattr(exchanger, "quantize"):
+        raise TypeError(f"an exchanger needs a quantize attribute (None, 'bf16' or 'int8'); {what} has none")
+    quantize = exchanger.quantize
     if quantize not in (None, "bf16", "int8"):
         raise TypeError(f"an exchanger's quantize must be None, 'bf16' or 'int8'; {what} has {quantize!r}")

@@ -47,9 +47,9 @@ from jaxlayerx.merge import merge_payload
 from jaxlayerx.modules import linen_module_types, nnx_module_types, pytree_node_types
 from jaxlayerx.packing import pack_layers, unpack_layers
 from jaxlayerx.payload import Entries, Payload, dense_entries, sparse_entries
-from jaxlayerx.quantize import Quantize, check_quantize, host_drift_reference, host_quantized_push
+from jaxlayerx.quantize import Quantize, check_quantize, host_drift_reference, host_quantized_push, quantizable
 from jaxlayerx.sparse_selection import host_sparse_masks, select_sparse_coo, sparse_masks, validate_sparsity_level
-from jaxlayerx.state import ExchangeState, record_pull, seed
+from jaxlayerx.state import ExchangeState, conformed, record_pull, seed
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, as_flat_view, check_snapshot, flatten
 from jaxlayerx.wire import LEGACY
 from jaxlayerx.wire.fl4health import decode_named, decode_positional, encode_positional
@@ -126,6 +126,7 @@ class ExchangerBase:
         check_snapshot(model, initial_model)
         current = self._flatten(model)
         initial = None if initial_model is None else self._view(initial_model)
+        state = conformed(state, current)
         if self.keeps_reference and not state.seeded:
             if initial is None:
                 raise ValueError(
@@ -156,7 +157,7 @@ class ExchangerBase:
         if self.keeps_reference:
             pulled = self._flatten(model)
             if state.seeded:
-                state = record_pull(state, pulled, payload)
+                state = record_pull(conformed(state, pulled), pulled, payload)
             else:
                 state = seed(pulled, residual=self.error_feedback and self.quantize is not None)
         return model, state
@@ -227,7 +228,9 @@ class ExchangerBase:
         self, payload: Payload, values: Mapping[str, np.ndarray], masks: FlatView, state: ExchangeState
     ) -> tuple[Payload, ExchangeState]:
         quantize = cast(Quantize, self.quantize)
-        names = list(payload)
+        names = [name for name, entries in payload.items() if quantizable(entries.values.dtype)]
+        if not names:
+            return payload, state
         residual = state.residual or {name: np.zeros((), np.float32) for name in names}
         results = cast(
             dict[str, tuple[jax.Array, ...]],
@@ -242,6 +245,9 @@ class ExchangerBase:
         quantized: Payload = collections.OrderedDict()
         new_residual = collections.OrderedDict(state.residual)
         for name, entries in payload.items():
+            if name not in results:
+                quantized[name] = entries  # an integer or boolean layer travels as it is
+                continue
             q, scale, _, layer_residual = to_numpy(results[name])
             flat = np.asarray(q).reshape(-1)
             chosen = flat if entries.indices is None else flat[entries.indices]

@@ -8,10 +8,14 @@ of the update alone, not of the weight. With error feedback, what quantization l
 al. 2019), so that nothing is lost for good.
 
 * ``"bf16"``: ``q = bfloat16(u)``, round to nearest even; 2 bytes a value;
-* ``"int8"``: ``scale = max|u| / 127`` over the sent entries of the layer, ``q =
-  round(u / scale)`` (ties to even) in ``[-127, 127]``; 1 byte a value and a float32 scale
-  per layer. ``u / scale`` is computed as ``u * (1 / scale)``; a layer whose largest
+* ``"int8"``: ``scale = max|u| * float32(1 / 127)`` over the sent entries of the layer
+  (a multiplication by that float32 constant, exact alike on every backend, so within an
+  ulp of ``max|u| / 127``), ``q = round(u * (1 / scale))`` (ties to even) in
+  ``[-127, 127]``; 1 byte a value and a float32 scale per layer. A layer whose largest
   update is 0, or whose scale has no finite inverse, sends zeros.
+
+Only floating layers are quantized; integer and boolean layers (a step counter) travel as
+they are.
 
 The functions are pure and run inside ``jax.jit`` and ``jax.vmap``; the host paths (the
 Flower clients and servers) call the same functions jitted, so a simulated federation and
@@ -50,8 +54,19 @@ def check_quantize(quantize: Any) -> Quantize | None:
     return cast(Quantize, quantize)
 
 
+def quantizable(dtype: Any) -> bool:
+    """Whether a layer of ``dtype`` is quantized (floating layers only)."""
+    return bool(jnp.issubdtype(np.dtype(dtype), jnp.floating))
+
+
+def layer_quantize(quantize: Quantize | None, dtype: Any) -> Quantize | None:
+    """How a layer of ``dtype`` is quantized: ``quantize`` for a floating layer, else ``None``."""
+    return quantize if quantize is not None and quantizable(dtype) else None
+
+
 def wire_dtype(quantize: Quantize | None, dtype: Any) -> np.dtype:
-    """The dtype a layer's values travel in: the layer's own, bfloat16 or int8."""
+    """The dtype a layer of ``dtype`` travels in: its own, bfloat16 or int8."""
+    quantize = layer_quantize(quantize, dtype)
     if quantize == "bf16":
         return np.dtype(jnp.bfloat16)
     if quantize == "int8":

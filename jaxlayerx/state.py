@@ -14,7 +14,9 @@ that quantization carries forward. Explicit, optax-style: passed in, returned, n
 
 An exchanger without error feedback or quantization keeps an empty state. Save a state
 with :meth:`ExchangeState.to_arrays` (``numpy.savez``, a Flower ``ArrayRecord``) and
-restore it with :meth:`ExchangeState.from_arrays`, bit for bit (bfloat16 included).
+restore it with :meth:`ExchangeState.from_arrays`, bit for bit. (``numpy.savez`` writes a
+bfloat16 reference as raw ``|V2`` bytes; it takes its layer's dtype back the next time the
+exchanger pushes or pulls with it.)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 
 from jaxlayerx._host import to_numpy
 from jaxlayerx.base import FlatView
+from jaxlayerx.dtypes import conform_dtype
 from jaxlayerx.payload import Payload
 
 _REFERENCE = "reference/"
@@ -85,6 +88,19 @@ def seed(layers: Mapping[str, Any], *, residual: bool) -> ExchangeState:
     if residual:
         residuals.update((name, np.zeros(np.shape(array), np.float32)) for name, array in copies.items())
     return ExchangeState(copies, residuals)
+
+
+def conformed(state: ExchangeState, layers: Mapping[str, Any]) -> ExchangeState:
+    """``state`` with each reference in the dtype of its layer in ``layers``: a bfloat16
+    reference saved with ``numpy.savez`` or sent through Flower comes back as raw ``|V2``
+    bytes, reinterpreted here (:func:`jaxlayerx.dtypes.conform_dtype`)."""
+    if all(name not in layers or value.dtype == layers[name].dtype for name, value in state.reference.items()):
+        return state
+    reference = collections.OrderedDict(
+        (name, np.asarray(conform_dtype(name, value, layers[name].dtype)) if name in layers else value)
+        for name, value in state.reference.items()
+    )
+    return ExchangeState(reference, state.residual)
 
 
 def record_pull(state: ExchangeState, pulled: Mapping[str, Any], payload: Payload) -> ExchangeState:

@@ -14,6 +14,7 @@ import collections
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlayerx.dtypes import conform_dtype, dtype_kind
@@ -70,6 +71,8 @@ def check_entries(name: str, entries: Entries, like: Any, *, allow_nonfinite: bo
             values=checked_values(name, entries.values, like.dtype, allow_nonfinite=allow_nonfinite)
         )
     expected = {"bf16": "bfloat16", "int8": "int8"}[entries.quantized]
+    if entries.quantized == "bf16" and entries.values.dtype.kind == "V" and entries.values.dtype.itemsize == 2:
+        entries = entries._replace(values=entries.values.view(jnp.bfloat16))  # Flower's serialization of bfloat16
     if np.dtype(entries.values.dtype).name != expected:
         raise TypeError(f"layer {name!r}: {entries.quantized} values must be {expected}, got {entries.values.dtype}")
     if dtype_kind(np.dtype(like.dtype)) != "float":

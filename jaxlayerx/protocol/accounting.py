@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxlayerx.quantize import Quantize, wire_dtype
+from jaxlayerx.quantize import Quantize, layer_quantize, wire_dtype
 from jaxlayerx.wire import LayerCount, Wire
 
 
@@ -30,7 +30,13 @@ def layer_counts(
     """The :class:`jaxlayerx.wire.LayerCount` of a payload holding ``counts[i]`` entries of
     layer ``i`` (all of them: the whole layer); layers with none are not in it."""
     return [
-        LayerCount(layer.name, layer.shape, wire_dtype(quantize, layer.dtype), int(count), quantize)
+        LayerCount(
+            layer.name,
+            layer.shape,
+            wire_dtype(quantize, layer.dtype),
+            int(count),
+            layer_quantize(quantize, layer.dtype),
+        )
         for layer, count in zip(layers, counts)
         if count > 0
     ]

@@ -49,7 +49,7 @@ from jaxlayerx.base import Exchanger, FlatView, check_exchanger
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.protocol import ledger
 from jaxlayerx.protocol.accounting import LayerSpec, download_nbytes, upload_nbytes
-from jaxlayerx.quantize import drift_reference, quantized_push
+from jaxlayerx.quantize import drift_reference, quantizable, quantized_push
 from jaxlayerx.simulation.adapters import ModelAdapter
 from jaxlayerx.simulation.data import ClientData
 from jaxlayerx.simulation.exchange import ExchangerSpec
@@ -512,6 +512,11 @@ class Simulation:
         if exchanger.quantize is not None:
             values, new_residual = FlatView(), FlatView()
             for name in trained:
+                if not quantizable(trained[name].dtype):
+                    values[name] = trained[name]  # integer and boolean layers travel as they are
+                    if residual:
+                        new_residual[name] = residual[name]
+                    continue
                 carried = residual[name] if residual else jnp.zeros((), jnp.float32)
                 _, _, values[name], new_residual[name] = quantized_push(
                     trained[name], global_layers[name], carried, mask[name], exchanger.quantize

@@ -141,7 +141,9 @@ class ExchangerClient(NumPyClient):
             payload = decode_positional(arrays, names, layers)  # a plain FedAvg server's: its own layers, its order
             whole = False
         else:
-            whole = base == -1 or (positional and base == -2)
+            # A server that states no version (fl4health's) sends the whole model first, and a
+            # plain FedAvg one sends it unnamed every round.
+            whole = base == -1 or (base == -2 and (positional or not self.initialized))
             payload = self.wire.decode(arrays, layers, whole_model=whole)
         version = config.get(VERSION_KEY)
         self.model, self.state = receive(
