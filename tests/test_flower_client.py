@@ -1,17 +1,24 @@
-"""Tests of the Flower client adapter: ``jaxlayerx.flower.ExchangerClient``,
-``stateful_client_fn`` and ``client_app``.
+"""Tests of the legacy-route Flower client adapter (jaxlayerx/flower/legacy/client.py):
+``ExchangerClient``, ``stateful_client_fn`` and ``client_app``.
 
 No networking: the ``NumPyClient`` methods are called directly, or the Flower ``Client``
 made by the ``client_fn`` is given ``FitIns``/``EvaluateIns``. Every check compares the
 client with independent references written here: ``ref_flat`` (a flat ``name -> numpy``
 view walking nested dicts in sorted key order, the order JAX traverses dicts in),
-hand-written layer-name lists, and a plain-numpy version of the percentage selection rule.
+hand-written layer-name lists, a plain-numpy version of the percentage selection rule, and
+``numpy.save`` sizes for bytes.
+
+The first message a client receives is the whole model: unnamed in model order
+(fl4health's initial parameters, and what the jaxlayerx strategies send first), or named
+when the server says so (config ``"jaxlayerx.base-round": -1``). Later messages are
+updates, over the global version the config names when it names one.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +50,7 @@ from flwr.common import (  # noqa: E402
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.server.client_manager import SimpleClientManager  # noqa: E402
 
 import jaxlayerx  # noqa: E402
 from jaxlayerx import (  # noqa: E402
@@ -53,6 +61,14 @@ from jaxlayerx import (  # noqa: E402
     LayerSelectionFunctionConstructor,
 )
 from jaxlayerx.flower import ExchangerClient, client_app, stateful_client_fn  # noqa: E402
+from jaxlayerx.protocol import ClientState, VersionMismatchError  # noqa: E402
+
+BASE_ROUND = "jaxlayerx.base-round"
+VERSION = "jaxlayerx.round"
+#: The config of the whole model, version 0 (what a jaxlayerx strategy sends first).
+WHOLE = {BASE_ROUND: -1, VERSION: 0}
+#: The config of an update over version 0, to version 1.
+UPDATE = {BASE_ROUND: 0, VERSION: 1}
 
 # ---------------------------------------------------------------------------------------
 # Models and their layers (names written by hand, in JAX's sorted-dict-key order)
@@ -163,6 +179,25 @@ def packed(layers: Mapping[str, np.ndarray], names: list[str] | None = None) -> 
     return [layers[name] for name in names] + [np.array(names)]
 
 
+def in_order(layers: Mapping[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    """The whole model unnamed: one array per layer, in ``names``' order (fl4health's layout)."""
+    return [layers[name] for name in names]
+
+
+def npy_size(array: np.ndarray) -> int:
+    """Bytes of ``numpy.save(array)``: what Flower carries for one array."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return len(buffer.getvalue())
+
+
+def serialized_size(payload: list[np.ndarray]) -> int:
+    """Bytes of ``payload`` as Flower sends it, measured two ways that must agree."""
+    size = sum(npy_size(array) for array in payload)
+    assert size == sum(len(tensor) for tensor in ndarrays_to_parameters(payload).tensors)
+    return size
+
+
 def unpack(payload: list[np.ndarray]) -> dict[str, np.ndarray]:
     names = payload[-1]
     assert names.ndim == 1 and names.dtype.kind == "U"
@@ -204,11 +239,12 @@ def no_train(model, config):
 
 
 def initialized_linen_client(exchanger: Any, train_fn=no_train, evaluate_fn=None, seed: int = 1):
-    """A Linen client that has applied a full first payload; returns (client, its layers)."""
+    """A Linen client that has applied a whole first model (version 0, unnamed, as a
+    jaxlayerx strategy sends it); returns (client, its layers)."""
     client = ExchangerClient(linen_variables(), exchanger, train_fn, evaluate_fn)
     start = random_layers(LINEN_SHAPES, seed)
-    client.receive(packed(start))
-    assert client.initialized
+    client.receive(in_order(start, LINEN_NAMES), WHOLE)
+    assert client.initialized and client.state.version == 0
     assert_layers(ref_flat(client.model), start)
     return client, start
 
@@ -217,8 +253,8 @@ def initialized_nnx_client(exchanger_of=lambda module: percentage_exchanger(0.5)
     module = nnx_model()
     client = ExchangerClient(module, exchanger_of(module), train_fn)
     start = random_layers(NNX_SHAPES, seed)
-    client.receive(packed(start))
-    assert client.model is module
+    client.receive(in_order(start, NNX_NAMES), WHOLE)
+    assert client.model is module and client.state.version == 0
     assert_layers(ref_flat(module), start)
     return client, start
 
@@ -241,25 +277,45 @@ def test_reference_names_match_the_models():
 
 @pytest.mark.parametrize("order", ["flatten", "reversed", "shuffled"])
 def test_first_payload_named_any_order_linen(order):
+    # A whole model sent named (the server says so: base-round -1) is applied by name.
     client = ExchangerClient(linen_variables(), percentage_exchanger(0.5), no_train)
-    assert not client.initialized
+    assert not client.initialized and client.state.version is None
     sent = random_layers(LINEN_SHAPES, seed=3)
     names = {
         "flatten": LINEN_NAMES,
         "reversed": LINEN_NAMES[::-1],
         "shuffled": [LINEN_NAMES[i] for i in (5, 0, 7, 2, 4, 1, 6, 3)],
     }[order]
-    client.receive(packed(sent, names))
-    assert client.initialized
+    client.receive(packed(sent, names), {BASE_ROUND: -1, VERSION: 4})
+    assert client.initialized and client.state.version == 4
     assert_layers(ref_flat(client.model), sent)  # params AND batch_stats, every layer
 
 
+def test_first_payload_named_without_the_servers_word_is_the_whole_model():
+    # Named arrays with no config, to a client that holds nothing: the whole model, named
+    # (what a server that states no version may send first); one layer short is refused
+    # and changes nothing.
+    client = ExchangerClient(linen_variables(), percentage_exchanger(0.5), no_train)
+    before = ref_flat(client.model)
+    sent = random_layers(LINEN_SHAPES, seed=3)
+    short = {name: value for name, value in sent.items() if name != LINEN_NAMES[0]}
+    with pytest.raises(ValueError, match="must hold every layer, whole; 1 missing"):
+        client.receive(packed(short))
+    assert not client.initialized
+    assert_layers(ref_flat(client.model), before)
+    client.receive(packed(sent))
+    assert client.initialized and client.state.version == -1  # jaxlayerx.protocol.UNVERSIONED
+    assert_layers(ref_flat(client.model), sent)
+
+
 def test_first_payload_unnamed_full_list_linen():
-    # fl4health's initial parameters: one array per layer, in flatten order, no names.
+    # fl4health's initial parameters: one array per layer, in flatten order, no names, no
+    # version: the client holds a model of unstated version.
     client = ExchangerClient(linen_variables(), FullParameterExchanger(), no_train)
     sent = random_layers(LINEN_SHAPES, seed=4)
     client.receive([sent[name] for name in LINEN_NAMES])
     assert client.initialized
+    assert client.state.version == -1  # jaxlayerx.protocol.UNVERSIONED
     assert_layers(ref_flat(client.model), sent)
 
 
@@ -269,6 +325,7 @@ def test_first_payload_nnx_updated_in_place(named):
     client = ExchangerClient(module, LayerExchangerWithExclusions(module, {nnx.BatchNorm}), no_train)
     sent = random_layers(NNX_SHAPES, seed=5)
     payload = packed(sent, NNX_NAMES[::-1]) if named else [sent[name] for name in NNX_NAMES]
+    config = WHOLE if named else {}
     # Through fit, as Flower calls it: the first payload is applied whole (BN layers too).
     record = []
 
@@ -277,7 +334,7 @@ def test_first_payload_nnx_updated_in_place(named):
         return model, 1, {}
 
     client.train_fn = train_fn
-    client.fit(payload, {})
+    client.fit(payload, config)
     assert client.model is module  # the same module, updated in place
     assert_layers(ref_flat(module), sent)
     assert_layers(record[0], sent)
@@ -294,14 +351,17 @@ def test_first_payload_missing_a_layer(kind):
     before = ref_flat(client.model)
     sent = random_layers(shapes, seed=6)
     del sent[missing]
-    with pytest.raises(ValueError, match=f"first payload must hold every layer.*{missing}"):
-        client.receive(packed(sent, list(sent)[::-1]))
+    with pytest.raises(ValueError, match=f"whole model must hold every layer.*1 missing.*{missing}"):
+        client.receive(packed(sent, list(sent)[::-1]), WHOLE)
     assert not client.initialized
     assert_layers(ref_flat(client.model), before)
     assert_layers(ref_flat(model), before)
     # the same through fit: nothing trained, nothing changed
+    calls = []
+    client.train_fn = lambda model, config: calls.append(1) or (model, 1, {})
     with pytest.raises(ValueError, match=missing):
-        client.fit(packed(sent), {})
+        client.fit(packed(sent), WHOLE)
+    assert calls == []
     assert not client.initialized
     assert_layers(ref_flat(client.model), before)
 
@@ -310,7 +370,7 @@ def test_first_payload_unnamed_wrong_count():
     client = ExchangerClient(linen_variables(), FullParameterExchanger(), no_train)
     before = ref_flat(client.model)
     sent = random_layers(LINEN_SHAPES, seed=7)
-    with pytest.raises(ValueError, match=r"one array per expected layer \(8\), got 7"):
+    with pytest.raises(ValueError, match=r"expected 8 arrays \(one per layer, in order\), got 7"):
         client.receive([sent[name] for name in LINEN_NAMES[:-1]])
     assert not client.initialized
     assert_layers(ref_flat(client.model), before)
@@ -330,9 +390,10 @@ def test_later_named_partial_payload_dynamic(kind):
         client, start = initialized_nnx_client()
         shapes, update = NNX_SHAPES, ["l2/kernel", "bn/var"]
     new = random_layers(shapes, seed=8)
-    client.receive(packed({name: new[name] for name in update}))
+    client.receive(packed({name: new[name] for name in update}), UPDATE)
     expected = {name: (new[name] if name in update else start[name]) for name in start}
     assert_layers(ref_flat(client.model), expected)
+    assert client.state.version == 1  # the version the config says the update brings
 
 
 @pytest.mark.parametrize("kind", ["linen", "nnx"])
@@ -368,7 +429,7 @@ def test_later_unnamed_payload_is_the_exchangers_layers_in_its_order():
     expected = {name: (new[name] if name in fixed else start[name]) for name in start}
     assert_layers(ref_flat(client.model), expected)
     # The wrong count is refused, naming the expected count, and changes nothing.
-    with pytest.raises(ValueError, match=r"expected 2 arrays \(one per layer to transfer\), got 1"):
+    with pytest.raises(ValueError, match=r"expected 2 arrays \(one per layer, in order\), got 1"):
         client.receive([new["params/Dense_1/kernel"]])
     assert_layers(ref_flat(client.model), expected)
 
@@ -381,6 +442,39 @@ def test_later_unnamed_full_model_for_a_fedbn_client_skips_nothing_it_does_not_e
     client.receive([new[name] for name in LINEN_NAMES if name not in LINEN_BN])
     expected = {name: (start[name] if name in LINEN_BN else new[name]) for name in start}
     assert_layers(ref_flat(client.model), expected)
+
+
+@pytest.mark.parametrize("base", [1, 3])
+def test_an_update_over_a_version_the_client_does_not_hold_is_refused(base):
+    # The client holds version 0; an update over any other version is refused whole, and
+    # the client keeps its model, its version and its exchanger's state.
+    client, start = initialized_linen_client(FullParameterExchanger(quantize="int8"))
+    exchange = client.state.exchange
+    assert list(exchange.reference) == LINEN_NAMES  # seeded whole from the first model
+    new = random_layers(LINEN_SHAPES, seed=14)
+    with pytest.raises(VersionMismatchError, match=f"over global version {base}, but the client holds version 0"):
+        client.receive(packed({name: new[name] for name in LINEN_NAMES[:4]}), {BASE_ROUND: base, VERSION: 4})
+    assert client.state.version == 0
+    assert client.state.exchange is exchange
+    assert_layers(ref_flat(client.model), start)
+    # the update over the version it holds is applied, and it then holds the new version
+    client.receive(packed({name: new[name] for name in LINEN_NAMES[:4]}), {BASE_ROUND: 0, VERSION: 4})
+    assert client.state.version == 4
+    assert_layers(ref_flat(client.model), dict(start, **{name: new[name] for name in LINEN_NAMES[:4]}))
+    # the reference follows exactly what was pulled
+    assert_layers(client.state.exchange.reference, ref_flat(client.model))
+
+
+def test_a_whole_model_resets_a_client_of_any_version():
+    # A client the server forgot gets the whole model again (base-round -1): applied whole,
+    # whatever version the client held.
+    client, start = initialized_linen_client(percentage_exchanger(0.5))
+    client.receive(packed({"params/Dense_0/bias": np.ones(3, np.float32)}), UPDATE)
+    assert client.state.version == 1
+    new = random_layers(LINEN_SHAPES, seed=15)
+    client.receive(in_order(new, LINEN_NAMES), {BASE_ROUND: -1, VERSION: 5})
+    assert client.state.version == 5
+    assert_layers(ref_flat(client.model), new)
 
 
 # ---------------------------------------------------------------------------------------
@@ -447,8 +541,10 @@ def test_fit_dynamic_linen_selection_and_metrics(p, normalize):
     assert num_examples == 7
     assert metrics["train_loss"] == 0.25 and metrics["note"] == "hi"
     assert metrics["layers_sent"] == len(picks)
-    assert metrics["payload_bytes"] == sum(np.asarray(a).nbytes for a in payload)
-    assert metrics["payload_bytes"] == jaxlayerx.payload_nbytes(payload)
+    # bytes as Flower carries them: each array's numpy.save blob, header included
+    assert metrics["payload_bytes"] == serialized_size(payload)
+    assert metrics["payload_bytes"] > sum(np.asarray(a).nbytes for a in payload)
+    assert jaxlayerx.payload_nbytes(payload) == serialized_size(payload)
     assert set(metrics) == {"train_loss", "note", "layers_sent", "payload_bytes"}
 
 
@@ -485,7 +581,7 @@ def test_fit_dynamic_nnx_in_place_training_uses_pre_training_state(p, normalize)
     sent = unpack(payload)
     assert list(sent) == picks
     assert_layers(sent, {name: trained[name] for name in picks})
-    assert metrics == {"train_loss": 1.5, "layers_sent": len(picks), "payload_bytes": sum(a.nbytes for a in payload)}
+    assert metrics == {"train_loss": 1.5, "layers_sent": len(picks), "payload_bytes": serialized_size(payload)}
     assert num_examples == 3
 
 
@@ -519,7 +615,7 @@ def test_fit_fixed_or_exclusions_sends_named_layers(which):
         assert np.array_equal(trained[name], start[name] + np.float32(deltas.get(name, 0.0)))
     assert_layers(sent, {name: trained[name] for name in layers})
     assert metrics["layers_sent"] == len(layers)
-    assert metrics["payload_bytes"] == sum(a.nbytes for a in payload)
+    assert metrics["payload_bytes"] == serialized_size(payload)
 
 
 def test_fit_dynamic_selecting_nothing_sends_empty_names():
@@ -531,7 +627,7 @@ def test_fit_dynamic_selecting_nothing_sends_empty_names():
     payload, _, metrics = client.fit(packed({}), {})
     assert len(payload) == 1 and payload[0].ndim == 1 and payload[0].size == 0
     assert payload[0].dtype.kind == "U"
-    assert metrics["layers_sent"] == 0 and metrics["payload_bytes"] == payload[0].nbytes
+    assert metrics["layers_sent"] == 0 and metrics["payload_bytes"] == npy_size(payload[0])
 
 
 def test_evaluate_applies_payload_and_passes_config():
@@ -613,9 +709,23 @@ def test_evaluate_bad_result_shape(result, match):
     assert_layers(ref_flat(client.model), start)
 
 
-class _PushOnly:
-    def push_parameters(self, model, initial_model=None, config=None):
-        return []
+class _MaskOnly:
+    """An exchanger that writes send_mask but neither subclasses ExchangerBase nor has push/pull."""
+
+    payload_kind = "named"
+    error_feedback = False
+    quantize = None
+
+    def send_mask(self, current, reference):
+        return {name: True for name in current}
+
+
+class _BadQuantize(jaxlayerx.ExchangerBase):
+    payload_kind = "named"
+    quantize = "int4"
+
+    def send_mask(self, current, reference):
+        return {name: True for name in current}
 
 
 def test_constructor_checks():
@@ -625,10 +735,14 @@ def test_constructor_checks():
         ExchangerClient(variables, FullParameterExchanger(), 42)
     with pytest.raises(TypeError, match="evaluate_fn must be callable"):
         ExchangerClient(variables, FullParameterExchanger(), no_train, "not a function")
-    with pytest.raises(TypeError, match="needs a push_parameters method; object has none"):
+    with pytest.raises(TypeError, match="needs a send_mask method; object has none"):
         ExchangerClient(variables, object(), no_train)
-    with pytest.raises(TypeError, match="needs a pull_parameters method; _PushOnly has none"):
-        ExchangerClient(variables, _PushOnly(), no_train)
+    with pytest.raises(TypeError, match="needs a init_state method; _MaskOnly has none"):
+        ExchangerClient(variables, _MaskOnly(), no_train)
+    with pytest.raises(TypeError, match="quantize must be None, 'bf16' or 'int8'; _BadQuantize has 'int4'"):
+        ExchangerClient(variables, _BadQuantize(), no_train)
+    with pytest.raises(ValueError, match="sparse must be 'compact' or 'coo'"):
+        ExchangerClient(variables, FullParameterExchanger(), no_train, sparse_wire="csr")
     assert_layers(ref_flat(variables), before)
 
 
@@ -638,7 +752,8 @@ def test_constructor_checks():
 
 
 def _bad_payloads(kind: str):
-    """(payload, exception, match) with a valid layer first: nothing may be half applied."""
+    """(payload, exception, match) with a valid layer first: nothing may be half applied.
+    Sent as an update (the server's config names the base version the client holds)."""
     if kind == "linen":
         good, good_shape = "params/Dense_0/bias", (3,)
         target, shape = "params/Dense_0/kernel", (4, 3)
@@ -663,11 +778,15 @@ def _bad_payloads(kind: str):
             TypeError,
             rf"{target}.*float32 layer does not accept complex64",
         ),
-        "int-names": ([ok, value, np.array([1, 2])], ValueError, r"names.*int64"),
-        "object-names": ([ok, value, np.array([good, target], dtype=object)], ValueError, r"names.*object"),
-        "bytes-names": ([ok, value, np.array([good.encode(), target.encode()])], ValueError, r"names.*\|S"),
-        "2d-names": ([ok, value, np.array([[good, target]])], ValueError, r"names.*shape \(1, 2\)"),
-        "unnamed": ([ok, value], ValueError, r"names"),
+        "int-names": ([ok, value, np.array([1, 2])], ValueError, r"names array.*dtype int64"),
+        "object-names": ([ok, value, np.array([good, target], dtype=object)], ValueError, r"names array.*dtype object"),
+        "bytes-names": (
+            [ok, value, np.array([good.encode(), target.encode()])],
+            ValueError,
+            r"names array.*dtype \|S",
+        ),
+        "2d-names": ([ok, value, np.array([[good, target]])], ValueError, r"names array.*shape \(1, 2\)"),
+        "unnamed": ([ok, value], ValueError, r"names array.*got 2 arrays"),
         "count-mismatch": ([ok, value, np.array([good])], ValueError, r"2 arrays but 1 layer names"),
         "duplicate-names": ([ok, ok, np.array([good, good])], ValueError, rf"duplicate.*{good}"),
     }
@@ -685,25 +804,41 @@ def test_bad_server_payload_changes_nothing(kind, case):
     else:
         client, start = initialized_nnx_client()
     module = client.model
+    state = client.state
     with pytest.raises(error, match=match):
-        client.receive(payload)
+        client.receive(payload, UPDATE)
     assert client.initialized
+    assert client.state is state and client.state.version == 0  # the version did not move
     assert_layers(ref_flat(client.model), start)
     if kind == "nnx":
         assert client.model is module
     calls = []
     client.train_fn = lambda model, config: calls.append(1) or (model, 1, {})
     with pytest.raises(error, match=match):
-        client.fit(payload, {})
+        client.fit(payload, UPDATE)
     assert calls == []  # never trained on a rejected payload
+    assert client.state is state
     assert_layers(ref_flat(client.model), start)
+
+
+def test_unnamed_arrays_without_config_are_a_whole_model_of_the_right_count():
+    # With no config (a plain fl4health FedAvg server), unnamed arrays sent to a client of a
+    # named exchanger are every layer in model order: any other count is refused whole.
+    client, start = initialized_linen_client(percentage_exchanger(0.5))
+    new = random_layers(LINEN_SHAPES, seed=16)
+    with pytest.raises(ValueError, match=r"expected 8 arrays \(one per layer, in order\), got 2"):
+        client.receive(in_order(new, LINEN_NAMES[:2]))
+    assert_layers(ref_flat(client.model), start)
+    client.receive(in_order(new, LINEN_NAMES))
+    assert_layers(ref_flat(client.model), new)
 
 
 def test_unknown_name_is_a_key_error_listing_the_name():
     client, start = initialized_linen_client(percentage_exchanger(0.5))
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(jaxlayerx.UnknownLayerError) as info:
         client.receive([np.zeros(3, np.float32), np.array(["params/Dense_7/bias"])])
-    assert "params/Dense_7/bias" in str(info.value)
+    assert isinstance(info.value, KeyError)
+    assert re.search(r"layer 'params/Dense_7/bias' is not in the model; closest valid layers", str(info.value))
     assert "params/Dense_0/bias" in str(info.value) or "params/Dense_1/bias" in str(info.value)  # suggestions
     assert_layers(ref_flat(client.model), start)
 
@@ -825,14 +960,14 @@ def test_bf16_model_survives_flower_round_trip_bit_exactly():
     client = ExchangerClient(variables, FullParameterExchanger(), bf16_train_fn(record))
 
     server = bf16_server_payload(seed=20)
-    wire = flower_round_trip(packed(server, BF16_NAMES[::-1]))
+    wire = flower_round_trip(packed(server, BF16_NAMES[::-1]))  # the whole model, named
     for array, name in zip(wire[:-1], wire[-1].tolist()):
         if name in BF16_LAYERS:
             assert array.dtype == np.dtype("|V2") and array.dtype.kind == "V"  # the dtype is lost
         else:
             assert array.dtype == np.float32
 
-    payload, _, _ = client.fit(wire, {})
+    payload, _, _ = client.fit(wire, WHOLE)
     assert_bits(record[0], server)  # applied bit-identically, back in bfloat16
     model = ref_flat(client.model)
     assert model["params/Dense_0/kernel"].dtype == np.dtype(ml_dtypes.bfloat16)
@@ -851,8 +986,12 @@ def test_bf16_model_survives_flower_round_trip_bit_exactly():
 
     # a later, partial bfloat16 payload through Flower again
     later = _bf16_bits((4, 3), seed=30)
-    client.receive(flower_round_trip(packed({"params/Dense_0/kernel": later})))
+    client.receive(flower_round_trip(packed({"params/Dense_0/kernel": later})), UPDATE)
     assert_bits(ref_flat(client.model), dict(model, **{"params/Dense_0/kernel": later}))
+    # and the same whole model unnamed, in model order (fl4health's initial parameters)
+    unnamed = ExchangerClient(bf16_variables(), FullParameterExchanger(), bf16_train_fn([]))
+    unnamed.receive(flower_round_trip(in_order(server, BF16_NAMES)))
+    assert_bits(ref_flat(unnamed.model), server)
 
 
 def test_bf16_local_layers_persist_through_stateful_client_fn():
@@ -864,10 +1003,10 @@ def test_bf16_local_layers_persist_through_stateful_client_fn():
     client_fn = stateful_client_fn(make_client)
     context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
     server = bf16_server_payload(seed=40)
-    client_fn(context).fit(FitIns(ndarrays_to_parameters(packed(server)), {}))
+    client_fn(context).fit(FitIns(ndarrays_to_parameters(in_order(server, BF16_NAMES)), WHOLE))
     round1 = {n: (v * np.asarray(2, v.dtype) + np.asarray(0.375, v.dtype)) for n, v in server.items()}
     kernel = np.full((3, 2), -3.0, np.float32)
-    client_fn(context).fit(FitIns(ndarrays_to_parameters(packed({"params/Dense_1/kernel": kernel})), {}))
+    client_fn(context).fit(FitIns(ndarrays_to_parameters(packed({"params/Dense_1/kernel": kernel})), UPDATE))
     # round 2 starts from round 1's trained bfloat16 layers, bit for bit
     assert_bits(record[1], dict(round1, **{"params/Dense_1/kernel": kernel}))
 
@@ -897,12 +1036,12 @@ def test_stateful_client_fn_round_two_starts_from_saved_state():
     context = new_context()
     fresh = ref_flat(linen_variables())
 
-    # round 1: the full model
+    # round 1: the full model (named, the server saying it is the whole model)
     full = random_layers(LINEN_SHAPES, seed=50)
-    res1 = client_fn(context).fit(FitIns(ndarrays_to_parameters(packed(full, LINEN_NAMES[::-1])), {"r": 1}))
+    res1 = client_fn(context).fit(FitIns(ndarrays_to_parameters(packed(full, LINEN_NAMES[::-1])), {"r": 1, **WHOLE}))
     assert res1.status.code == Code.OK
     assert_layers(record[0]["received"], full)
-    assert record[0]["config"] == {"r": 1}
+    assert record[0]["config"] == {"r": 1, **WHOLE}
     round1 = {name: value + np.float32(deltas.get(name, 0.0)) for name, value in full.items()}
     sent1 = unpack(parameters_to_ndarrays(res1.parameters))
     assert list(sent1) == LINEN_DENSE
@@ -910,10 +1049,18 @@ def test_stateful_client_fn_round_two_starts_from_saved_state():
     assert res1.num_examples == 7
     assert res1.metrics["train_loss"] == 0.125 and res1.metrics["layers_sent"] == 4
 
-    # round 2: a new client from client_fn, a partial payload
+    # what was saved: the layers, the version held and the exchanger's state, read back
+    # with Flower's own records
+    assert set(context.state) == {"jaxlayerx.layers", "jaxlayerx.version", "jaxlayerx.exchange"}
+    saved = {name: array.numpy() for name, array in context.state.array_records["jaxlayerx.layers"].items()}
+    assert_layers(saved, round1)
+    assert context.state.config_records["jaxlayerx.version"]["version"] == 0
+    assert len(context.state.array_records["jaxlayerx.exchange"]) == 0  # no error feedback, no quantization
+
+    # round 2: a new client from client_fn, a partial payload over version 0
     dense1 = np.full((3, 2), 0.5, np.float32)
     partial = ndarrays_to_parameters(packed({"params/Dense_1/kernel": dense1}))
-    res2 = client_fn(context).fit(FitIns(partial, {"r": 2}))
+    res2 = client_fn(context).fit(FitIns(partial, {"r": 2, **UPDATE}))
     assert res2.status.code == Code.OK
     assert len(built) == 2 and built[0][0] is not built[1][0]
     for _, variables in built:  # each made from fresh init variables
@@ -925,10 +1072,15 @@ def test_stateful_client_fn_round_two_starts_from_saved_state():
     assert any(not np.array_equal(round1[name], fresh[name]) for name in LINEN_BN)
     assert_layers(received2, dict(round1, **{"params/Dense_1/kernel": dense1}))
     assert built[1][0].initialized  # the partial payload was accepted: initialized persisted
+    assert built[1][0].state.version == 1
+    assert context.state.config_records["jaxlayerx.version"]["version"] == 1
 
     # without the saved state, a fresh client refuses the same partial payload
-    with pytest.raises(ValueError, match="first payload must hold every layer"):
-        client_fn(new_context()).fit(FitIns(partial, {}))
+    with pytest.raises(ValueError, match="the first message must hold the whole model"):
+        client_fn(new_context()).fit(FitIns(partial, UPDATE))
+    # and a client of the saved state refuses an update over a version it does not hold
+    with pytest.raises(VersionMismatchError, match="over global version 0, but the client holds version 1"):
+        client_fn(context).fit(FitIns(partial, UPDATE))
 
 
 def test_stateful_client_fn_saves_state_after_evaluate():
@@ -945,12 +1097,14 @@ def test_stateful_client_fn_saves_state_after_evaluate():
     client_fn = stateful_client_fn(make_client)
     context = new_context()
     full = random_layers(LINEN_SHAPES, seed=60)
-    client_fn(context).fit(FitIns(ndarrays_to_parameters(packed(full)), {}))
+    client_fn(context).fit(FitIns(ndarrays_to_parameters(in_order(full, LINEN_NAMES)), WHOLE))
     bias = np.array([4.0, 5.0], np.float32)
-    res = client_fn(context).evaluate(EvaluateIns(ndarrays_to_parameters(packed({"params/Dense_1/bias": bias})), {}))
+    update = ndarrays_to_parameters(packed({"params/Dense_1/bias": bias}))
+    res = client_fn(context).evaluate(EvaluateIns(update, UPDATE))
     assert res.loss == 0.25 and res.num_examples == 3
     assert_layers(losses[0], dict(full, **{"params/Dense_1/bias": bias}))
-    client_fn(context).fit(FitIns(ndarrays_to_parameters(packed({})), {}))
+    assert context.state.config_records["jaxlayerx.version"]["version"] == 1  # saved after evaluate
+    client_fn(context).fit(FitIns(ndarrays_to_parameters(packed({})), {BASE_ROUND: 1, VERSION: 2}))
     assert_layers(record[1]["received"], dict(full, **{"params/Dense_1/bias": bias}))
 
 
@@ -1034,8 +1188,8 @@ def test_sparse_client_round_trip(first):
     deltas = {"params/Dense_0/kernel": 3.0, "params/Dense_1/bias": -2.0}
     client = ExchangerClient(linen_variables(), sparse_exchanger(0.25), shifting_train_fn(deltas, record))
     full = random_layers(LINEN_SHAPES, seed=70)
-    payload = packed(full) if first == "named" else [full[name] for name in LINEN_NAMES]
-    sent, n, metrics = client.fit(flower_round_trip(payload), {})
+    payload, config = (packed(full), WHOLE) if first == "named" else (in_order(full, LINEN_NAMES), {})
+    sent, n, metrics = client.fit(flower_round_trip(payload), config)
     assert_layers(record[0]["received"], full)
     trained = {name: value + np.float32(deltas.get(name, 0.0)) for name, value in full.items()}
     entries = ref_coo_entries(sent)
@@ -1056,7 +1210,7 @@ def test_sparse_client_round_trip(first):
         for index, value in values.items():
             assert value == trained[name][index], (name, index)
     assert n == 7
-    assert metrics["payload_bytes"] == sum(a.nbytes for a in sent)
+    assert metrics["payload_bytes"] == serialized_size(sent)
     assert metrics["layers_sent"] == len(entries)
 
     # a COO payload from the server: exactly its entries change
@@ -1068,6 +1222,26 @@ def test_sparse_client_round_trip(first):
     assert_layers(ref_flat(client.model), expected)
 
 
+def test_sparse_client_with_the_compact_wire_sends_the_same_entries_compact():
+    deltas = {"params/Dense_0/kernel": 3.0, "params/Dense_1/bias": -2.0}
+    full = random_layers(LINEN_SHAPES, seed=70)
+    sent = {}
+    for wire in ("coo", "compact"):
+        client = ExchangerClient(
+            linen_variables(), sparse_exchanger(0.25), shifting_train_fn(deltas, []), sparse_wire=wire
+        )
+        payload, _, metrics = client.fit(in_order(full, LINEN_NAMES), WHOLE)
+        assert metrics["payload_bytes"] == serialized_size(payload)
+        sent[wire] = payload
+    assert sent["compact"][0].dtype == np.uint8 and sent["compact"][0].ndim == 1  # the compact header
+    assert all(array.dtype.kind != "U" for array in sent["compact"])  # no names array: not fl4health's layout
+    # the compact values are the COO values, in the same (row-major, payload) order
+    k = (len(sent["coo"]) - 1) // 3
+    coo_values = np.concatenate(sent["coo"][:k])
+    assert sent["compact"][1].dtype == np.float32
+    np.testing.assert_array_equal(sent["compact"][1], coo_values)
+
+
 def test_sparse_client_first_payload_must_be_dense_and_whole():
     client = ExchangerClient(linen_variables(), sparse_exchanger(), no_train)
     before = ref_flat(client.model)
@@ -1077,16 +1251,17 @@ def test_sparse_client_first_payload_must_be_dense_and_whole():
         np.array([3], np.int64),
         np.array(["params/Dense_0/bias"]),
     ]
-    with pytest.raises(ValueError, match="first payload must hold every layer"):
-        client.receive(coo)
-    with pytest.raises(ValueError, match="first payload must hold every layer"):
-        client.receive(packed({"params/Dense_0/bias": np.ones(3, np.float32)}))
+    for config in ({}, WHOLE):  # without the server's word, the first message must be the whole model too
+        with pytest.raises(ValueError, match=r"whole model must hold every layer, whole; 8 missing or partial"):
+            client.receive(coo, config)
+    with pytest.raises(ValueError, match=r"whole model must hold every layer, whole; 7 missing or partial"):
+        client.receive(packed({"params/Dense_0/bias": np.ones(3, np.float32)}), WHOLE)
     assert not client.initialized
     assert_layers(ref_flat(client.model), before)
 
 
 BAD_COO = {
-    "out-of-bounds": ([[0, 0], [4, 0]], [4, 3], ValueError, "out of bounds"),
+    "out-of-bounds": ([[0, 0], [4, 0]], [4, 3], ValueError, r"index \[4, 0\] is out of bounds for shape \(4, 3\)"),
     "repeated": ([[1, 1], [1, 1]], [4, 3], ValueError, "more than once"),
     "wrong-shape": ([[0, 0], [1, 1]], [3, 4], ValueError, r"expected shape \(4, 3\)"),
 }
@@ -1097,8 +1272,10 @@ def test_sparse_client_bad_payload_changes_nothing(case):
     indices, shape, error, match = BAD_COO[case]
     client = ExchangerClient(linen_variables(), sparse_exchanger(error_feedback=True), no_train)
     start = random_layers(LINEN_SHAPES, seed=71)
-    client.receive(packed(start))
-    reference = {name: value.copy() for name, value in client.exchanger.reference.items()}
+    client.receive(in_order(start, LINEN_NAMES), WHOLE)
+    # error feedback keeps the values pulled: seeded whole from the first model
+    assert_layers(client.state.exchange.reference, start)
+    state = client.state
     bad = [
         np.array([9.0], np.float32),
         np.array([2.0, 3.0], np.float32),
@@ -1109,44 +1286,81 @@ def test_sparse_client_bad_payload_changes_nothing(case):
         np.array(["params/Dense_0/bias", "params/Dense_0/kernel"]),
     ]
     with pytest.raises(error, match=match):
-        client.receive(bad)
+        client.receive(bad, UPDATE)
     assert_layers(ref_flat(client.model), start)
-    assert_layers(client.exchanger.reference, reference)
+    assert client.state is state
+    assert_layers(client.state.exchange.reference, start)
+
+
+def run_sparse_federation(sparse_wire: str):
+    """Two sparse clients and the sparse strategy, three rounds through configure_fit and
+    aggregate_fit, then a fourth message received; checks each pull against numpy where
+    the layout is fl4health's. Returns the clients and the strategy."""
+    from jaxlayerx.flower import FedAvgSparseCooTensorStrategy
+
+    strategy = FedAvgSparseCooTensorStrategy(
+        random_layers(LINEN_SHAPES, seed=72),
+        fraction_fit=1.0,
+        min_fit_clients=2,
+        min_available_clients=2,
+        sparse_wire=sparse_wire,
+    )
+    cm = SimpleClientManager()
+    for cid in ("0", "1"):
+        assert cm.register(fake_proxy(cid))
+    records: list = []
+    clients = {
+        cid: ExchangerClient(
+            linen_variables(), sparse_exchanger(0.1), shifting_train_fn({name: d}, records), sparse_wire=sparse_wire
+        )
+        for cid, (name, d) in zip(("0", "1"), (("params/Dense_0/kernel", 1.0), ("params/Dense_1/kernel", -1.0)))
+    }
+    for server_round in (1, 2, 3):
+        results = []
+        for proxy, ins in strategy.configure_fit(server_round, strategy.initial_parameters, cm):
+            client = clients[proxy.cid]
+            before = ref_flat(client.model)
+            payload = parameters_to_ndarrays(ins.parameters)
+            if server_round == 1:
+                assert ins.config[BASE_ROUND] == -1 and len(payload) == len(LINEN_NAMES)  # the whole model
+            else:
+                assert ins.config[BASE_ROUND] == server_round - 2 and ins.config[VERSION] == server_round - 1
+            sent, n, metrics = client.fit(payload, ins.config)
+            assert client.state.version == server_round - 1
+            results.append((proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(sent), n, metrics)))
+            if sparse_wire == "coo":
+                # the client pulled exactly what the server sent: the whole model first, then
+                # the changed entries over its own (partly unsent) trained weights
+                assert_layers(records[-1]["received"], ref_apply(before, payload))
+        _, metrics = strategy.aggregate_fit(server_round, results, [])
+        assert metrics["clients_rejected"] == 0 and metrics["clients_accepted"] == 2
+        assert metrics["payload_bytes_received"] == sum(res.metrics["payload_bytes"] for _, res in results)
+    for proxy, ins in strategy.configure_fit(4, strategy.initial_parameters, cm):
+        client = clients[proxy.cid]
+        before = ref_flat(client.model)
+        payload = parameters_to_ndarrays(ins.parameters)
+        client.receive(payload, ins.config)
+        assert client.state.version == 3
+        if sparse_wire == "coo":
+            after = ref_flat(client.model)
+            assert_layers(after, ref_apply(before, payload))
+            # every weight the update carries now holds the global value
+            for name, values in ref_coo_entries(payload).items():
+                for index in values:
+                    assert after[name][index] == strategy.global_layers[name][index]
+    return clients, strategy
 
 
 def test_sparse_client_against_the_sparse_strategy_catches_up_exactly():
-    from jaxlayerx.flower import FedAvgSparseCooTensorStrategy
+    run_sparse_federation("coo")
 
-    strategy = FedAvgSparseCooTensorStrategy(random_layers(LINEN_SHAPES, seed=72))
-    records: list = []
-    clients = [
-        ExchangerClient(linen_variables(), sparse_exchanger(0.1), shifting_train_fn({name: d}, records))
-        for name, d in (("params/Dense_0/kernel", 1.0), ("params/Dense_1/kernel", -1.0))
-    ]
-    held: dict[int, int | None] = {0: None, 1: None}
-    for server_round in (1, 2, 3):
-        results = []
-        for i, client in enumerate(clients):
-            before = ref_flat(client.model)
-            payload = flower_round_trip(strategy.global_payload(held[i]))
-            sent, n, _ = client.fit(payload, {})
-            held[i] = server_round - 1
-            results.append((fake_proxy(str(i)), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(sent), n, {})))
-            # the client pulled exactly what the server sent: the whole model first, then the
-            # changed entries over its own (partly unsent) trained weights
-            assert_layers(records[-1]["received"], ref_apply(before, payload))
-        _, metrics = strategy.aggregate_fit(server_round, results, [])
-        assert metrics["clients_rejected"] == 0 and metrics["clients_accepted"] == 2
-    for i, client in enumerate(clients):
-        before = ref_flat(client.model)
-        payload = flower_round_trip(strategy.global_payload(held[i]))
-        client.receive(payload)
-        after = ref_flat(client.model)
-        assert_layers(after, ref_apply(before, payload))
-        # every weight some client sent in any round now holds the global value
-        for name, values in ref_coo_entries(payload).items():
-            for index in values:
-                assert after[name][index] == strategy.global_layers[name][index]
+
+def test_the_compact_sparse_wire_carries_exactly_what_coo_carries():
+    coo_clients, coo_strategy = run_sparse_federation("coo")
+    compact_clients, compact_strategy = run_sparse_federation("compact")
+    assert_bits(compact_strategy.global_layers, coo_strategy.global_layers)
+    for cid in coo_clients:
+        assert_bits(ref_flat(compact_clients[cid].model), ref_flat(coo_clients[cid].model))
 
 
 def ref_apply(model: dict[str, np.ndarray], payload: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -1158,3 +1372,57 @@ def ref_apply(model: dict[str, np.ndarray], payload: list[np.ndarray]) -> dict[s
         for index, value in values.items():
             out[name][index] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# 10. The client's saved state (context.state)
+# ---------------------------------------------------------------------------------------
+
+
+def test_save_state_and_load_state_restore_model_version_and_exchange_state():
+    record: list = []
+    client, start = initialized_linen_client(
+        FullParameterExchanger(quantize="int8", error_feedback=True), shifting_train_fn(LINEN_DELTAS, record)
+    )
+    payload, _, _ = client.fit(packed({}), {BASE_ROUND: 0, VERSION: 1})
+    saved = RecordDict()
+    client.save_state(saved)
+    # read back with Flower's own records: the layers, the version, the exchanger's state
+    layers = {name: array.numpy() for name, array in saved.array_records["jaxlayerx.layers"].items()}
+    assert_layers(layers, ref_flat(client.model))
+    assert saved.config_records["jaxlayerx.version"]["version"] == 1
+    exchange = {key: array.numpy() for key, array in saved.array_records["jaxlayerx.exchange"].items()}
+    assert list(exchange) == [f"reference/{name}" for name in LINEN_NAMES] + [
+        f"residual/{name}" for name in LINEN_NAMES
+    ]
+    assert_layers({key.removeprefix("reference/"): v for key, v in exchange.items() if "reference/" in key}, start)
+    assert all(exchange[f"residual/{name}"].dtype == np.float32 for name in LINEN_NAMES)
+    assert any(np.any(exchange[f"residual/{name}"] != 0) for name in LINEN_NAMES)  # int8 lost something
+
+    fresh = ExchangerClient(
+        linen_variables(),
+        FullParameterExchanger(quantize="int8", error_feedback=True),
+        shifting_train_fn(LINEN_DELTAS, record),
+    )
+    assert not fresh.initialized
+    fresh.load_state(saved)
+    assert fresh.initialized and fresh.state.version == 1
+    assert_layers(ref_flat(fresh.model), ref_flat(client.model))
+    assert isinstance(fresh.state, ClientState)
+    assert_layers(fresh.state.exchange.reference, client.state.exchange.reference)
+    assert_layers(fresh.state.exchange.residual, client.state.exchange.residual)
+    # the restored client sends what the original would have
+    update = {BASE_ROUND: 1, VERSION: 2}
+    again, _, _ = client.fit(packed({}), update)
+    restored, _, _ = fresh.fit(packed({}), update)
+    assert len(again) == len(restored)
+    for a, b in zip(again, restored):
+        assert np.array_equal(a, b) and a.dtype == b.dtype
+
+
+def test_load_state_of_an_empty_state_changes_nothing():
+    client = ExchangerClient(linen_variables(), percentage_exchanger(0.5), no_train)
+    before = ref_flat(client.model)
+    client.load_state(RecordDict())
+    assert not client.initialized and client.state == ClientState()
+    assert_layers(ref_flat(client.model), before)

@@ -19,6 +19,7 @@ import time
 import flwr
 import grpc
 import numpy as np
+from flwr.common import ndarray_to_bytes
 
 from jaxlayerx.flower import ExchangerClient, stateful_client_fn
 from jaxlayerx.simulation import EXCHANGER_KINDS
@@ -35,10 +36,17 @@ class RecordingClient(ExchangerClient):
         self.record, self.client_id = record, client_id
 
     def fit(self, parameters, config):
+        # what the server sent: its bytes as Flower serializes them, and the versions it names
+        received = {
+            "received_bytes": sum(len(ndarray_to_bytes(array)) for array in parameters),
+            "received_arrays": len(parameters),
+            "base_round": config.get("jaxlayerx.base-round"),
+            "version": config.get("jaxlayerx.round"),
+        }
         payload, num_examples, metrics = super().fit(parameters, config)
         stem = self.record / f"client{self.client_id}_round{config['current_server_round']}"
         np.savez(stem.with_suffix(".npz"), *payload)
-        stem.with_suffix(".json").write_text(json.dumps({"num_examples": num_examples, **metrics}))
+        stem.with_suffix(".json").write_text(json.dumps({"num_examples": num_examples, **metrics, **received}))
         return payload, num_examples, metrics
 
 
