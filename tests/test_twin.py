@@ -29,7 +29,7 @@ import pytest
 pytest.importorskip("flwr")
 
 from conftest import fake_grid_class, fake_proxy  # noqa: E402
-from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Context, MetricRecord, RecordDict  # noqa: E402
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 from flwr.server.client_manager import ClientManager  # noqa: E402
 
@@ -75,9 +75,7 @@ def data():
 @functools.cache
 def twin(case: str, average_over: str):
     """The simulation of ``case``: its per-round records and outputs, as numpy."""
-    config = SimulationConfig(
-        rounds=ROUNDS, local_steps=4, clients_per_round=4, seed=1, average_over=average_over
-    )
+    config = SimulationConfig(rounds=ROUNDS, local_steps=4, clients_per_round=4, seed=1, average_over=average_over)
     simulation = ScheduledSimulation(CASES[case], config, data())
     rounds = []
     for record, output in simulation.iterate():
@@ -113,7 +111,10 @@ def assert_bitwise(actual, expected, what: str) -> None:
 def assert_global(actual, expected, what: str) -> None:
     for name in expected:
         np.testing.assert_allclose(
-            np.asarray(actual[name], np.float32), np.asarray(expected[name], np.float32), rtol=1e-6, atol=1e-7,
+            np.asarray(actual[name], np.float32),
+            np.asarray(expected[name], np.float32),
+            rtol=1e-6,
+            atol=1e-7,
             err_msg=f"{what}: {name}",
         )
 
@@ -133,11 +134,12 @@ def task_identity():
 @pytest.mark.parametrize("case", list(CASES))
 def test_message_api_start_agrees_with_the_simulation(case, average_over, task_identity):
     simulation, rounds = twin(case, average_over)
-    spec = CASES[case]
     outputs = {index + 1: output for index, (_, output) in enumerate(rounds)}
     exchanger = simulation.exchanger
-    contexts = {client: Context(run_id=1, node_id=client + 1, node_config={}, state=RecordDict(), run_config={})
-                for client in range(CLIENTS)}
+    contexts = {
+        client: Context(run_id=1, node_id=client + 1, node_config={}, state=RecordDict(), run_config={})
+        for client in range(CLIENTS)
+    }
     starts: dict[tuple[int, int], dict] = {}
 
     def node(client: int):
