@@ -16,8 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-import jaxlayerx as jlx
 from benchmarks.timing import matmul_rate, median_time, row
+from jaxlayerx.aggregation import compiled_masked_fedavg
 
 
 def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]:
@@ -34,7 +34,8 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
     vmapped = median_time(lambda: simulation.round(state, 1), repeats)
 
     client_step = jax.jit(simulation.client_update)
-    server_step = jax.jit(functools.partial(jlx.masked_fedavg, weighted=True))
+    # The server's masked average: the very program a simulated round (and a Flower server) runs.
+    server_step = functools.partial(compiled_masked_fedavg, weighted=True, over="senders")
     keys = jax.random.split(jax.random.key(0), clients)
     first_pull = jax.tree.map(lambda rounds: jnp.ones(rounds.shape, bool), state.updated_in)
     locals_ = [jax.tree.map(lambda v, c=c: v[c], state.client_layers) for c in range(clients)]
@@ -43,13 +44,18 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
     counts = jnp.asarray(data.n_train)
 
     def loop():
+        # client_update's inputs: (pull mask, own layers, reference, residual, key, x, y, n);
+        # its outputs: (start, trained, mask, reference, residual, values the server receives).
         outputs = [
-            client_step(state.global_layers, (first_pull, locals_[c], state.references, keys[c], *per_client[c]))
+            client_step(
+                state.global_layers,
+                (first_pull, locals_[c], state.references, state.residuals, keys[c], *per_client[c]),
+            )
             for c in range(clients)
         ]
-        trained = jax.tree.map(lambda *v: jnp.stack(v), *[out[1] for out in outputs])
+        values = jax.tree.map(lambda *v: jnp.stack(v), *[out[5] for out in outputs])
         masks = jax.tree.map(lambda *v: jnp.stack(v), *[out[2] for out in outputs])
-        return server_step(trained, masks, counts, fallback=state.global_layers)
+        return server_step(values, masks, counts, state.global_layers)
 
     looped = median_time(loop, repeats)
 
@@ -72,7 +78,7 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
             masks_all.append(select(trained, start))
         stacked = jax.tree.map(lambda *v: jnp.stack(v), *trained_all)
         masks = jax.tree.map(lambda *v: jnp.stack(v), *masks_all)
-        return server_step(stacked, masks, counts, fallback=state.global_layers)
+        return server_step(stacked, masks, counts, state.global_layers)
 
     step_looped = median_time(step_loop, max(1, repeats // 3), warmup=1)
 

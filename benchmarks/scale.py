@@ -7,8 +7,10 @@ For each number of clients ``N``, one process runs ``jaxlayerx simulate --data m
 memory (``resource.getrusage``: the whole process, XLA's compilation included) and its time
 per round (median of rounds 2-5; round 1 compiles). A second measure separates what grows
 with ``N`` from what grows with the round: XLA's own accounting of the compiled round
-(``memory_analysis``): its arguments (the stored state and data of all ``N`` clients) and
-its temporaries (the round's working memory, which grows with the clients trained at once).
+(``memory_analysis`` of its three programs, which run one after the other: the clients'
+updates, the server's masked average, the server step with the evaluation; the largest of
+each figure): its arguments (the stored state and data of all ``N`` clients) and its
+temporaries (the round's working memory, which grows with the clients trained at once).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import textwrap
 CHILD = textwrap.dedent(
     """
     import json, resource, sys
-    import jax, jax.numpy as jnp, numpy as np
+    import jax, numpy as np
     from jaxlayerx.simulation.cli import main
     clients, per_round, chunk, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     args = ["simulate", "--data", "mnist1d", "--clients", str(clients), "--clients-per-round", str(per_round),
@@ -41,12 +43,24 @@ CHILD = textwrap.dedent(
     data = make_client_data(d.x, d.y, clients, beta=None, seed=0, x_test=d.x_test, y_test=d.y_test)
     config = SimulationConfig(clients_per_round=per_round, chunk_size=None if chunk == "none" else int(chunk))
     sim = Simulation(ExchangerSpec("full"), config, data, CNN())
-    chosen = sim.sample_clients(1)
-    keys = jax.random.split(jax.random.key(0), clients)[chosen]
-    compiled = sim._round.lower(sim.init_state(), jnp.asarray(1, jnp.int32), jnp.asarray(chosen), keys, *sim._arrays).compile()
-    memory = compiled.memory_analysis()
+    # A round is three compiled programs, run one after the other: the clients' updates, the
+    # server's masked average, the server step with the evaluation (Simulation.round).
+    from jaxlayerx.aggregation import compiled_masked_fedavg
+    state, index, chosen = sim.init_state(), np.int32(1), sim.sample_clients(1)
+    x_train, y_train, n_train, *tests = sim._arrays
+    clients_args = (state, index, chosen, sim._batch_key, x_train, y_train, n_train)
+    updates = jax.eval_shape(sim._clients, *clients_args)
+    options = dict(weighted=config.weighted, over=config.average_over)
+    average_args = (updates.values, updates.masks, updates.counts, state.global_layers)
+    averages, sent = jax.eval_shape(lambda *a: compiled_masked_fedavg(*a, **options), *average_args)
+    memories = [
+        sim._clients.lower(*clients_args).compile().memory_analysis(),
+        compiled_masked_fedavg.lower(*average_args, **options).compile().memory_analysis(),
+        sim._finish.lower(state, index, chosen, updates, averages, sent, *tests).compile().memory_analysis(),
+    ]
     print(json.dumps({"peak_mb": peak, "round_s": float(np.median(walls[1:])), "first_round_s": walls[0],
-                      "arguments_mb": memory.argument_size_in_bytes / 1e6, "temporaries_mb": memory.temp_size_in_bytes / 1e6}))
+                      "arguments_mb": max(m.argument_size_in_bytes for m in memories) / 1e6,
+                      "temporaries_mb": max(m.temp_size_in_bytes for m in memories) / 1e6}))
     """
 )
 

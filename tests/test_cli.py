@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import itertools
 import json
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import RefLayer, ref_message_nbytes
 
 from jaxlayerx.simulation import MLP
 from jaxlayerx.simulation.cli import main
@@ -75,6 +77,7 @@ OPTIONS = [
     "--error-feedback",
     "--overwrite",
     "--no-compile-cache",
+    "--quantize",
 ]
 SPARSE_EXCHANGERS = [
     "sparse-largest-final-magnitude",
@@ -99,31 +102,46 @@ def no_compile_cache():
         yield
 
 
-def layer_nbytes() -> dict[str, int]:
-    """name -> nbytes of the default MLP's layers, from its own variables (not the engine's)."""
+def layer_shapes() -> dict[str, tuple[int, ...]]:
+    """name -> shape of the default MLP's layers, from its own variables (not the engine's)."""
     variables = MLP(num_classes=10).init(jax.random.key(0), jnp.ones((1, 64)))
     leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
-    return {"/".join(str(k.key) for k in path): int(np.asarray(leaf).nbytes) for path, leaf in leaves}
+    return {"/".join(str(k.key) for k in path): tuple(np.shape(leaf)) for path, leaf in leaves}
 
 
-LAYERS = layer_nbytes()
+SHAPES = layer_shapes()
+#: name -> bytes of the layer's float32 values.
+LAYERS = {name: 4 * math.prod(shape) for name, shape in SHAPES.items()}
 MODEL_BYTES = sum(LAYERS.values())
 
 
-def names_nbytes(names) -> int:
-    return np.array(list(names)).nbytes if names else 0
+@functools.cache
+def message_nbytes(names: frozenset[str], int8: bool = False) -> int:
+    """Bytes of the Message-API message holding the layers ``names`` whole (float32 values,
+    or with ``int8`` int8-coded updates, one float32 scale a layer): the compact arrays
+    written by the tests' reference codec, counted by Flower's ArrayRecord."""
+    dtype, form = (np.int8, 2) if int8 else (np.float32, 0)
+    layers = {n: RefLayer(np.zeros(SHAPES[n], dtype), None, SHAPES[n], form=form) for n in SHAPES if n in names}
+    return ref_message_nbytes(layers)
 
 
-def dynamic_client_bytes(k: int) -> set[int]:
-    """Every payload size a dynamic client sending ``k`` layers can have (arrays + names)."""
-    return {sum(LAYERS[n] for n in chosen) + names_nbytes(chosen) for chosen in itertools.combinations(LAYERS, k)}
+#: The whole model, as one message.
+MODEL_MESSAGE = message_nbytes(frozenset(SHAPES))
 
 
-def achievable_totals(layers_sent: list[int]) -> set[int]:
-    totals = {0}
-    for k in layers_sent:
-        totals = {t + b for t in totals for b in dynamic_client_bytes(k)}
-    return totals
+def dynamic_client_bytes(k: int, fits=lambda chosen: True, int8: bool = False) -> set[int]:
+    """Every message size of a dynamic client sending ``k`` whole layers (those ``fits`` allows)."""
+    combinations = itertools.combinations(LAYERS, k)
+    return {message_nbytes(frozenset(chosen), int8) for chosen in combinations if fits(chosen)}
+
+
+def assert_dynamic_uploads(record: dict, fits=lambda chosen: True, int8: bool = False) -> None:
+    """Each client's upload is the message of as many whole layers as it sent, and the
+    round's upload their sum."""
+    assert len(record["client_upload_bytes"]) == len(record["layers_sent"])
+    for upload, k in zip(record["client_upload_bytes"], record["layers_sent"]):
+        assert upload in dynamic_client_bytes(k, fits, int8), (upload, k)
+    assert record["upload_bytes"] == sum(record["client_upload_bytes"])
 
 
 def run_in_process(argv: list[str]) -> tuple[int, str, str]:
@@ -210,10 +228,24 @@ def test_simulate_writes_the_run_folder(simulate_run):
 
 def test_full_exchange_moves_the_whole_model_each_way(simulate_run):
     folder = simulate_run[0]
+    # By hand: the header names 10 layers (2 + per layer 1 + name + 2 + group, count, rank
+    # and dimension varints), the values are every float32 of the model; each array is a
+    # 128-byte .npy header, its data and its key ("header", "values0").
+    header = 2 + sum(
+        1 + len(n) + 2 + 1 + varint_size(math.prod(s)) + 1 + sum(map(varint_size, s)) for n, s in SHAPES.items()
+    )
+    assert MODEL_MESSAGE == (128 + header + len("header")) + (128 + MODEL_BYTES + len("values0"))
     for record in json.loads((folder / "metrics.json").read_text())["full"]:
-        assert record["upload_bytes"] == CLIENTS * MODEL_BYTES
-        assert record["download_bytes"] == CLIENTS * MODEL_BYTES
+        assert record["client_upload_bytes"] == [MODEL_MESSAGE] * CLIENTS
+        assert record["client_download_bytes"] == [MODEL_MESSAGE] * CLIENTS
+        assert record["upload_bytes"] == CLIENTS * MODEL_MESSAGE
+        assert record["download_bytes"] == CLIENTS * MODEL_MESSAGE
         assert record["layers_sent"] == [len(LAYERS)] * CLIENTS
+
+
+def varint_size(number: int) -> int:
+    """Bytes of ``number`` as an unsigned LEB128 varint: 7 bits a byte."""
+    return max(1, -(-number.bit_length() // 7))
 
 
 # -- compare -----------------------------------------------------------------------------
@@ -259,14 +291,18 @@ def test_compare_runs_every_exchanger_on_the_same_split(compare_run):
 
 def test_compare_upload_bytes_full_fixed_and_fedbn(compare_run):
     _, metrics, _ = compare_run
-    head = LAYERS["params/Dense_2/kernel"] + LAYERS["params/Dense_2/bias"]
-    dense = sum(b for n, b in LAYERS.items() if n.startswith("params/Dense_"))
+    head = message_nbytes(frozenset({"params/Dense_2/kernel", "params/Dense_2/bias"}))
+    dense = message_nbytes(frozenset(n for n in LAYERS if n.startswith("params/Dense_")))
+    assert len([n for n in LAYERS if n.startswith("params/Dense_")]) == 6
     for record in metrics["full"]:
-        assert record["upload_bytes"] == CLIENTS * MODEL_BYTES
+        assert record["client_upload_bytes"] == [MODEL_MESSAGE] * CLIENTS
+        assert record["upload_bytes"] == CLIENTS * MODEL_MESSAGE
     for record in metrics["fixed"]:
+        assert record["client_upload_bytes"] == [head] * CLIENTS
         assert record["upload_bytes"] == CLIENTS * head
         assert record["layers_sent"] == [2] * CLIENTS
     for record in metrics["exclude-bn"]:
+        assert record["client_upload_bytes"] == [dense] * CLIENTS
         assert record["upload_bytes"] == CLIENTS * dense
         assert record["layers_sent"] == [6] * CLIENTS
 
@@ -276,10 +312,10 @@ def test_compare_dynamic_upload_is_consistent_with_layers_sent(compare_run):
     assert len(LAYERS) == 10
     for record in metrics[LABELS["dynamic-percentage"]]:
         assert record["layers_sent"] == [math.ceil(10 * PERCENTAGE)] * CLIENTS
-        assert record["upload_bytes"] in achievable_totals(record["layers_sent"])
+        assert_dynamic_uploads(record)
     for record in metrics[LABELS["dynamic-threshold"]]:
         assert all(0 <= k <= 10 for k in record["layers_sent"])
-        assert record["upload_bytes"] in achievable_totals(record["layers_sent"])
+        assert_dynamic_uploads(record)
 
 
 def test_dynamic_percentage_one_sends_every_layer_and_its_names(tmp_path):
@@ -290,7 +326,9 @@ def test_dynamic_percentage_one_sends_every_layer_and_its_names(tmp_path):
     assert code == 0
     for record in json.loads((folder / "metrics.json").read_text())["dynamic-percentage(1, l2/size)"]:
         assert record["layers_sent"] == [10] * CLIENTS
-        assert record["upload_bytes"] == CLIENTS * (MODEL_BYTES + np.array(list(LAYERS)).nbytes)
+        # Every layer, with its name in the compact header (a dynamic exchanger's are named).
+        assert record["client_upload_bytes"] == [MODEL_MESSAGE] * CLIENTS
+        assert record["upload_bytes"] == CLIENTS * MODEL_MESSAGE
 
 
 @pytest.fixture(scope="module")
@@ -338,10 +376,9 @@ def test_budget_sweep_runs_one_line_per_value_and_labels_carry_the_parameters(bu
 def test_budget_uploads_stay_within_the_budget(budget_run):
     _, metrics, _ = budget_run
     for fraction in (0.3, 0.7):
-        capacity = math.floor(fraction * MODEL_BYTES)  # bytes of arrays a client may send
+        capacity = math.floor(fraction * MODEL_BYTES)  # bytes of the layers' values a client may send
         for record in metrics[f"dynamic-budget({fraction}, ef)"]:
-            assert record["upload_bytes"] in achievable_totals(record["layers_sent"])
-            assert record["upload_bytes"] <= CLIENTS * (capacity + names_nbytes(LAYERS))
+            assert_dynamic_uploads(record, fits=lambda chosen, c=capacity: sum(LAYERS[n] for n in chosen) <= c)
     # The larger budget sends more over the run.
     low, high = (sum(r["upload_bytes"] for r in metrics[f"dynamic-budget({f}, ef)"]) for f in (0.3, 0.7))
     assert low < high
@@ -365,15 +402,10 @@ def test_measure_and_error_feedback_options_reach_simulate(tmp_path):
     assert list(json.loads((folder / "metrics.json").read_text())) == ["dynamic-threshold(0.0001, relative, ef)"]
 
 
-def layer_ndims() -> dict[str, int]:
-    variables = MLP(num_classes=10).init(jax.random.key(0), jnp.ones((1, 64)))
-    leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
-    return {"/".join(str(k.key) for k in path): np.ndim(leaf) for path, leaf in leaves}
-
-
-def test_sparse_exchangers_send_weights_in_coo_form(tmp_path):
-    """Every sparse kind runs; a client's upload is a COO payload of at least
-    ceil(total * 0.2) float32 weights, each with one int64 index per dimension."""
+def test_sparse_exchangers_send_weights_in_compact_form(tmp_path):
+    """Every sparse kind runs; a client's upload is a compact payload of at least
+    ceil(total * 0.2) float32 values, the partly sent layers' entries indexed in their
+    cheapest encoding (never more than a bitmask of the layer)."""
     folder = tmp_path / "run"
     argv = [
         "compare",
@@ -391,20 +423,69 @@ def test_sparse_exchangers_send_weights_in_coo_form(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert set(metrics) == {f"{kind}(0.2)" for kind in SPARSE_EXCHANGERS}
     assert {spec["sparsity_level"] for spec in config["exchangers"]} == {0.2}
-    ndims = layer_ndims()
     total = sum(nbytes // 4 for nbytes in LAYERS.values())  # float32 weights
     kept = math.ceil(total * 0.2)
-    # Per weight: 4 value bytes + 8 per index dimension (1 to 2 here); per sent layer: its
-    # shape (8 bytes per dimension) and its name (at most every name in the names array).
-    smallest = kept * (4 + 8 * min(ndims.values())) + 8 * min(ndims.values())
-    largest = total * (4 + 8 * max(ndims.values())) + 8 * sum(ndims.values()) + names_nbytes(LAYERS)
+    # Arrays: "header" (uint8), "values0" (float32), "index" (uint8, absent when every sent
+    # layer is whole); each a 128-byte .npy header, its data and its key. The smallest: one
+    # layer in a header of at least 2 + 8 bytes (name length, a 1-byte name, encoding, form,
+    # group, count, rank, one dimension), kept values, no index. The
+    # largest: every layer in the header with its largest counts, every value, and each
+    # layer's index no larger than its bitmask (ceil(size / 8) bytes).
+    smallest = (128 + 2 + 8 + len("header")) + (128 + 4 * kept + len("values0"))
+    header = 2 + sum(
+        1 + len(n) + 2 + 1 + varint_size(math.prod(s)) + 1 + sum(map(varint_size, s)) for n, s in SHAPES.items()
+    )
+    bitmasks = sum(-(-math.prod(shape) // 8) for shape in SHAPES.values())
+    largest = (128 + header + len("header")) + (128 + 4 * total + len("values0")) + (128 + bitmasks + len("index"))
     for kind in SPARSE_EXCHANGERS:
         first = metrics[f"{kind}(0.2)"][0]
-        assert first["download_bytes"] == CLIENTS * MODEL_BYTES  # round 1: the whole model, dense
+        # Round 1: the whole model, dense.
+        assert first["client_download_bytes"] == [MODEL_MESSAGE] * CLIENTS
+        assert first["download_bytes"] == CLIENTS * MODEL_MESSAGE
         for record in metrics[f"{kind}(0.2)"]:
-            assert CLIENTS * smallest <= record["upload_bytes"] <= CLIENTS * largest, kind
+            for upload in record["client_upload_bytes"]:
+                assert smallest <= upload <= largest, kind
+            assert record["upload_bytes"] == sum(record["client_upload_bytes"]), kind
             assert all(1 <= k <= len(LAYERS) for k in record["layers_sent"]), kind
         assert kind in out
+
+
+def test_quantize_int8_codes_every_upload_in_one_byte_a_value(tmp_path):
+    """--quantize reaches the specs, the labels and the bytes: an int8 upload carries one
+    byte a value and one float32 scale a layer; what the server sends stays float32."""
+    folder = tmp_path / "run"
+    argv = ["compare", "--exchangers", "full,dynamic-percentage", "--quantize", "int8", "--error-feedback"]
+    code, out, _ = run_in_process([*argv, "--out", str(folder), *TINY])
+    assert code == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    labels = ["full(ef, int8)", "dynamic-percentage(0.5, l2/size, ef, int8)"]
+    assert list(metrics) == labels
+    assert [e["label"] for e in config["exchangers"]] == labels
+    assert [e["quantize"] for e in config["exchangers"]] == ["int8", "int8"]
+    assert [e["error_feedback"] for e in config["exchangers"]] == [True, True]  # with quantize, even full
+    # By hand: the float32 message with int8 values (a quarter of the bytes) and the
+    # "scales" array (10 float32 numbers: 128 + 40 bytes and its key).
+    int8_model = MODEL_MESSAGE - MODEL_BYTES + MODEL_BYTES // 4 + (128 + 4 * len(SHAPES) + len("scales"))
+    assert message_nbytes(frozenset(SHAPES), int8=True) == int8_model
+    for record in metrics[labels[0]]:
+        assert math.isfinite(record["global_loss"])
+        assert record["client_upload_bytes"] == [int8_model] * CLIENTS
+        assert record["client_download_bytes"] == [MODEL_MESSAGE] * CLIENTS
+        assert record["layers_sent"] == [len(LAYERS)] * CLIENTS
+    for record in metrics[labels[1]]:
+        assert record["layers_sent"] == [math.ceil(10 * 0.5)] * CLIENTS
+        assert_dynamic_uploads(record, int8=True)
+    for label in labels:
+        assert any(line.startswith(label + " ") for line in out.splitlines()), label
+
+
+def test_quantize_refuses_an_unknown_mode(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--quantize", "int4", *TINY])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert_one_error_line(captured.out, captured.err, "--quantize", "int4")
 
 
 # -- reproducibility ---------------------------------------------------------------------

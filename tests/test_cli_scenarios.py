@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from test_cli import (  # noqa: F401  (no_compile_cache: an autouse fixture, used by being imported)
     LAYERS,
-    MODEL_BYTES,
+    MODEL_MESSAGE,
     TINY,
     assert_one_error_line,
     no_compile_cache,
@@ -354,7 +354,11 @@ def test_clients_per_round_samples_distinct_clients(sampled_runs):
         clients = record["clients"]
         assert len(set(clients)) == 3
         assert all(isinstance(c, int) and 0 <= c < 10 for c in clients)
-        assert record["upload_bytes"] == 3 * MODEL_BYTES
+        assert record["client_upload_bytes"] == [MODEL_MESSAGE] * 3
+        assert record["upload_bytes"] == 3 * MODEL_MESSAGE
+        # Full exchange changes every layer every round: a client sampled before and one
+        # sampled for the first time are both sent every layer.
+        assert record["client_download_bytes"] == [MODEL_MESSAGE] * 3
         assert record["layers_sent"] == [len(LAYERS)] * 3
     # Seeded sampling over 3 rounds does not draw the same three every time.
     assert len({tuple(r["clients"]) for r in history}) > 1

@@ -11,9 +11,11 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from conftest import RefLayer, npy_size, ref_message_nbytes
 
 import jaxlayerx as jlx
 from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig, load_digits_data, make_client_data
+from jaxlayerx.wire import LEGACY
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -106,7 +108,9 @@ def test_masked_round_equals_packed_replay(data, spec):
 def test_masked_sparse_round_equals_packed_replay(data, spec):
     """Round 2 replayed client by client through SparseCooParameterExchanger and
     FedAvgSparseCooTensor gives the starts, the kept weights and the global model of the
-    vmapped round; the bytes it records are those of the real payloads."""
+    vmapped round; the bytes it records are those of the real payloads: on the Message API
+    (compact ArrayRecords, written and counted independently) and on the legacy route (the
+    fl4health COO payloads, their numpy.save blobs)."""
     simulation = Simulation(spec, SimulationConfig(rounds=2, local_steps=3, batch_size=8, seed=5), data)
     like = simulation.initial_variables
     first = simulation.round(simulation.init_state(), 1)
@@ -115,17 +119,20 @@ def test_masked_sparse_round_equals_packed_replay(data, spec):
 
     # The server's round-1 payload: exactly the weights some client sent, in COO form.
     server_payload = coo_payload(first.state.global_layers, first.state.pull_mask)
-    results, upload = [], []
+    results, upload, legacy_upload = [], [], []
     for client in range(data.num_clients):
         trained, start = replay_pull(exchanger, server_payload, first, second, client, like)
         payload = exchanger.push_parameters(trained, initial_model=start)
         kept = {name: np.zeros(np.shape(value), bool) for name, value in jlx.flatten(trained).items()}
-        for name, layer in jlx.read_coo(payload).items():
+        sent = jlx.read_coo(payload)
+        for name, layer in sent.items():
             kept[name].reshape(-1)[layer.flat_indices] = True
         for name, mask in second.send_masks.items():
             np.testing.assert_array_equal(kept[name], np.asarray(mask[client]), err_msg=name)
         results.append((payload, int(data.n_train[client])))
-        upload.append(jlx.payload_nbytes(payload))
+        # The same entries as the Message API's compact payload, and the legacy COO payload itself.
+        upload.append(ref_message_nbytes(entries_of(sent)))
+        legacy_upload.append(sum(npy_size(array) for array in payload))
 
     averaged = jlx.FedAvgSparseCooTensor(weighted_aggregation=True).aggregate(results)
     server = jlx.merge_sparse_layers(jlx.unflatten(first.state.global_layers, like=like), averaged)
@@ -136,8 +143,26 @@ def test_masked_sparse_round_equals_packed_replay(data, spec):
     for name, layer in averaged.items():
         np.testing.assert_array_equal(np.flatnonzero(np.asarray(second.state.pull_mask[name])), layer.flat_indices)
     record = simulation._record(2, second)
+    assert record["client_upload_bytes"] == upload
     assert record["upload_bytes"] == sum(upload)
-    assert record["download_bytes"] == data.num_clients * jlx.payload_nbytes(server_payload)
+    # Every client took part in round 1: each is sent the entries the server changed in it.
+    download = ref_message_nbytes(entries_of(jlx.read_coo(server_payload)))
+    assert record["client_download_bytes"] == [download] * data.num_clients
+    assert record["download_bytes"] == data.num_clients * download
+    legacy_up, legacy_down = simulation.message_bytes(jax.device_get(second.metrics), LEGACY)
+    assert legacy_up == legacy_upload
+    assert legacy_down == [sum(npy_size(array) for array in server_payload)] * data.num_clients
+
+
+def entries_of(sparse):
+    """``name -> SparseLayer`` as the compact wire's layers: a layer sent whole is dense."""
+    layers = {}
+    for name, layer in sparse.items():
+        order = np.argsort(layer.flat_indices)  # the compact wire lists entries ascending
+        flat = np.asarray(layer.flat_indices)[order]
+        whole = flat.size == np.prod(layer.shape)
+        layers[name] = RefLayer(np.asarray(layer.values)[order], None if whole else flat, tuple(layer.shape))
+    return layers
 
 
 @pytest.mark.parametrize(
@@ -177,8 +202,8 @@ def test_error_feedback_rounds_equal_a_packed_replay(data, spec):
                     np.asarray(value), np.asarray(output.start_layers[name][client]), err_msg=name
                 )
             # The exchanger's reference is the simulation's per-client reference.
-            assert list(exchanger.reference) == simulation.layer_names
-            for name, value in exchanger.reference.items():
+            assert list(exchanger.state.reference) == simulation.layer_names
+            for name, value in exchanger.state.reference.items():
                 np.testing.assert_array_equal(value, np.asarray(output.state.references[name][client]), err_msg=name)
             trained = client_model(output.trained_layers, client, like)
             payload = exchanger.push_parameters(trained, initial_model=start)

@@ -17,13 +17,14 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from conftest import NNX_DIGITS_LAYERS, NNX_DIGITS_PARAMS, NnxDigitsNet
+from conftest import NNX_DIGITS_LAYERS, NNX_DIGITS_PARAMS, NnxDigitsNet, RefLayer, npy_size, ref_message_nbytes
 from flax import nnx
 
 import jaxlayerx as jlx
 from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig, load_digits_data, make_client_data
 from jaxlayerx.simulation.models import CNN
 from jaxlayerx.simulation.server import init_server_state, server_optimizer, server_step
+from jaxlayerx.wire import LEGACY
 
 SEED = 3
 DYNAMIC = ExchangerSpec("dynamic-percentage", exchange_percentage=0.5)
@@ -118,39 +119,57 @@ def client_model(layers, index, like):
     return jlx.unflatten({name: np.asarray(value[index]) for name, value in layers.items()}, like=like)
 
 
-def payload_size(kind, counts, initial):
-    """Bytes of a payload of ``kind`` holding ``counts[name]`` values of each layer (a
-    numpy reference of the wire format)."""
+def compact_layers(entries, initial):
+    """The compact wire's layers of a payload holding, of each layer of ``initial``, the
+    entries its boolean ``entries[name]`` marks (a scalar marks the whole layer): in model
+    order, a layer sent whole dense, no layer for nothing sent."""
+    layers = {}
+    for name, layer in initial.items():
+        flat = np.flatnonzero(np.broadcast_to(entries[name], layer.shape))
+        if flat.size:
+            whole = flat.size == layer.size
+            layers[name] = RefLayer(layer.reshape(-1)[flat], None if whole else flat, layer.shape)
+    return layers
+
+
+def legacy_size(entries, initial, *, entrywise, whole_model=False):
+    """Bytes of the legacy route's payload of the same entries (fl4health's layouts, each
+    array's numpy.save blob): the whole model unnamed; whole layers with their names; a
+    sparse server's or client's entries as COO (values, int64 indices, int64 shape, names)."""
+    if whole_model:
+        return sum(npy_size(layer) for layer in initial.values())
+    counts = {name: int(np.count_nonzero(np.broadcast_to(entries[name], initial[name].shape))) for name in initial}
     sent = [name for name, count in counts.items() if count > 0]
-    names_bytes = np.array(sent, dtype=np.str_).nbytes if sent else 0
-    if kind == "positional":
-        return sum(initial[name].nbytes for name in sent)
-    if kind == "named":
-        return sum(initial[name].nbytes for name in sent) + names_bytes
-    assert kind == "sparse"
-    total = 0
+    total = npy_size(np.array(sent, dtype=np.str_))
     for name in sent:
-        ndim = initial[name].ndim
-        total += counts[name] * (initial[name].dtype.itemsize + 8 * ndim) + 8 * ndim
-    return total + names_bytes
+        layer = initial[name]
+        if not entrywise:
+            total += npy_size(layer)
+        else:
+            total += npy_size(np.zeros(counts[name], layer.dtype))
+            total += npy_size(np.zeros((counts[name], layer.ndim), np.int64)) + npy_size(np.zeros(layer.ndim, np.int64))
+    return total
 
 
 def expected_bytes(simulation, previous, output):
-    """``(upload, download)`` of a round recomputed from the previous state and the masks."""
-    kind = simulation.exchanger.payload_kind
+    """Each sampled client's ``(upload, download)`` of a round recomputed from the previous
+    state and the masks: on the Message API (compact records, written by the reference
+    codec and counted by Flower) and on the legacy route (numpy.save blobs)."""
+    entrywise = simulation.exchanger.payload_kind == "sparse"
     initial = host(simulation.initial_layers)
     updated, synced = host(previous.updated_in), np.asarray(previous.synced)
     masks = host(output.send_masks)
-    upload = download = 0
+    message = {"upload": [], "download": []}
+    legacy = {"upload": [], "download": []}
     for row, client in enumerate(np.asarray(output.clients)):
-        if synced[client] < 0:
-            download += sum(layer.nbytes for layer in initial.values())  # the whole model, unnamed
-        else:
-            pulled = {name: int(np.count_nonzero(updated[name] > synced[client])) for name in initial}
-            download += payload_size(kind, pulled, initial)
-        sent = {name: int(np.count_nonzero(masks[name][row])) for name in initial}
-        upload += payload_size(kind, sent, initial)
-    return upload, download
+        first = synced[client] < 0
+        pulled = {name: first or updated[name] > synced[client] for name in initial}  # first: the whole model
+        message["download"].append(ref_message_nbytes(compact_layers(pulled, initial)))
+        legacy["download"].append(legacy_size(pulled, initial, entrywise=entrywise, whole_model=first))
+        sent = {name: masks[name][row] for name in initial}
+        message["upload"].append(ref_message_nbytes(compact_layers(sent, initial)))
+        legacy["upload"].append(legacy_size(sent, initial, entrywise=entrywise))
+    return message, legacy
 
 
 def reconstructed_starts(previous, clients):
@@ -279,9 +298,13 @@ def test_upload_and_download_bytes_follow_the_catch_up_rule(which, dynamic12, ru
     returning = 0
     for round_index, (record, output) in enumerate(zip(run.records, run.outputs), start=1):
         previous = run.states[round_index - 1]
-        upload, download = expected_bytes(simulation, previous, output)
-        assert record["upload_bytes"] == upload, round_index
-        assert record["download_bytes"] == download, round_index
+        message, legacy = expected_bytes(simulation, previous, output)
+        assert record["client_upload_bytes"] == message["upload"], round_index
+        assert record["client_download_bytes"] == message["download"], round_index
+        assert record["upload_bytes"] == sum(message["upload"]), round_index
+        assert record["download_bytes"] == sum(message["download"]), round_index
+        on_legacy = simulation.message_bytes(jax.device_get(output.metrics), LEGACY)
+        assert on_legacy == (legacy["upload"], legacy["download"]), round_index
         returning += int(np.sum(np.asarray(previous.synced)[np.asarray(output.clients)] >= 0))
         masks = host(output.send_masks)
         assert record["layers_sent"] == [
@@ -714,7 +737,9 @@ def test_nnx_module_full_exchange(nnx_runs, data8):
             np.testing.assert_array_equal(
                 np.asarray(second.start_layers[name][client]), np.asarray(first.state.global_layers[name])
             )
-    whole = sum(v.nbytes for v in initial.values())
+    whole = ref_message_nbytes({name: RefLayer(value, None, value.shape) for name, value in initial.items()})
+    assert run.records[0]["client_download_bytes"] == [whole] * 8
+    assert run.records[0]["client_upload_bytes"] == [whole] * 8
     assert run.records[0]["download_bytes"] == 8 * whole and run.records[0]["upload_bytes"] == 8 * whole
     # The global loss is the global model's, evaluated in eval mode (running statistics).
     for record, output in zip(run.records, run.outputs):
@@ -748,7 +773,9 @@ def test_nnx_module_fedbn_keeps_batchnorm_local(nnx_runs):
     assert not np.array_equal(
         np.asarray(second.start_layers["bn/mean"][0]), np.asarray(second.start_layers["bn/mean"][1])
     )
-    part = sum(initial[n].nbytes for n in exchanged)
+    part = ref_message_nbytes({n: RefLayer(initial[n], None, initial[n].shape) for n in exchanged})
+    assert run.records[1]["client_upload_bytes"] == [part] * 8
+    assert run.records[1]["client_download_bytes"] == [part] * 8  # round 1 changed the exchanged layers only
     assert run.records[1]["upload_bytes"] == 8 * part and run.records[1]["download_bytes"] == 8 * part
 
 

@@ -28,7 +28,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import NNX_DIGITS_LAYERS, NNX_DIGITS_PARAMS, LinenNet, NnxDigitsNet, fake_proxy  # noqa: E402
+from conftest import (  # noqa: E402
+    NNX_DIGITS_LAYERS,
+    NNX_DIGITS_PARAMS,
+    LinenNet,
+    NnxDigitsNet,
+    RefLayer,
+    fake_proxy,
+    ref_message_nbytes,
+)
 from flax import nnx
 from flwr.common import (
     Code,
@@ -194,7 +202,7 @@ def test_same_nnx_module_twice_is_refused(label):
     assert "itself" in str(info.value)
     assert_same_layers(read_all(model), before)
     if exchanger is not None and exchanger.error_feedback:
-        assert dict(exchanger.reference) == {}
+        assert exchanger.state == jaxlayerx.ExchangeState()  # nothing pulled, nothing seeded
 
 
 @pytest.mark.parametrize("label", CALLERS)
@@ -212,7 +220,7 @@ def test_shared_nnx_state_is_refused_naming_a_layer(label):
     assert named.group(1) == "bn/bias"  # the first variable in traversal order
     assert_same_layers(read_all(model), before)
     if exchanger is not None and exchanger.error_feedback:
-        assert dict(exchanger.reference) == {}
+        assert exchanger.state == jaxlayerx.ExchangeState()  # nothing pulled, nothing seeded
 
 
 @pytest.mark.parametrize("label", CALLERS)
@@ -229,7 +237,7 @@ def test_same_linen_variables_twice_is_refused(label):
     for leaf, copy in zip(leaves_after, copies_before):
         assert_bit_equal(leaf, copy)
     if exchanger is not None and exchanger.error_feedback:
-        assert dict(exchanger.reference) == {}
+        assert exchanger.state == jaxlayerx.ExchangeState()  # nothing pulled, nothing seeded
 
 
 SNAPSHOTS = {
@@ -497,13 +505,17 @@ def server_values(seed: int = 5) -> dict[str, np.ndarray]:
     ],
     ids=["full", "dynamic"],
 )
-def test_flower_client_param_filter_first_fit(make_exchanger):
+@pytest.mark.parametrize("first", ["positional", "named whole", "named"])
+def test_flower_client_param_filter_first_fit(make_exchanger, first):
     model = make_net()
     stats_before = read_all(model, STAT_LAYERS)
     client = ExchangerClient(model, make_exchanger(), add_one_to_params, nnx_filter=nnx.Param)
     received = server_values()
-    payload = jaxlayerx.pack_layers([received[name] for name in PARAM_LAYERS], PARAM_LAYERS)
-    sent, num_examples, metrics = client.fit(payload, {})
+    # The whole model as a server sends it first: the Param layers alone (the filter's
+    # model), unnamed in model order (fl4health's initial parameters), or named with the
+    # config saying it is the whole model (base round -1) or without a word from the server.
+    payload, config = first_message(first, PARAM_LAYERS, received)
+    sent, num_examples, metrics = client.fit(payload, config)
     assert num_examples == 7
     assert names_of(sent) == PARAM_LAYERS
     assert len(sent) == len(PARAM_LAYERS) + 1
@@ -515,15 +527,34 @@ def test_flower_client_param_filter_first_fit(make_exchanger):
         assert_bit_equal(read(client.model, name), stats_before[name])
 
 
-def test_flower_client_default_filter_refuses_param_only_first_payload():
+def first_message(form: str, names: list[str], values: dict) -> tuple[list[np.ndarray], dict]:
+    """A server's first message holding the layers ``names``, and its config."""
+    arrays = [values[name] for name in names]
+    if form == "positional":
+        return arrays, {}
+    if form == "named whole":
+        return jaxlayerx.pack_layers(arrays, names), {"jaxlayerx.base-round": -1, "jaxlayerx.round": 0}
+    return jaxlayerx.pack_layers(arrays, names), {}  # named, the server silent: taken as the whole model
+
+
+@pytest.mark.parametrize(
+    "form, pattern",
+    [
+        ("positional", r"expected 8 arrays \(one per layer, in order\), got 6"),
+        ("named whole", r"every layer.*2 missing or partial.*'bn/mean', 'bn/var'"),
+        ("named", r"every layer.*2 missing or partial.*'bn/mean', 'bn/var'"),
+    ],
+)
+def test_flower_client_default_filter_refuses_param_only_first_payload(form, pattern):
     model = make_net()
     before = read_all(model)
     client = ExchangerClient(model, FullParameterExchanger(), add_one_to_params)
     received = server_values()
-    payload = jaxlayerx.pack_layers([received[name] for name in PARAM_LAYERS], PARAM_LAYERS)
-    with pytest.raises(ValueError, match="every layer"):
-        client.fit(payload, {})
+    payload, config = first_message(form, PARAM_LAYERS, received)
+    with pytest.raises(ValueError, match=pattern):
+        client.fit(payload, config)
     assert_same_layers(read_all(model), before)
+    assert not client.initialized
 
 
 # ---------------------------------------------------------------------------------------
@@ -533,6 +564,16 @@ def test_flower_client_default_filter_refuses_param_only_first_payload():
 
 #: float32 bytes of the Param layers: bn 2*16, linear1 64*16 + 16, linear2 16*10 + 10.
 SIM_PARAM_BYTES = 4 * (2 * 16 + 64 * 16 + 16 + 16 * 10 + 10)
+#: The compact header of the six Param layers, whole (docs/wire-formats.md): the format
+#: version and the layer count (2), then per layer the name's length and bytes, encoding
+#: and form (2), value group, entry count, rank and each dimension (varints; 1024 and
+#: 160 entries take 2 bytes):
+#: bn/bias 1+7+2+1+1+1+1 = 14, bn/scale 15, linear1/bias 1+12+2+4 = 19,
+#: linear1/kernel 1+14+2+1+2+1+1+1 = 23, linear2/bias 19, linear2/kernel 23.
+SIM_PARAM_HEADER = 2 + 14 + 15 + 19 + 23 + 19 + 23
+#: The Message API's record of the whole Param model: "header" (uint8) and "values0"
+#: (float32), each a 128-byte .npy header, its data and its key.
+SIM_PARAM_MESSAGE = (128 + SIM_PARAM_HEADER + len("header")) + (128 + SIM_PARAM_BYTES + len("values0"))
 
 
 @pytest.fixture(scope="module")
@@ -553,10 +594,17 @@ def test_simulation_nnx_param_filter(digits3):
     assert simulation.layer_names == NNX_DIGITS_PARAMS
     records, outputs = zip(*simulation.iterate())
     assert [record["round"] for record in records] == [1, 2]
+    # Only the Param layers travel, whole, each way: written compact and counted by Flower.
+    shapes = {"bn/bias": (16,), "bn/scale": (16,), "linear1/bias": (16,), "linear1/kernel": (64, 16)}
+    shapes |= {"linear2/bias": (10,), "linear2/kernel": (16, 10)}
+    whole = {name: RefLayer(np.zeros(shapes[name], np.float32), None, shapes[name]) for name in NNX_DIGITS_PARAMS}
+    assert ref_message_nbytes(whole) == SIM_PARAM_MESSAGE
     for record in records:
         assert math.isfinite(record["global_loss"])
-        assert record["upload_bytes"] == 3 * SIM_PARAM_BYTES
-        assert record["download_bytes"] == 3 * SIM_PARAM_BYTES
+        assert record["client_upload_bytes"] == [SIM_PARAM_MESSAGE] * 3
+        assert record["client_download_bytes"] == [SIM_PARAM_MESSAGE] * 3
+        assert record["upload_bytes"] == 3 * SIM_PARAM_MESSAGE
+        assert record["download_bytes"] == 3 * SIM_PARAM_MESSAGE
     assert list(outputs[-1].state.global_layers) == NNX_DIGITS_PARAMS
     assert list(outputs[-1].send_masks) == NNX_DIGITS_PARAMS
 
@@ -589,8 +637,10 @@ def results(*clients) -> list:
 
 
 def decode(parameters) -> dict[str, np.ndarray]:
+    """The strategy's answer: the full global model, unnamed, in model order ("b", "w")."""
     arrays = parameters_to_ndarrays(parameters)
-    return dict(zip(names_of(arrays), arrays[:-1]))
+    assert len(arrays) == 2 and not jaxlayerx.is_packed(arrays)
+    return dict(zip(["b", "w"], arrays))
 
 
 def global_model() -> dict[str, np.ndarray]:
@@ -614,7 +664,8 @@ def test_client_accepts_float64_payload_rounded_to_float32():
     rng = np.random.default_rng(0)
     received = {name: rng.normal(size=SHAPES[name]).astype(np.float64) / 3 for name in ALL_LAYERS}
     received["bn/var"] = np.abs(received["bn/var"]) + 0.5
-    payload = jaxlayerx.pack_layers([received[name] for name in ALL_LAYERS], ALL_LAYERS)
+    # The whole model first, unnamed in model order, as a server sends it.
+    payload = [received[name] for name in ALL_LAYERS]
     sent, _, _ = client.fit(payload, {})
     for name in ALL_LAYERS:
         expected = received[name].astype(np.float32)
@@ -625,28 +676,54 @@ def test_client_accepts_float64_payload_rounded_to_float32():
         assert_bit_equal(array, received[name].astype(np.float32))
 
 
+def float32_average(*weighted) -> np.ndarray:
+    """``sum w x / sum w`` with every value cast to float32 first and summed in float32,
+    client by client: the global layer's dtype, as the strategy averages."""
+    summed = np.zeros_like(np.asarray(weighted[0][1], np.float32))
+    for weight, values in weighted:
+        summed = summed + np.float32(weight) * np.asarray(values).astype(np.float32)
+    return summed / np.float32(sum(weight for weight, _ in weighted))
+
+
 def test_strategy_averages_float32_and_float64_into_float32():
     s = strategy()
     parameters, metrics = s.aggregate_fit(1, results(("1", {"w": A32}, 3), ("2", {"w": B64}, 5)), [])
-    expected = ((3 * A32.astype(np.float64) + 5 * B64) / 8).astype(np.float32)
+    expected = float32_average((3, A32), (5, B64))
     assert s.global_layers["w"].dtype == np.float32
     np.testing.assert_allclose(s.global_layers["w"], expected, rtol=1e-6)
     out = decode(parameters)
-    assert list(out) == ["w"]
-    assert out["w"].dtype == np.float32
+    assert out["w"].dtype == np.float32 and out["b"].dtype == np.float32
     np.testing.assert_allclose(out["w"], expected, rtol=1e-6)
     assert metrics["clients_accepted"] == 2 and metrics["clients_rejected"] == 0
+    assert metrics["layers_aggregated"] == 1
     assert_bit_equal(s.global_layers["b"], np.zeros(3, np.float32))
+    assert_bit_equal(out["b"], np.zeros(3, np.float32))  # not sent: the global value, in the full model
+
+
+def test_strategy_casts_float64_values_to_the_layers_float32_before_averaging():
+    """Changed on purpose: a float64 reply to a float32 layer is cast to float32 first, then
+    averaged in float32 (the compiled masked average), not averaged in float64. Values
+    whose float64 mean survives in float32 only if averaged in float64 tell them apart."""
+    s = strategy()
+    tiny = 2.0**-40  # lost when -1 + tiny is cast to float32; 2**-41 is a float32 number
+    near_minus_one = np.array([-1.0 + tiny, -1.0 + tiny, -0.5, -1.0 + tiny], np.float64)
+    ones = np.array([1.0, 1.0, 0.5, 1.0], np.float32)
+    parameters, _ = s.aggregate_fit(1, results(("1", {"w": ones}, 1), ("2", {"w": near_minus_one}, 1)), [])
+    assert np.float32(-1.0 + tiny) == np.float32(-1.0)
+    assert ((ones.astype(np.float64) + near_minus_one) / 2).astype(np.float32)[0] == np.float32(2.0**-41)
+    assert_bit_equal(s.global_layers["w"], np.zeros(4, np.float32))  # cast first: -1 + 1 = 0 exactly
+    assert_bit_equal(decode(parameters)["w"], np.zeros(4, np.float32))
 
 
 def test_strategy_averages_an_int_layer_into_a_float_layer():
     s = strategy()
     parameters, metrics = s.aggregate_fit(1, results(("1", {"w": A32}, 3), ("2", {"w": I32}, 2)), [])
-    expected = ((3 * A32.astype(np.float64) + 2 * I32.astype(np.float64)) / 5).astype(np.float32)
+    expected = float32_average((3, A32), (2, I32))
     assert s.global_layers["w"].dtype == np.float32
     np.testing.assert_allclose(s.global_layers["w"], expected, rtol=1e-6)
     assert metrics["clients_accepted"] == 2 and metrics["clients_rejected"] == 0
     assert decode(parameters)["w"].dtype == np.float32
+    np.testing.assert_allclose(decode(parameters)["w"], expected, rtol=1e-6)
 
 
 def test_strategy_rejects_a_complex_payload(caplog):
@@ -693,7 +770,7 @@ def test_strategy_allow_nonfinite_averages_nan_in():
     w = s.global_layers["w"]
     assert w.dtype == np.float32
     assert np.isnan(w[1])
-    expected = ((3 * A32.astype(np.float64) + 5 * NAN_W.astype(np.float64)) / 8).astype(np.float32)
+    expected = float32_average((3, A32), (5, NAN_W))
     finite = [0, 2, 3]
     np.testing.assert_allclose(w[finite], expected[finite], rtol=1e-6)
 

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import npy_size
+from flwr.common import ndarray_to_bytes
 
 import jaxlayerx as jlx
 from jaxlayerx import conform_layer, merge_layers, pack_layers, payload_nbytes, to_numpy, unpack_layers
@@ -254,27 +256,35 @@ def test_pack_non_string_name_is_type_error():
 
 def test_payload_nbytes_hand_computed():
     payload = pack_layers([np.zeros((2, 3), np.float32), np.zeros(5, BF16), np.zeros(4, np.int8)], ["a", "bb", "ccc"])
+    # What Flower carries: each array's numpy.save blob, a 128-byte .npy header (magic,
+    # version, header length, the dict padded to 64-byte alignment with room to grow)
+    # then the data.
     # float32 2x3: 6*4 = 24; bfloat16 x5: 5*2 = 10; int8 x4: 4*1 = 4;
     # names: 3 names of '<U3' (longest name 'ccc'), 4 bytes per char: 3*3*4 = 36.
-    assert payload_nbytes(payload) == 24 + 10 + 4 + 36
+    assert payload_nbytes(payload) == 4 * 128 + 24 + 10 + 4 + 36
 
 
 def test_payload_nbytes_matches_independent_sum():
     payload = pack_layers(sample_weights(), SAMPLE_NAMES)
-    expected = 0
+    expected = sum(npy_size(array) for array in payload)  # numpy.save into a buffer
+    data = 0
     for array in payload:
         count = 1
         for dim in array.shape:
             count *= dim
-        expected += count * array.dtype.itemsize
+        data += count * array.dtype.itemsize
+    assert expected == data + 128 * len(payload)  # the reference itself: one 128-byte header each
     assert payload_nbytes(payload) == expected
     # Same after the wire (bfloat16 as void keeps its item size).
     assert payload_nbytes(wire_roundtrip(payload)) == expected
+    # And what Flower's own serializer makes of each array.
+    assert payload_nbytes(payload) == sum(len(ndarray_to_bytes(np.asarray(array))) for array in payload)
 
 
 def test_payload_nbytes_empty_selection():
-    assert payload_nbytes([np.array([])]) == 0
-    assert payload_nbytes(pack_layers([], [])) == 0
+    # Nothing selected still sends one array: its header, no data.
+    assert payload_nbytes([np.array([])]) == 128 == npy_size(np.array([]))
+    assert payload_nbytes(pack_layers([], [])) == 128 == npy_size(np.array([], dtype=np.str_))
 
 
 def test_public_exports():
