@@ -26,8 +26,9 @@ def merge_payload(model: Model, payload: Payload, *, nnx_filter: nnx.filterlib.F
     place (see :func:`jaxlayerx.merge_layers`).
 
     Raises:
-      KeyError: a layer the model does not have. ValueError: a shape differs, or the
-      payload holds quantized updates (which only a server, knowing the base, rebuilds).
+      KeyError: a layer the model does not have.
+      ValueError: a shape differs, or the payload holds quantized updates (which only a
+        server, knowing the base, rebuilds).
       TypeError: values the layer does not accept.
     """
     current = flatten(model, nnx_filter=nnx_filter)
