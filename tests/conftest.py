@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 
@@ -429,3 +430,15 @@ def ref_message_nbytes(layers: Mapping[str, RefLayer]) -> int:
     """Bytes of the Message-API message whose payload is ``layers``: written compact by
     :func:`ref_compact_encode`, counted by Flower (:func:`ref_record_nbytes`)."""
     return ref_record_nbytes(ref_compact_encode(layers))
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's server-side ``Message()`` needs a run id (a SuperLink sets it): give messages
+    built outside a run the identity a ServerApp process has."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -210,17 +210,6 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "missing") is None
 
 
-@pytest.fixture
-def task_identity():
-    """Messages are built outside a run here: give them the identity a ServerApp process has."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 def _run(strategy, nodes, rounds):
     grid = fake_grid_class()(nodes)
     for server_round in rounds:

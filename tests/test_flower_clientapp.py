@@ -371,17 +371,6 @@ def test_bad_train_results_and_metrics_are_clear_errors():
         clash(train_message(full_layers(9), base=-1, version=0), new_context())
 
 
-@pytest.fixture
-def task_identity():
-    """Flower's server-side Message() needs a run id (a SuperLink sets it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 @pytest.mark.parametrize("sparse", [False, True], ids=["dynamic", "sparse"])
 def test_nodes_against_the_serverapp_strategies(sparse, task_identity):
     """Three client-app nodes (one fails in round 2) and jaxlayerx's Message-API strategy, over

@@ -119,17 +119,6 @@ def assert_global(actual, expected, what: str) -> None:
         )
 
 
-@pytest.fixture
-def task_identity():
-    """Flower's server-side Message() needs a run id (a SuperLink sets it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 @pytest.mark.parametrize("average_over", ["senders", "participants"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_message_api_start_agrees_with_the_simulation(case, average_over, task_identity):
