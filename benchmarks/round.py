@@ -70,7 +70,7 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
         for c in range(clients):
             start = merge(state.global_layers, first_pull, locals_[c])
             params = collections.OrderedDict((name, start[name]) for name in trainable)
-            carry = (params, start, simulation.optimizer.init(params))
+            carry = (params, start, simulation.program.optimizer.init(params))
             for step_key in jax.random.split(keys[c], simulation.local_steps):
                 carry = local_step(carry, step_key, *per_client[c])
             trained = carry[1]
@@ -85,7 +85,7 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
     # The compute floor: the training FLOPs (XLA's count for one SGD step, times steps and
     # clients; evaluation left out) at the rate of one large matmul on this machine.
     params = collections.OrderedDict((name, simulation.initial_layers[name]) for name in trainable)
-    carry = (params, simulation.initial_layers, simulation.optimizer.init(params))
+    carry = (params, simulation.initial_layers, simulation.program.optimizer.init(params))
     step_flops = _flops(local_step.lower(carry, keys[0], *per_client[0]).compile())
     compute_floor = step_flops * simulation.local_steps * clients / matmul_rate(repeats)
     return [

@@ -44,20 +44,8 @@ CHILD = textwrap.dedent(
     config = SimulationConfig(clients_per_round=per_round, chunk_size=None if chunk == "none" else int(chunk))
     sim = Simulation(ExchangerSpec("full"), config, data, CNN())
     # A round is three compiled programs, run one after the other: the clients' updates, the
-    # server's masked average, the server step with the evaluation (Simulation.round).
-    from jaxlayerx.aggregation import compiled_masked_fedavg
-    state, index, chosen = sim.init_state(), np.int32(1), sim.sample_clients(1)
-    x_train, y_train, n_train, *tests = sim._arrays
-    clients_args = (state, index, chosen, sim._batch_key, x_train, y_train, n_train)
-    updates = jax.eval_shape(sim._clients, *clients_args)
-    options = dict(weighted=config.weighted, over=config.average_over)
-    average_args = (updates.values, updates.masks, updates.counts, state.global_layers)
-    averages, sent = jax.eval_shape(lambda *a: compiled_masked_fedavg(*a, **options), *average_args)
-    memories = [
-        sim._clients.lower(*clients_args).compile().memory_analysis(),
-        compiled_masked_fedavg.lower(*average_args, **options).compile().memory_analysis(),
-        sim._finish.lower(state, index, chosen, updates, averages, sent, *tests).compile().memory_analysis(),
-    ]
+    # server's masked average, the server step with the evaluation (Simulation.compiled_round).
+    memories = [program.memory_analysis() for program in sim.compiled_round().values()]
     print(json.dumps({"peak_mb": peak, "round_s": float(np.median(walls[1:])), "first_round_s": walls[0],
                       "arguments_mb": max(m.argument_size_in_bytes for m in memories) / 1e6,
                       "temporaries_mb": max(m.temp_size_in_bytes for m in memories) / 1e6}))

@@ -72,14 +72,14 @@ def _federation(clients: int) -> Any:
     pull = FlatView((name, jnp.ones(shape, bool)) for name, shape in sim.mask_shapes.items())
 
     def update(global_layers: Any, round_index: Any, client: Any, x: Any, y: Any, n: Any) -> Any:
-        key = sim.round_keys(round_index, client[None], sim._batch_key)[0]
+        key = sim.round_keys(round_index, client[None], sim.batch_key)[0]
         # (pull mask, own layers, reference, residual, key, x, y, n): no error feedback, so
         # no reference and no residual; the trained layers are the second output.
         inputs = (pull, global_layers, FlatView(), FlatView(), key, x, y, n)
         _, trained, _, _, _, _ = sim.client_update(global_layers, inputs)
         return trained
 
-    return sim, jax.jit(update), jax.jit(sim._evaluate)
+    return sim, jax.jit(update), jax.jit(sim.evaluate)
 
 
 def _layers(sim: Any, arrays: Any) -> Any:

@@ -15,6 +15,7 @@ from conftest import RefLayer, npy_size, ref_message_nbytes
 
 import jaxlayerx as jlx
 from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig, load_digits_data, make_client_data
+from jaxlayerx.simulation.accounting import round_record
 from jaxlayerx.wire import LEGACY
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -142,7 +143,7 @@ def test_masked_sparse_round_equals_packed_replay(data, spec):
         )
     for name, layer in averaged.items():
         np.testing.assert_array_equal(np.flatnonzero(np.asarray(second.state.pull_mask[name])), layer.flat_indices)
-    record = simulation._record(2, second)
+    record = round_record(2, second, simulation.accounting, simulation.data.n_test)
     assert record["client_upload_bytes"] == upload
     assert record["upload_bytes"] == sum(upload)
     # Every client took part in round 1: each is sent the entries the server changed in it.
@@ -336,7 +337,7 @@ def test_sharded_clients_give_the_same_numbers(kind):
 
 
 def test_uneven_client_count_uses_a_dividing_mesh():
-    from jaxlayerx.simulation.engine import _shardings
+    from jaxlayerx.simulation.round import _shardings
 
     sharding, replicated = _shardings(6)
     expected_devices = np.gcd(6, jax.device_count())

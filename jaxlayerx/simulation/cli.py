@@ -24,7 +24,7 @@ from jaxlayerx.simulation.models import BODY_LAYERS, DEFAULT_MODEL, MODELS
 from jaxlayerx.simulation.server import SERVER_OPTIMIZERS
 
 if TYPE_CHECKING:
-    from jaxlayerx.simulation.engine import SimulationConfig
+    from jaxlayerx.simulation.config import SimulationConfig
 
 #: The note of an exchanger whose global model is not meant to be used on its own.
 PERSONALIZED = "personalized: read local_acc"
@@ -293,7 +293,7 @@ def _budgets(text: str) -> list[float]:
 
 def config_from_args(args: argparse.Namespace, seed: int) -> SimulationConfig:
     """The :class:`SimulationConfig` of the parsed options, for ``seed`` (ValueError on a bad one)."""
-    from jaxlayerx.simulation.engine import SimulationConfig
+    from jaxlayerx.simulation.config import SimulationConfig
 
     return SimulationConfig(
         rounds=args.rounds,
