@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlayerx._results import check_consistent, check_finite, check_numeric, check_total_weight, read_results
 from jaxlayerx.base import NDArrays
+from jaxlayerx.contributions import check_consistent, check_finite, check_numeric, check_total_weight, read_results
 from jaxlayerx.dtypes import promoted_dtype
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.packing import unpack_layers

@@ -65,14 +65,23 @@ def smallest_increase_in_magnitude_scores(model: Any, initial_model: Any) -> Fla
     )
 
 
-#: The score functions by the names the ``jaxlayerx simulate`` command uses.
+def score_key(function: ScoreGenFunction) -> str:
+    """The name a score function goes by on the command line: its own, without ``_scores``,
+    with dashes (``largest_magnitude_change_scores`` is ``largest-magnitude-change``)."""
+    return getattr(function, "__name__", repr(function)).removesuffix("_scores").replace("_", "-")
+
+
+#: The score functions by the names the ``jaxlayerx simulate`` command uses (:func:`score_key`).
 SCORE_FUNCTIONS: dict[str, ScoreGenFunction] = {
-    "largest-final-magnitude": largest_final_magnitude_scores,
-    "smallest-final-magnitude": smallest_final_magnitude_scores,
-    "largest-magnitude-change": largest_magnitude_change_scores,
-    "smallest-magnitude-change": smallest_magnitude_change_scores,
-    "largest-magnitude-increase": largest_increase_in_magnitude_scores,
-    "smallest-magnitude-increase": smallest_increase_in_magnitude_scores,
+    score_key(function): function
+    for function in (
+        largest_final_magnitude_scores,
+        smallest_final_magnitude_scores,
+        largest_magnitude_change_scores,
+        smallest_magnitude_change_scores,
+        largest_increase_in_magnitude_scores,
+        smallest_increase_in_magnitude_scores,
+    )
 }
 
 

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxlayerx._results import check_consistent, check_finite, check_numeric, read_results
 from jaxlayerx.aggregation import canonical_order, cast_mean, host_accumulator
 from jaxlayerx.base import NDArrays
+from jaxlayerx.contributions import check_consistent, check_finite, check_numeric, read_results
 from jaxlayerx.coo import SparseLayer, read_coo
 from jaxlayerx.dtypes import promoted_dtype
 

@@ -84,8 +84,8 @@ SPARSE_EXCHANGERS = [
     "sparse-smallest-final-magnitude",
     "sparse-largest-magnitude-change",
     "sparse-smallest-magnitude-change",
-    "sparse-largest-magnitude-increase",
-    "sparse-smallest-magnitude-increase",
+    "sparse-largest-increase-in-magnitude",
+    "sparse-smallest-increase-in-magnitude",
 ]
 
 

@@ -102,7 +102,7 @@ def test_masked_round_equals_packed_replay(data, spec):
     [
         ExchangerSpec("sparse-largest-magnitude-change", sparsity_level=0.1),
         ExchangerSpec("sparse-smallest-final-magnitude", sparsity_level=0.3),
-        ExchangerSpec("sparse-largest-magnitude-increase", sparsity_level=0.05),
+        ExchangerSpec("sparse-largest-increase-in-magnitude", sparsity_level=0.05),
     ],
     ids=["largest-change", "smallest-final", "largest-increase"],
 )

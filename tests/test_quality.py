@@ -44,7 +44,7 @@ def runs():
         "percentage": ExchangerSpec("dynamic-percentage", exchange_percentage=0.5),
         "percentage-absolute": ExchangerSpec("dynamic-percentage", exchange_percentage=0.5, normalize=False),
         "percentage-absolute-0.3": ExchangerSpec("dynamic-percentage", exchange_percentage=0.3, normalize=False),
-        "sparse-increase": ExchangerSpec("sparse-largest-magnitude-increase", sparsity_level=0.1),
+        "sparse-increase": ExchangerSpec("sparse-largest-increase-in-magnitude", sparsity_level=0.1),
         "sparse-change": ExchangerSpec("sparse-largest-magnitude-change", sparsity_level=0.1),
         "percentage-rms-ef": ExchangerSpec(
             "dynamic-percentage", exchange_percentage=0.5, measure="rms", error_feedback=True

@@ -263,8 +263,8 @@ def test_score_functions_registry_maps_cli_names():
         "smallest-final-magnitude": smallest_final_magnitude_scores,
         "largest-magnitude-change": largest_magnitude_change_scores,
         "smallest-magnitude-change": smallest_magnitude_change_scores,
-        "largest-magnitude-increase": largest_increase_in_magnitude_scores,
-        "smallest-magnitude-increase": smallest_increase_in_magnitude_scores,
+        "largest-increase-in-magnitude": largest_increase_in_magnitude_scores,
+        "smallest-increase-in-magnitude": smallest_increase_in_magnitude_scores,
     }
     assert jaxlayerx.ScoreGenFunction is not None
 

@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from jaxlayerx._results import is_example_count
+from jaxlayerx.contributions import is_example_count
 from jaxlayerx.flower.checkpoint import load_checkpoint, save_checkpoint
 from jaxlayerx.flower.history import NodeReply, RoundRecord
 from jaxlayerx.flower.records import (

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlayerx._results import is_example_count
+from jaxlayerx.contributions import is_example_count
 
 
 def snapshot(model: Any) -> Any:

@@ -23,7 +23,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from jaxlayerx._results import is_example_count
+from jaxlayerx.contributions import is_example_count
 from jaxlayerx.flower.history import NodeReply, RoundRecord
 from jaxlayerx.flower.metrics import weighted_metrics_average
 from jaxlayerx.flower.records import BASE_ROUND_KEY, VERSION_KEY

@@ -1,4 +1,6 @@
-"""Reading the clients' results a server aggregates: pairs, example counts, consistency."""
+"""What each client contributes to a server's average, read and checked: ``(payload,
+num_examples)`` pairs, example counts, shapes consistent across clients, numeric and
+finite values, a positive total weight. Errors name the client."""
 
 from __future__ import annotations
 
