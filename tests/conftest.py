@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import shutil
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -19,6 +20,62 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import settings
+
+#: The test tiers, by file: every file not listed here is in the fast tier, the default run
+#: (`python -m pytest -q`). The others run with `-m slow`, `-m deploy`, `-m quality` (or
+#: all with `-m ""`); .ci/run runs them all.
+TIERS = {
+    "test_quality.py": "quality",
+    "test_flower_deploy.py": "deploy",
+    "test_flower_e2e.py": "deploy",
+    "test_cli_runs.py": "slow",
+    "test_cli_scenarios.py": "slow",
+    "test_twin.py": "slow",
+    "test_sim_cache.py": "slow",
+    "test_benchmarks.py": "slow",
+    "test_examples.py": "slow",
+    "test_checks.py": "slow",
+    "test_versus_flower.py": "slow",
+    "test_sharding.py": "slow",
+}
+
+
+#: Hypothesis profiles: the property tests (marked ``hypothesis``) draw ``fast``'s examples in
+#: a plain run; ``--hypothesis-profile=thorough`` draws more, as .ci/run does. Many examples
+#: compile a new program each (their shapes differ), so the count is the tests' main cost.
+settings.register_profile("fast", max_examples=10, deadline=None)
+settings.register_profile("thorough", max_examples=100, deadline=None)
+settings.load_profile("fast")
+
+
+def pytest_configure(config: Any) -> None:
+    """JAX's persistent compilation cache in a folder of this session, so that a program
+    compiled by one test (the same shapes, the same computation) loads in the next. The
+    command-line tests' own runs keep it off (:func:`no_compile_cache`)."""
+    import tempfile
+
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        folder = tempfile.mkdtemp(prefix="jaxlayerx-tests-xla-")
+        config.add_cleanup(functools.partial(shutil.rmtree, folder, ignore_errors=True))
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def slow(*values: Any) -> Any:
+    """One case of a parametrized test, in the slow tier: the fast tier keeps one case per
+    behaviour, and the others run with ``-m slow``."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """Marks each test with the tier of its file (:data:`TIERS`)."""
+    for item in items:
+        tier = TIERS.get(item.path.name)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 def ref_name(path: tuple[Any, ...], sep: str = "/") -> str:
@@ -78,7 +135,6 @@ LINEN_SHAPES = {
 }
 
 
-@functools.cache
 class NnxDigitsNet(nnx.Module):
     """An NNX MLP for 64 digit features: Linear, BatchNorm, Linear (the simulation tests' NNX model)."""
 
@@ -442,3 +498,26 @@ def task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_compile_cache(request: Any) -> Any:
+    """JAX's persistent compilation cache off for the command-line tests' runs (in process
+    and in subprocesses; the modules test_cli*.py); tests/test_sim_cache.py covers the cache
+    itself. Autouse and module-scoped, so that it comes before the modules' runs."""
+    if not request.module.__name__.startswith("test_cli"):
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAXLAYERX_CACHE", "off")
+        yield
+
+
+@pytest.fixture(scope="module")
+def simulate_run(tmp_path_factory):
+    """One tiny ``jaxlayerx simulate`` run in process: ``(folder, code, stdout, stderr)``."""
+    from cli_support import SEED, TINY, run_in_process
+
+    folder = tmp_path_factory.mktemp("cli") / "run"
+    code, out, err = run_in_process(["simulate", "--out", str(folder), "--seed", str(SEED), *TINY])
+    return folder, code, out, err

@@ -239,7 +239,7 @@ def test_random_matches_float64_reference(seed, weighted):
     assert_unchanged(results, before)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
     n_clients=st.integers(1, 9),

@@ -15,15 +15,7 @@ import re
 
 import numpy as np
 import pytest
-from test_cli import (  # noqa: F401  (no_compile_cache: an autouse fixture, used by being imported)
-    LAYERS,
-    MODEL_MESSAGE,
-    TINY,
-    assert_one_error_line,
-    no_compile_cache,
-    run_in_process,
-    without_wall_seconds,
-)
+from cli_support import LAYERS, MODEL_MESSAGE, TINY, assert_one_error_line, run_in_process, without_wall_seconds
 
 from jaxlayerx.simulation.cli import PERSONALIZED, main
 

@@ -749,7 +749,7 @@ def client_data_cases(draw):
     )
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(case=client_data_cases())
 def test_client_data_invariants(case):
     num_clients, y, beta, y_test, seed, test_fraction, shift = case

@@ -472,7 +472,7 @@ def test_fixed_layer_list_validation():
         FixedLayerExchanger(["enc/w", "dec/b", "enc/w"])
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(data=st.data())
 def test_fixed_any_subset_any_order_plain(data):
     a, b = make("plain", 11), make("plain", 12)
@@ -1088,7 +1088,7 @@ def test_dynamic_pull_does_not_alias_payload():
     assert result["enc"]["w"].dtype == np.float32
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(
     deltas=st.lists(st.integers(-6, 6), min_size=6, max_size=6),
     pct=st.sampled_from([0.2, 0.5, 0.75, 1.0]),

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from conftest import NNX_DIGITS_LAYERS, NNX_DIGITS_PARAMS, NnxDigitsNet, RefLayer, npy_size, ref_message_nbytes
+from conftest import NNX_DIGITS_LAYERS, NNX_DIGITS_PARAMS, NnxDigitsNet, RefLayer, npy_size, ref_message_nbytes, slow
 from flax import nnx
 
 import jaxlayerx as jlx
@@ -367,8 +367,11 @@ def test_sampled_rounds_equal_a_packed_replay(dynamic12, data12):
 # -- 5. chunked rounds ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [FULL, DYNAMIC_EF, SPARSE], ids=["full", "dynamic-ef", "sparse"])
-@pytest.mark.parametrize("chunk", [2, 4])
+@pytest.mark.parametrize(
+    ("spec", "chunk"),
+    [slow(FULL, 2), slow(FULL, 4), slow(DYNAMIC_EF, 2), (DYNAMIC_EF, 4), (SPARSE, 2), slow(SPARSE, 4)],
+    ids=["full-2", "full-4", "dynamic-ef-2", "dynamic-ef-4", "sparse-2", "sparse-4"],
+)
 def test_chunked_rounds_equal_unchunked(spec, chunk, runs):
     whole, chunked = runs(spec), runs(spec, chunk_size=chunk)
     assert 6 % 4 != 0  # chunk 4 of 6 clients leaves a remainder
@@ -782,7 +785,7 @@ def test_nnx_module_fedbn_keeps_batchnorm_local(nnx_runs):
 # -- 9. CNN ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 1), (2, 40, 1), (2, 40)])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 1), slow((2, 40, 1)), (2, 40)])
 def test_cnn_output_shapes(shape):
     model = CNN()
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)

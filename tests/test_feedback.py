@@ -1386,7 +1386,7 @@ def feedback_cases(draw):
     return start, deltas, offsets, full_first, threshold
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(case=feedback_cases())
 def test_dynamic_feedback_matches_the_accumulate_until_sent_process(case):
     start, deltas, offsets, full_first, threshold = case

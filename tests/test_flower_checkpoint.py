@@ -146,6 +146,7 @@ def _train_log(work: Path, node: int) -> list[dict]:
     return [json.loads(line) for line in (work / "nodes" / f"node-{node}" / "train.log").read_text().splitlines()]
 
 
+@pytest.mark.deploy  # real server processes, killed
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_a_server_killed_after_round_2_resumes_bit_for_bit(tmp_path, sparse):
     flag = ["--sparse"] if sparse else []

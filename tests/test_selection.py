@@ -368,7 +368,6 @@ PERCENTAGES = st.one_of(
 
 
 @settings(
-    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )

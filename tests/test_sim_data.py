@@ -82,7 +82,7 @@ def test_split_is_a_partition(digits, num_clients, beta):
     check_partition(parts, len(y))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(
     labels=st.lists(st.integers(0, 4), min_size=1, max_size=80),
     num_clients=st.integers(1, 6),

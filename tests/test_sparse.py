@@ -680,7 +680,7 @@ def score_dicts(draw, max_layers=3):
     return out
 
 
-@settings(max_examples=40, **HYP)
+@settings(**HYP)
 @given(scores=score_dicts(), s=sparsity)
 def test_host_and_device_threshold_agree_with_reference(scores, s):
     want = ref_threshold(scores, s)
@@ -694,7 +694,7 @@ def test_host_and_device_threshold_agree_with_reference(scores, s):
     assert np.float32(score_threshold(scores, s)) == want
 
 
-@settings(max_examples=25, **HYP)
+@settings(**HYP)
 @given(scores=score_dicts(), s=sparsity, data=st.data())
 def test_sparse_masks_match_reference(scores, s, data):
     layers = collections.OrderedDict(
@@ -936,7 +936,7 @@ def custom_scores(names_shapes, seed, float64):
     return out
 
 
-@settings(max_examples=40, **HYP)
+@settings(**HYP)
 @given(
     pair=trees(),
     s=sparsity,
@@ -1076,7 +1076,7 @@ def hand_payload(entries: dict, shapes: dict, index_dtype=np.int64):
     return values + indices + shp + [np.array(names, dtype=np.str_)]
 
 
-@settings(max_examples=30, **HYP)
+@settings(**HYP)
 @given(
     pair=trees(), seed=st.integers(0, 2**32 - 1), index_dtype=st.sampled_from([np.int64, np.int32, np.uint16, np.int8])
 )

@@ -373,7 +373,7 @@ def random_sparse_results(rng, n_clients, layer_names, density, weight_high=1000
     return results
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
     n_clients=st.integers(1, 5),
@@ -1145,7 +1145,7 @@ def test_masked_and_coo_agree(seed, weighted):
     check_agreement(stacked, masks, counts, weighted)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
     n_clients=st.integers(1, 5),

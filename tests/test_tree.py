@@ -797,7 +797,7 @@ def nested_trees(draw):
     return tree
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(nested_trees())
 def test_hypothesis_roundtrip_and_names(tree):
     n_leaves = len(jax.tree_util.tree_leaves(tree))

@@ -185,7 +185,7 @@ def assert_same_payload(got, expected):
             assert got[name].scale == entries.scale
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(payloads())
 def test_compact_round_trips_and_its_size_is_what_flower_counts(payload):
     from flwr.app import Array, ArrayRecord
@@ -199,7 +199,7 @@ def test_compact_round_trips_and_its_size_is_what_flower_counts(payload):
     assert sum(map(saved_nbytes, listed)) == Wire("ndarrays", "compact").nbytes(layer_counts(payload), sparse=True)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(payloads())
 def test_a_float32_layer_never_costs_more_than_sent_whole(payload):
     """Index bytes of any float32 layer are at most the values it leaves out."""
@@ -210,7 +210,7 @@ def test_a_float32_layer_never_costs_more_than_sent_whole(payload):
         assert index_bytes <= (entries.size - entries.sent) * 4
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(payloads())
 def test_coo_and_named_sizes_are_what_numpy_save_writes(payload):
     plain = collections.OrderedDict((n, e) for n, e in payload.items() if e.quantized is None)
