@@ -5,6 +5,11 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.core
+from flax import nnx
 
 
 class UnknownLayerError(KeyError):
@@ -59,3 +64,45 @@ def unknown_layer(name: str, valid: Iterable[str], what: str = "the model") -> U
     """Builds the error for a layer ``name`` missing from ``valid``."""
     suggestions = ", ".join(repr(s) for s in closest_names(name, valid))
     return UnknownLayerError(f"layer {name!r} is not in {what}; closest valid layers: {suggestions or '(none)'}")
+
+
+def unmatched_pattern(pattern: str, valid: Iterable[str], limit: int = 20) -> UnknownLayerError:
+    """Builds the error for a glob ``pattern`` that matches none of the layers ``valid``,
+    listing them (the first ``limit`` and a count of the others)."""
+    valid = list(valid)
+    listed = ", ".join(repr(name) for name in valid[:limit]) or "(none)"
+    more = f" and {len(valid) - limit} more" if len(valid) > limit else ""
+    return UnknownLayerError(f"pattern {pattern!r} matched no layer; the {len(valid)} layers: {listed}{more}")
+
+
+def traced_on_host(what: str, argument: str) -> TypeError:
+    """Builds the error for the host method ``what`` given a traced ``argument``."""
+    method = what.rsplit(".", 1)[-1]
+    return TypeError(
+        f"{what} runs on the host (it builds numpy payloads), but its {argument} holds traced values: it was "
+        "called inside jax.jit, jax.vmap or jax.grad. Under a transformation, use the jit/vmap-able forms: the "
+        "exchanger's send_mask(current, reference) for what is sent, a selection rule's mask(current, reference), "
+        f"and jaxlayerx.masked_fedavg to average; or call {method} outside the transformation"
+    )
+
+
+def reject_traced(what: str, **trees: Any) -> None:
+    """Raises :func:`traced_on_host`'s error, naming the argument, when a leaf of one of
+    ``trees`` (keyword arguments of the host method ``what``) is a JAX tracer.
+
+    Raises:
+      TypeError: a traced leaf (the method was called inside ``jax.jit``, ``jax.vmap``...).
+    """
+    for argument, tree in trees.items():
+        if _holds_tracer(tree):
+            raise traced_on_host(what, argument)
+
+
+def _holds_tracer(tree: Any) -> bool:
+    """Whether a leaf of ``tree``, or of an NNX module in it that is no pytree, is a tracer."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.core.Tracer):
+            return True
+        if isinstance(leaf, nnx.Module) and _holds_tracer(nnx.state(leaf)):  # pyright: ignore[reportUnknownMemberType]
+            return True
+    return False

@@ -42,7 +42,7 @@ from jaxlayerx.base import (
     ScoreGenFunction,
 )
 from jaxlayerx.coo import pack_coo, unpack_coo
-from jaxlayerx.errors import unknown_layer
+from jaxlayerx.errors import reject_traced, unknown_layer
 from jaxlayerx.merge import merge_payload
 from jaxlayerx.modules import linen_module_types, nnx_module_types, pytree_node_types
 from jaxlayerx.packing import pack_layers, unpack_layers
@@ -122,7 +122,9 @@ class ExchangerBase:
         Raises:
           ValueError: ``initial_model`` is ``model`` itself (or shares its NNX variables);
             error feedback or quantization with neither a pulled state nor ``initial_model``.
+          TypeError: traced values (called inside ``jax.jit`` or ``jax.vmap``: see :meth:`send_mask`).
         """
+        self._reject_traced("push", model=model, state=state, initial_model=initial_model)
         check_snapshot(model, initial_model)
         current = self._flatten(model)
         initial = None if initial_model is None else self._view(initial_model)
@@ -149,7 +151,9 @@ class ExchangerBase:
 
         Raises:
           KeyError, ValueError, TypeError: the payload does not fit the model (nothing changes).
+          TypeError: traced values (called inside ``jax.jit`` or ``jax.vmap``: see :meth:`send_mask`).
         """
+        self._reject_traced("pull", payload=payload, model=model, state=state)
         if self.payload_kind == "positional" and not first:
             exchanged = set(self._exchanged(self._flatten(model)))
             payload = collections.OrderedDict((name, e) for name, e in payload.items() if name in exchanged)
@@ -166,7 +170,8 @@ class ExchangerBase:
 
     def push_parameters(self, model: Any, initial_model: Any = None, config: Config | None = None) -> NDArrays:
         """The payload for ``model`` in fl4health's layout: positional, named or COO
-        (compact when quantized, which fl4health cannot read)."""
+        (compact when quantized, which fl4health cannot read); on the host only (see :meth:`push`)."""
+        self._reject_traced("push_parameters", model=model, initial_model=initial_model)
         payload, self._shell_state = self.push(model, self._shell_state, initial_model)
         if self.payload_kind == "positional" and self.quantize is None:
             return encode_positional(payload)
@@ -174,7 +179,8 @@ class ExchangerBase:
 
     def pull_parameters(self, parameters: Sequence[np.ndarray], model: Model, config: Config | None = None) -> Model:
         """Applies a payload in fl4health's layout to ``model``; the payload is checked whole
-        (layout, names, shapes, dtypes) before anything changes."""
+        (layout, names, shapes, dtypes) before anything changes; on the host only (see :meth:`pull`)."""
+        self._reject_traced("pull_parameters", parameters=parameters, model=model)
         layers = self._flatten(model)
         model, self._shell_state = self.pull(self._decode(parameters, layers), model, self._shell_state)
         return model
@@ -190,6 +196,10 @@ class ExchangerBase:
         return LEGACY.decode(list(parameters), layers)
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _reject_traced(self, method: str, **trees: Any) -> None:
+        """:func:`jaxlayerx.errors.reject_traced` for this exchanger's host ``method``."""
+        reject_traced(f"{type(self).__name__}.{method}", **trees)
 
     def _flatten(self, model: Any) -> FlatView:
         return flatten(model, nnx_filter=self.nnx_filter)
@@ -502,6 +512,7 @@ class DynamicLayerExchanger(ExchangerBase):
         return function(self._flatten(model), None if initial_model is None else self._view(initial_model))
 
     def push(self, model: Any, state: ExchangeState, initial_model: Any = None) -> tuple[Payload, ExchangeState]:
+        self._reject_traced("push", model=model, state=state, initial_model=initial_model)
         if self.keeps_reference or isinstance(self.layer_selection_function, MaskedSelectionFunction):
             return super().push(model, state, initial_model)
         arrays, names = self.layer_selection_function(model, initial_model)  # as fl4health calls it

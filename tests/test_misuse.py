@@ -9,6 +9,10 @@
 6. The simulation with ``nnx_filter=nnx.Param``.
 7. The dtype policy on the Flower side (client and strategy).
 8. Non-finite client values (strategy, ``FedAvgDynamicLayer``, ``FedAvgSparseCooTensor``).
+9. Host methods (``push``, ``pull`` and fl4health's ``push_parameters``/``pull_parameters``)
+   called on traced values (under ``jax.jit``, ``jax.vmap``, ``jax.grad``) name the
+   jit/vmap-able forms instead of failing in JAX.
+10. A glob of the simulation's fixed layers that matches no layer lists the layers.
 
 Every expectation is written by hand (layer names, counts, byte sizes) or computed here
 with plain numpy; the library's own output is never the reference.
@@ -16,6 +20,7 @@ with plain numpy; the library's own output is never the reference.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import re
@@ -29,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from conftest import (  # noqa: E402
+    LINEN_SHAPES,
     NNX_DIGITS_LAYERS,
     NNX_DIGITS_PARAMS,
     LinenNet,
@@ -56,6 +62,7 @@ from jaxlayerx import (
     SparseCooParameterExchanger,
 )
 from jaxlayerx.flower import ExchangerClient, FedAvgDynamicLayerStrategy
+from jaxlayerx.payload import dense_entries
 
 LOGGER = "jaxlayerx.flower"
 
@@ -809,3 +816,298 @@ def test_fedavg_sparse_coo_names_the_nan_client_and_layer(nan_client):
     message = str(info.value)
     assert f"client {nan_client}" in message
     assert "'w'" in message
+
+
+# ---------------------------------------------------------------------------------------
+# 9. Host methods under jax.jit, jax.vmap and jax.grad
+# ---------------------------------------------------------------------------------------
+
+LINEN_LAYERS = list(LINEN_SHAPES)
+LINEN_DENSE = ["params/Dense_0/bias", "params/Dense_0/kernel", "params/Dense_1/bias", "params/Dense_1/kernel"]
+LINEN_FIXED = ["params/Dense_1/kernel", "params/BatchNorm_0/scale"]
+#: What each exchanger sends of LinenNet's variables, in payload order (by hand).
+LINEN_SENT = {
+    "full": LINEN_LAYERS,
+    "fixed": LINEN_FIXED,
+    "exclusions": LINEN_DENSE,
+    "dynamic": LINEN_LAYERS,
+    "sparse": LINEN_LAYERS,
+}
+HOST_WORDS = ("runs on the host", "numpy payloads", "send_mask(current, reference)", "mask(current, reference)")
+
+
+def linen_variables(seed: int = 0) -> dict:
+    """LinenNet's variables, every layer distinct, non-zero and exact (dyadic), as jax arrays."""
+    variables = LinenNet().init(jax.random.key(seed), X4)
+    layers = [jnp.asarray(dyadic(LINEN_SHAPES[name], i + seed)) for i, name in enumerate(LINEN_LAYERS)]
+    return jax.tree.unflatten(jax.tree.structure(variables), layers)  # leaves in LINEN_LAYERS order
+
+
+def linen_layer(variables: dict, name: str) -> np.ndarray:
+    collection, module, leaf = name.split("/")
+    return np.array(variables[collection][module][leaf], copy=True)
+
+
+def _linen_exchanger(kind: str, **options):
+    if kind == "full":
+        return FullParameterExchanger(**options)
+    if kind == "fixed":
+        return FixedLayerExchanger(LINEN_FIXED, **options)
+    if kind == "exclusions":
+        return LayerExchangerWithExclusions(LinenNet(), {nn.BatchNorm}, X4, **options)
+    if kind == "dynamic":
+        return DynamicLayerExchanger(percentage_rule(1.0), **options)
+    return SparseCooParameterExchanger(1.0, jaxlayerx.largest_final_magnitude_scores, **options)
+
+
+def _linen_payload(kind: str, layers: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """fl4health's layout of ``kind`` holding every entry of ``layers`` (by hand)."""
+    if kind in ("full", "fixed", "exclusions"):
+        return list(layers.values())
+    names = np.array(list(layers), dtype=np.str_)
+    if kind == "dynamic":
+        return [*layers.values(), names]
+    shapes = [LINEN_SHAPES[name] for name in layers]
+    indices = [np.argwhere(np.ones(shape, bool)).astype(np.int64) for shape in shapes]
+    return [v.reshape(-1) for v in layers.values()] + indices + [np.array(s, np.int64) for s in shapes] + [names]
+
+
+def _sent_layers(kind: str, payload: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """``name -> layer`` of a payload of ``kind``, read by hand (every entry is sent)."""
+    if kind in ("full", "fixed", "exclusions"):
+        assert len(payload) == len(LINEN_SENT[kind])
+        return dict(zip(LINEN_SENT[kind], payload))
+    names = names_of(payload)
+    if kind == "dynamic":
+        assert len(payload) == len(names) + 1
+        return dict(zip(names, payload[:-1]))
+    count = len(names)
+    assert len(payload) == 3 * count + 1
+    layers = {}
+    for name, values, indices, shape in zip(names, payload[:count], payload[count : 2 * count], payload[2 * count :]):
+        assert tuple(np.asarray(shape).tolist()) == LINEN_SHAPES[name]
+        dense = np.full(LINEN_SHAPES[name], np.nan, np.float32)
+        dense[tuple(np.asarray(indices).T)] = values
+        layers[name] = dense
+    return layers
+
+
+def _assert_teaches(error: BaseException, method: str, argument: str) -> None:
+    assert type(error) is TypeError, type(error)  # not JAX's TracerArrayConversionError
+    message = str(error)
+    assert f".{method} runs on the host" in message, message
+    assert f"its {argument} holds traced values" in message, message
+    for words in (*HOST_WORDS, "jaxlayerx.masked_fedavg", "jax.jit", "jax.vmap"):
+        assert words in message, (words, message)
+
+
+def _host_call_still_works(kind: str, exchanger, variables: dict) -> None:
+    """A plain push sends ``variables``' layers bit for bit, as the exchanger always did."""
+    initial = jax.tree.map(lambda leaf: np.array(leaf, copy=True), variables)
+    sent = _sent_layers(kind, exchanger.push_parameters(variables, initial_model=initial))
+    assert list(sent) == LINEN_SENT[kind]
+    for name, value in sent.items():
+        assert_bit_equal(value, linen_layer(variables, name))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_push_parameters_under_jit_says_it_runs_on_the_host(kind):
+    exchanger = _linen_exchanger(kind)
+    variables = linen_variables()
+    with pytest.raises(TypeError) as info:
+        jax.jit(lambda model: exchanger.push_parameters(model))(variables)
+    _assert_teaches(info.value, "push_parameters", "model")
+    assert type(exchanger).__name__ in str(info.value)
+    assert exchanger.state == jaxlayerx.ExchangeState()
+    _host_call_still_works(kind, exchanger, variables)
+
+
+def test_push_parameters_names_a_traced_initial_model():
+    exchanger = _linen_exchanger("dynamic")
+    variables = linen_variables()
+    with pytest.raises(TypeError) as info:
+        jax.jit(lambda initial: exchanger.push_parameters(variables, initial_model=initial))(linen_variables(1))
+    _assert_teaches(info.value, "push_parameters", "initial_model")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pull_parameters_under_jit_says_it_runs_on_the_host(kind):
+    exchanger = _linen_exchanger(kind)
+    variables = linen_variables()
+    new = {name: linen_layer(variables, name) + np.float32(10.0) for name in LINEN_SENT[kind]}
+    payload = _linen_payload(kind, new)
+    numeric = [array for array in payload if array.dtype.kind != "U"]  # the names array cannot be traced
+    names = payload[len(numeric) :]
+    with pytest.raises(TypeError) as info:
+        jax.jit(lambda arrays: exchanger.pull_parameters([*arrays, *names], variables))(numeric)
+    _assert_teaches(info.value, "pull_parameters", "parameters")
+    with pytest.raises(TypeError) as info:  # a traced model, which the merge itself would have taken
+        jax.jit(lambda model: exchanger.pull_parameters(payload, model))(variables)
+    _assert_teaches(info.value, "pull_parameters", "model")
+    assert exchanger.state == jaxlayerx.ExchangeState()
+    pulled = exchanger.pull_parameters(payload, variables)
+    for name in LINEN_LAYERS:
+        assert_bit_equal(linen_layer(pulled, name), new.get(name, linen_layer(variables, name)))
+        assert_bit_equal(linen_layer(variables, name), dyadic(LINEN_SHAPES[name], LINEN_LAYERS.index(name)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_push_and_pull_under_jit_say_they_run_on_the_host(kind):
+    exchanger = _linen_exchanger(kind)
+    variables = linen_variables()
+    initial = linen_variables(1)
+    state = exchanger.init_state()
+    with pytest.raises(TypeError) as info:
+        jax.jit(lambda model: exchanger.push(model, state, initial)[0])(variables)
+    _assert_teaches(info.value, "push", "model")
+    payload, _ = exchanger.push(variables, state, initial)
+    assert list(payload) == LINEN_SENT[kind]
+    with pytest.raises(TypeError) as info:
+        jax.jit(lambda sent: exchanger.pull(sent, variables, state)[0])(payload)
+    _assert_teaches(info.value, "pull", "payload")
+    with pytest.raises(TypeError) as info:
+        jax.jit(lambda model: exchanger.pull(payload, model, state)[0])(variables)
+    _assert_teaches(info.value, "pull", "model")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_traced_calls_leave_the_state_and_the_model_as_they_were(kind):
+    exchanger = _linen_exchanger(kind, quantize="int8")  # keeps a state: the values last pulled
+    variables = linen_variables()
+    before = {name: linen_layer(variables, name) for name in LINEN_LAYERS}
+    payload = _linen_payload(kind, {name: before[name] + np.float32(1.0) for name in LINEN_SENT[kind]})
+    variables = exchanger.pull_parameters(payload, variables)
+    state = exchanger.state
+    assert state.seeded
+    pulled = {name: linen_layer(variables, name) for name in LINEN_LAYERS}
+    pushed = collections.OrderedDict((name, dense_entries(before[name])) for name in LINEN_SENT[kind])
+    calls = {
+        "push_parameters": lambda model: exchanger.push_parameters(model),
+        "pull_parameters": lambda model: exchanger.pull_parameters(payload, model),
+        "push": lambda model: exchanger.push(model, state)[0],
+        "pull": lambda model: exchanger.pull(pushed, model, state)[0],
+    }
+    for method, call in calls.items():
+        with pytest.raises(TypeError) as info:
+            jax.jit(call)(variables)
+        _assert_teaches(info.value, method, "model")
+        assert exchanger.state is state
+        assert_same_layers({name: linen_layer(variables, name) for name in LINEN_LAYERS}, pulled)
+
+
+def test_traced_state_is_refused():
+    exchanger = _linen_exchanger("full", quantize="int8")
+    variables = linen_variables()
+    _, state = exchanger.pull(
+        collections.OrderedDict((name, dense_entries(linen_layer(variables, name))) for name in LINEN_LAYERS),
+        variables,
+        exchanger.init_state(),
+    )
+    assert state.seeded
+    with pytest.raises(TypeError) as info:
+        jax.jit(lambda traced: exchanger.push(variables, traced)[0])(state)
+    _assert_teaches(info.value, "push", "state")
+
+
+@pytest.mark.parametrize("kind", ["full", "sparse"])
+def test_host_methods_under_vmap_say_they_run_on_the_host(kind):
+    exchanger = _linen_exchanger(kind)
+    variables = linen_variables()
+    stacked = jax.tree.map(lambda leaf: jnp.stack([leaf, leaf + 1.0]), variables)  # two clients
+    with pytest.raises(TypeError) as info:
+        jax.vmap(lambda model: exchanger.push_parameters(model))(stacked)
+    _assert_teaches(info.value, "push_parameters", "model")
+    payload = _linen_payload(kind, {name: linen_layer(variables, name) for name in LINEN_SENT[kind]})
+    with pytest.raises(TypeError) as info:
+        jax.vmap(lambda model: exchanger.pull_parameters(payload, model))(stacked)
+    _assert_teaches(info.value, "pull_parameters", "model")
+    assert exchanger.state == jaxlayerx.ExchangeState()
+    _host_call_still_works(kind, exchanger, variables)
+
+
+def test_push_parameters_under_grad_says_it_runs_on_the_host():
+    exchanger = _linen_exchanger("full")
+    with pytest.raises(TypeError) as info:
+        jax.grad(lambda model: jnp.sum(exchanger.push_parameters(model)[0]))(linen_variables())
+    _assert_teaches(info.value, "push_parameters", "model")
+
+
+class GraphNet(nnx.Module, pytree=False):
+    """``Net``'s layers in a module that is no pytree (its variables are read through ``nnx.state``)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc = nnx.Linear(8, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.head = nnx.Linear(8, 2, rngs=rngs)
+
+
+@pytest.mark.parametrize("make", [make_net, lambda: GraphNet(nnx.Rngs(0))], ids=["pytree", "graph"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_nnx_module_under_nnx_jit_says_it_runs_on_the_host(kind, make):
+    model = make()
+    exchanger = _exchanger(kind, model)
+    before = read_all(model)
+    with pytest.raises(TypeError) as info:
+        nnx.jit(lambda traced: exchanger.push_parameters(traced))(model)
+    _assert_teaches(info.value, "push_parameters", "model")
+    new = {name: before[name] + np.float32(10.0) for name in SENT_DEFAULT[kind]}
+    payload = _payload_for(kind, SENT_DEFAULT[kind], new)
+    with pytest.raises(TypeError) as info:
+        nnx.jit(lambda traced: exchanger.pull_parameters(payload, traced))(model)
+    _assert_teaches(info.value, "pull_parameters", "model")
+    assert_same_layers(read_all(model), before)  # the module is updated in place: it was not
+    assert exchanger.pull_parameters(payload, model) is model
+    assert_same_layers(read_all(model, SENT_DEFAULT[kind]), new)
+
+
+# ---------------------------------------------------------------------------------------
+# 10. A glob that matches no layer
+# ---------------------------------------------------------------------------------------
+
+
+def _quoted(text: str) -> list[str]:
+    return re.findall(r"'([^']+)'", text)
+
+
+def test_glob_matching_no_layer_lists_the_layers():
+    from jaxlayerx.simulation.exchange import match_layers
+
+    assert match_layers(["*/Dense_?/kernel"], LINEN_LAYERS) == ["params/Dense_0/kernel", "params/Dense_1/kernel"]
+    for glob in ["*/nothing/*", "params/Dense_[23]/*", "params/Dense_0/?"]:
+        with pytest.raises(jaxlayerx.UnknownLayerError) as info:
+            match_layers(["params/*", glob], LINEN_LAYERS)
+        assert isinstance(info.value, KeyError)
+        message = str(info.value)
+        assert message.startswith(f"pattern {glob!r} matched no layer; "), message
+        assert _quoted(message.split("matched no layer", 1)[1]) == LINEN_LAYERS
+        assert "8 layers" in message
+        assert "more" not in message
+        assert "closest" not in message
+
+
+def test_glob_matching_no_layer_lists_the_first_twenty_layers_and_a_count():
+    from jaxlayerx.simulation.exchange import match_layers
+
+    names = [f"params/Dense_{i}/kernel" for i in range(23)]
+    with pytest.raises(jaxlayerx.UnknownLayerError) as info:
+        match_layers(["*/Conv_*"], names)
+    message = str(info.value)
+    assert _quoted(message.split("matched no layer", 1)[1]) == names[:20]
+    assert message.endswith(" and 3 more"), message
+    assert "23 layers" in message
+    names = names[:20]  # exactly twenty: all of them, no count
+    with pytest.raises(jaxlayerx.UnknownLayerError) as info:
+        match_layers(["*/Conv_*"], names)
+    assert _quoted(str(info.value).split("matched no layer", 1)[1]) == names
+    assert "more" not in str(info.value)
+
+
+def test_exact_unknown_name_still_gives_the_closest_layers():
+    from jaxlayerx.simulation.exchange import match_layers
+
+    with pytest.raises(jaxlayerx.UnknownLayerError) as info:
+        match_layers(["params/Dense_0/kernl"], LINEN_LAYERS)
+    message = str(info.value)
+    assert "layer 'params/Dense_0/kernl' is not in the model" in message
+    assert suggestions(message)[0] == "params/Dense_0/kernel"
+    assert "matched no layer" not in message

@@ -10,7 +10,7 @@ import flax.linen as nn
 from flax import nnx
 
 from jaxlayerx.base import Exchanger, ScoreGenFunction
-from jaxlayerx.errors import unknown_layer
+from jaxlayerx.errors import unknown_layer, unmatched_pattern
 from jaxlayerx.exchangers import (
     DynamicLayerExchanger,
     FixedLayerExchanger,
@@ -156,10 +156,12 @@ def match_layers(patterns: tuple[str, ...] | list[str], names: Any) -> list[str]
     """Layer names matching any of ``patterns`` (exact names or globs), in flatten order.
 
     Raises:
-      KeyError: a pattern matches no layer (lists the closest names).
+      KeyError: a glob matches no layer (lists the layers); a name is not a layer (lists
+        the closest names).
     """
     names = list(names)
     for pattern in patterns:
         if not fnmatch.filter(names, pattern):
-            raise unknown_layer(pattern, names)
+            glob = any(char in pattern for char in "*?[")
+            raise unmatched_pattern(pattern, names) if glob else unknown_layer(pattern, names)
     return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
