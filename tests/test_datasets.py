@@ -525,7 +525,10 @@ def test_without_test_split_the_hold_out_is_unchanged(num_clients, beta, seed, t
             {"x_test": np.zeros((4, 1)), "y_test": np.zeros(3, np.int32)},
             r"x_test and y_test must have the same length, got shapes \(4, 1\) and \(3,\)",
         ),
-        ({"x_test": np.zeros((4, 1)), "y_test": np.zeros(4)}, r"y_test must hold integer labels, got dtype float64"),
+        (
+            {"x_test": np.zeros((4, 1)), "y_test": np.zeros(4, complex)},
+            r"y_test must hold integer labels or float targets, got dtype complex128",
+        ),
         ({"x_test": np.zeros((4, 1)), "y_test": np.array(["a", "b", "a", "b"])}, r"y_test must hold integer labels"),
     ],
 )
