@@ -10,7 +10,6 @@ on both cores: a bound no round can beat, not an estimate of what XLA can reach.
 
 from __future__ import annotations
 
-import collections
 import functools
 
 import jax
@@ -25,6 +24,7 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
     one calling the same jitted per-client update (local training, selection), one calling
     a jitted SGD step per client and step; both then run the same jitted server step."""
     from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig, load_digits_data, make_client_data
+    from jaxlayerx.simulation.task import LocalData
 
     clients = 8 if quick else 64
     x, y = load_digits_data()
@@ -39,17 +39,18 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
     keys = jax.random.split(jax.random.key(0), clients)
     first_pull = jax.tree.map(lambda rounds: jnp.ones(rounds.shape, bool), state.updated_in)
     locals_ = [jax.tree.map(lambda v, c=c: v[c], state.client_layers) for c in range(clients)]
-    arrays = [jnp.asarray(a) for a in (data.x_train, data.y_train, data.n_train)]
-    per_client = [[a[c] for a in arrays] for c in range(clients)]
+    train, n_train = simulation.arrays[:2]
+    per_client = [LocalData({k: v[c] for k, v in train.items()}, n_train[c]) for c in range(clients)]
     counts = jnp.asarray(data.n_train)
 
     def loop():
-        # client_update's inputs: (pull mask, own layers, reference, residual, key, x, y, n);
-        # its outputs: (start, trained, mask, reference, residual, values the server receives).
+        # client_update's inputs: (pull mask, own layers, reference, residual, optimizer
+        # state, key, data); its outputs: (start, trained, mask, reference, residual, values
+        # the server receives, optimizer state, metrics).
         outputs = [
             client_step(
                 state.global_layers,
-                (first_pull, locals_[c], state.references, state.residuals, keys[c], *per_client[c]),
+                (first_pull, locals_[c], state.references, state.residuals, None, keys[c], per_client[c]),
             )
             for c in range(clients)
         ]
@@ -63,17 +64,15 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
     local_step = jax.jit(simulation.local_step)
     merge = jax.jit(lambda g, m, own: jax.tree.map(lambda gv, mv, ov: jnp.where(mv, gv, ov), g, m, own))
     select = jax.jit(simulation.exchanger.send_mask)
-    trainable = simulation.model.trainable
 
     def step_loop():
         trained_all, masks_all = [], []
         for c in range(clients):
             start = merge(state.global_layers, first_pull, locals_[c])
-            params = collections.OrderedDict((name, start[name]) for name in trainable)
-            carry = (params, start, simulation.program.optimizer.init(params))
+            carry = (start, simulation.task.init_optimizer(start))
             for step_key in jax.random.split(keys[c], simulation.local_steps):
-                carry = local_step(carry, step_key, *per_client[c])
-            trained = carry[1]
+                carry = local_step(carry, step_key, per_client[c])
+            trained = carry[0]
             trained_all.append(trained)
             masks_all.append(select(trained, start))
         stacked = jax.tree.map(lambda *v: jnp.stack(v), *trained_all)
@@ -84,9 +83,8 @@ def simulation_round_cases(quick: bool, repeats: int) -> list[dict[str, object]]
 
     # The compute floor: the training FLOPs (XLA's count for one SGD step, times steps and
     # clients; evaluation left out) at the rate of one large matmul on this machine.
-    params = collections.OrderedDict((name, simulation.initial_layers[name]) for name in trainable)
-    carry = (params, simulation.initial_layers, simulation.program.optimizer.init(params))
-    step_flops = _flops(local_step.lower(carry, keys[0], *per_client[0]).compile())
+    carry = (simulation.initial_layers, simulation.task.init_optimizer(simulation.initial_layers))
+    step_flops = _flops(local_step.lower(carry, keys[0], per_client[0]).compile())
     compute_floor = step_flops * simulation.local_steps * clients / matmul_rate(repeats)
     return [
         row(f"simulation round, {clients} clients: vs loop", vmapped, compute_floor, looped),

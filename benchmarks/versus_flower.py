@@ -65,6 +65,7 @@ def _federation(clients: int) -> Any:
     from jaxlayerx.simulation import ExchangerSpec, Simulation, SimulationConfig, make_client_data
     from jaxlayerx.simulation.datasets import load_dataset
     from jaxlayerx.simulation.models import make_model
+    from jaxlayerx.simulation.task import LocalData
 
     dataset = load_dataset("digits")
     data = make_client_data(dataset.x, dataset.y, clients, beta=BETA, seed=SEED, test_fraction=TEST_FRACTION)
@@ -73,13 +74,17 @@ def _federation(clients: int) -> Any:
 
     def update(global_layers: Any, round_index: Any, client: Any, x: Any, y: Any, n: Any) -> Any:
         key = sim.round_keys(round_index, client[None], sim.batch_key)[0]
-        # (pull mask, own layers, reference, residual, key, x, y, n): no error feedback, so
-        # no reference and no residual; the trained layers are the second output.
-        inputs = (pull, global_layers, FlatView(), FlatView(), key, x, y, n)
-        _, trained, _, _, _, _ = sim.client_update(global_layers, inputs)
-        return trained
+        # (pull mask, own layers, reference, residual, optimizer state, key, data): no error
+        # feedback, so no reference and no residual, and a fresh optimizer state; the
+        # trained layers are the second output.
+        inputs = (pull, global_layers, FlatView(), FlatView(), None, key, LocalData({"x": x, "y": y}, n))
+        return sim.client_update(global_layers, inputs)[1]
 
-    return sim, jax.jit(update), jax.jit(sim.evaluate)
+    def evaluate(layers: Any, x: Any, y: Any, n: Any) -> Any:
+        loss, metrics = sim.evaluate(layers, LocalData({"x": x, "y": y}, n))
+        return loss, metrics["accuracy"]
+
+    return sim, jax.jit(update), jax.jit(evaluate)
 
 
 def _layers(sim: Any, arrays: Any) -> Any:

@@ -190,7 +190,7 @@ def assert_records_close(actual, expected):
             continue
         if isinstance(value, float):
             np.testing.assert_allclose(actual[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
-        elif key == "local_accuracy":
+        elif key.startswith(("local_", "train_")) and isinstance(value, list):
             assert [a is None for a in actual[key]] == [a is None for a in value]
             np.testing.assert_allclose(
                 [a for a in actual[key] if a is not None], [a for a in value if a is not None], rtol=1e-5, atol=1e-6
@@ -402,29 +402,37 @@ def reference_optimizer(name, lr):
     }[name]()
 
 
-def reference_server_step(optimizer, global_layers, averages, sent, states):
-    """Per layer with optax, then numpy ``where``: the value moves where sent; the state's
-    per-weight leaves are kept where not sent, its scalars unless some weight was sent."""
-    new_global, new_states = {}, {}
+def reference_server_step(optimizer, global_layers, averages, sent, state):
+    """One optax update of the whole tree, then numpy ``where``: a layer (weight) moves
+    where sent; the state's leaves under a layer's name and of its shape are kept where it
+    was not sent, the others (step counts) advance every round."""
+    current = {name: np.asarray(layer, np.float32) for name, layer in global_layers.items()}
+    gradient = {name: jnp.asarray(current[name] - np.asarray(averages[name], np.float32)) for name in current}
+    updates, stepped = optimizer.update(gradient, state, {n: jnp.asarray(v) for n, v in current.items()})
+    new_global = {}
     for name, layer in global_layers.items():
-        current = np.asarray(layer, np.float32)
-        gradient = current - np.asarray(averages[name], np.float32)
-        updates, stepped = optimizer.update(jnp.asarray(gradient), states[name], jnp.asarray(current))
-        mask = np.asarray(sent[name])
-        candidate = current + np.asarray(updates)
-        value = np.where(mask, candidate, current)
+        value = np.where(np.asarray(sent[name]), current[name] + np.asarray(updates[name]), current[name])
         if not jnp.issubdtype(np.asarray(layer).dtype, jnp.floating):  # numpy does not count bfloat16
             value = np.rint(value)
         new_global[name] = value.astype(np.asarray(layer).dtype)
-        any_sent = bool(mask.any())
 
-        def keep(new, old, mask=mask, any_sent=any_sent):
-            if mask.ndim and np.shape(new) == mask.shape:
-                return np.where(mask, np.asarray(new), np.asarray(old))
-            return np.asarray(new) if any_sent else np.asarray(old)
+    def keep(path, new, old):
+        names = [key.key for key in path if isinstance(key, jax.tree_util.DictKey) and key.key in current]
+        if names and np.shape(new) == current[names[-1]].shape:
+            return np.where(np.asarray(sent[names[-1]]), np.asarray(new), np.asarray(old))
+        return np.asarray(new)
 
-        new_states[name] = jax.tree.map(keep, stepped, states[name])
-    return new_global, new_states
+    return new_global, jax.tree_util.tree_map_with_path(keep, stepped, state)
+
+
+def layer_state(state, layer):
+    """The leaves of ``state`` under the layer's name."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return [
+        np.asarray(leaf)
+        for path, leaf in leaves
+        if any(isinstance(key, jax.tree_util.DictKey) and key.key == layer for key in path)
+    ]
 
 
 def tiny_tree():
@@ -472,20 +480,13 @@ def test_server_step_against_optax(name, lr, reference_lr, masks):
     reference = reference_optimizer(name, reference_lr)
     global_layers = jlx.FlatView(tiny_tree().items())
     state = init_server_state(optimizer, global_layers)
-    assert list(state) == ["a", "b"]
     ref_global = dict(tiny_tree())
-    ref_state = {n: reference.init(jnp.asarray(v)) for n, v in ref_global.items()}
-    skipped_before = None
+    ref_state = reference.init({n: jnp.asarray(v) for n, v in ref_global.items()})
     for step, (average, mask) in enumerate(zip(AVERAGES, masks)):
         average = with_fallback(average, host(global_layers), mask)
         sent = jlx.FlatView((n, jnp.asarray(m)) for n, m in mask.items())
         skipped = [n for n, m in mask.items() if not np.any(m)]
-        if skipped:
-            skipped_before = (
-                skipped[0],
-                np.asarray(global_layers[skipped[0]]).copy(),
-                jax.tree.map(np.asarray, state[skipped[0]]),
-            )
+        before = {n: (np.asarray(global_layers[n]).copy(), layer_state(state, n)) for n in skipped}
         global_layers, state = server_step(
             optimizer, global_layers, jlx.FlatView((n, jnp.asarray(v)) for n, v in average.items()), sent, state
         )
@@ -495,18 +496,37 @@ def test_server_step_against_optax(name, lr, reference_lr, masks):
             np.testing.assert_allclose(
                 np.asarray(global_layers[layer]), ref_global[layer], rtol=1e-6, atol=1e-7, err_msg=f"{step} {layer}"
             )
-            for got, want in zip(jax.tree.leaves(state[layer]), jax.tree.leaves(ref_state[layer]), strict=True):
-                np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7, err_msg=f"{step} {layer} state")
-        if skipped:  # a layer nobody sent keeps its value and its whole state
-            layer, value, old_state = skipped_before
+        for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7, err_msg=f"{step} state")
+        for layer, (value, old_state) in before.items():  # a layer nobody sent keeps its value and its state
             np.testing.assert_array_equal(np.asarray(global_layers[layer]), value)
-            for got, want in zip(jax.tree.leaves(state[layer]), jax.tree.leaves(old_state), strict=True):
-                np.testing.assert_array_equal(np.asarray(got), want)
-    if name in ("adam", "yogi"):  # step counts: each layer counts the steps it took part in
-        counts = {layer: sum(bool(np.any(m[layer])) for m in masks) for layer in ("a", "b")}
-        assert counts == ({"a": 3, "b": 2} if masks is WEIGHT_MASKS else {"a": 2, "b": 3})
-        for layer in ("a", "b"):
-            assert scalar_leaves(state[layer]) == [counts[layer]]
+            for got, want in zip(layer_state(state, layer), old_state, strict=True):
+                np.testing.assert_array_equal(got, want)
+    if name in ("adam", "yogi"):  # one step count for the whole model: it advances every round
+        assert scalar_leaves(state) == [len(masks)]
+
+
+def test_server_clip_by_global_norm_sees_the_whole_model():
+    """optax.clip_by_global_norm as the server optimizer clips the pseudo-gradient of all
+    layers together (numpy: scaled by max_norm / its global norm), not layer by layer."""
+    global_layers = jlx.FlatView(tiny_tree().items())
+    average = {"a": np.array([0.1, -0.5, 2.5], np.float32), "b": np.array([[0.5, -1.0], [0.75, 2.0]], np.float32)}
+    optimizer = optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(1.0))
+    sent = jlx.FlatView((n, jnp.asarray(True)) for n in average)
+    new_global, _ = server_step(
+        optimizer,
+        global_layers,
+        jlx.FlatView((n, jnp.asarray(v)) for n, v in average.items()),
+        sent,
+        init_server_state(optimizer, global_layers),
+    )
+    pseudo = {n: tiny_tree()[n] - average[n] for n in average}
+    norm = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in pseudo.values()))
+    assert norm > 0.5  # the clip acts
+    for n in average:
+        np.testing.assert_allclose(
+            np.asarray(new_global[n]), tiny_tree()[n] - pseudo[n] * (0.5 / norm), rtol=1e-6, atol=1e-7, err_msg=n
+        )
 
 
 def test_server_sgd_and_avg_by_hand():
@@ -562,7 +582,7 @@ def test_server_step_keeps_bf16_and_rounds_int32_layers(name):
         {n: np.asarray(v) for n, v in global_layers.items()},
         {n: np.asarray(v) for n, v in averages.items()},
         {n: np.asarray(v) for n, v in sent.items()},
-        {n: reference.init(jnp.asarray(np.asarray(v), jnp.float32)) for n, v in global_layers.items()},
+        reference.init({n: jnp.asarray(np.asarray(v), jnp.float32) for n, v in global_layers.items()}),
     )
     np.testing.assert_array_equal(np.asarray(new["h"]).astype(np.float32), ref_global["h"].astype(np.float32))
     np.testing.assert_array_equal(np.asarray(new["i"]), ref_global["i"])
@@ -627,7 +647,7 @@ def test_server_adam_rounds_equal_a_reference_and_differ_from_the_average(runs, 
     global model is not the average (FedAvg's answer)."""
     run = runs(FULL, **ADAM_BOTH)
     reference = reference_optimizer("adam", 0.01)
-    ref_state = {n: reference.init(jnp.asarray(v, jnp.float32)) for n, v in host(run.simulation.initial_layers).items()}
+    ref_state = reference.init({n: jnp.asarray(v, jnp.float32) for n, v in host(run.simulation.initial_layers).items()})
     for round_index, output in enumerate(run.outputs, start=1):
         previous = host(run.states[round_index - 1].global_layers)
         weights = data8.n_train[np.asarray(output.clients)].astype(np.float64)
@@ -637,7 +657,7 @@ def test_server_adam_rounds_equal_a_reference_and_differ_from_the_average(runs, 
         new_global = host(output.state.global_layers)
         for name, value in expected.items():
             np.testing.assert_allclose(new_global[name], value, rtol=1e-5, atol=2e-6, err_msg=f"{round_index} {name}")
-            assert scalar_leaves(output.state.server_state[name]) == [round_index]
+        assert scalar_leaves(output.state.server_state) == [round_index]
         assert any(not np.allclose(new_global[n], average[n], rtol=1e-3, atol=1e-5) for n in average)
 
 

@@ -6,20 +6,34 @@ from jaxlayerx.simulation.engine import Simulation, simulate
 from jaxlayerx.simulation.exchange import DEFAULT_FIXED_LAYERS, EXCHANGER_KINDS, ExchangerSpec, match_layers
 from jaxlayerx.simulation.models import MLP
 from jaxlayerx.simulation.state import ClientUpdates, RoundOutput, SimulationState
+from jaxlayerx.simulation.task import (
+    ClientUpdate,
+    LocalData,
+    Task,
+    classification_loss,
+    classification_metrics,
+    local_training,
+)
 
 __all__ = [
     "DEFAULT_FIXED_LAYERS",
     "EXCHANGER_KINDS",
     "MLP",
     "ClientData",
+    "ClientUpdate",
     "ClientUpdates",
     "ExchangerSpec",
+    "LocalData",
     "RoundOutput",
     "Simulation",
     "SimulationConfig",
     "SimulationState",
+    "Task",
+    "classification_loss",
+    "classification_metrics",
     "dirichlet_label_split",
     "load_digits_data",
+    "local_training",
     "make_client_data",
     "match_layers",
     "simulate",

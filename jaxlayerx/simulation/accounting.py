@@ -65,24 +65,35 @@ class ByteAccounting:
 def round_record(
     round_index: int, output: RoundOutput, accounting: ByteAccounting, n_test: np.ndarray
 ) -> dict[str, Any]:
-    """The round's metrics (see :mod:`jaxlayerx.simulation.report`): accuracies, and the
-    exact bytes of every message; ``n_test`` is each client's number of test examples."""
+    """The round's metrics (see :mod:`jaxlayerx.simulation.report`): the global loss and
+    metrics, each sampled client's local ones (``None`` for a client without test
+    examples) and their mean, the client updates' metrics, and the exact bytes of every
+    message; ``n_test`` is each client's number of test examples."""
     metrics, clients = jax.device_get((output.metrics, output.clients))  # one fetch a round
     clients = np.asarray(clients)
     upload, download = accounting.message_bytes(metrics)
     sent_entries = accounting.entry_counts(np.asarray(metrics["send_counts"]))
     has_test = n_test[clients] > 0
-    local = [float(a) if tested else None for a, tested in zip(metrics["local_accuracy"], has_test)]
-    return {
-        "round": round_index,
-        "clients": clients.tolist(),
-        "global_accuracy": float(metrics["global_accuracy"]),
-        "global_loss": float(metrics["global_loss"]),
-        "local_accuracy_mean": float(np.mean([a for a in local if a is not None])) if any(has_test) else float("nan"),
-        "local_accuracy": local,
-        "upload_bytes": int(sum(upload)),
-        "download_bytes": int(sum(download)),
-        "client_upload_bytes": upload,
-        "client_download_bytes": download,
-        "layers_sent": [int(np.count_nonzero(row)) for row in sent_entries],
-    }
+    record: dict[str, Any] = {"round": round_index, "clients": clients.tolist()}
+    for key, value in metrics.items():
+        if key.startswith("global_"):
+            record[key] = float(value)
+    for key, values in metrics.items():
+        if key.startswith("local_"):
+            local = [float(a) if tested else None for a, tested in zip(values, has_test)]
+            record[f"{key}_mean"] = (
+                float(np.mean([a for a in local if a is not None])) if any(has_test) else float("nan")
+            )
+            record[key] = local
+        elif key.startswith("train_"):
+            record[key] = [float(a) for a in values]
+    record.update(
+        {
+            "upload_bytes": int(sum(upload)),
+            "download_bytes": int(sum(download)),
+            "client_upload_bytes": upload,
+            "client_download_bytes": download,
+            "layers_sent": [int(np.count_nonzero(row)) for row in sent_entries],
+        }
+    )
+    return record

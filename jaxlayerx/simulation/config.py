@@ -77,6 +77,12 @@ class SimulationConfig:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        for name, keyword in (("local_optimizer", "client_optimizer"), ("server_optimizer", "server_optimizer")):
+            if not isinstance(cast(object, getattr(self, name)), str):
+                raise TypeError(
+                    f"SimulationConfig({name}=...) takes a name ({', '.join(_NAMES[name])}); pass an optax "
+                    f"transformation as Simulation(..., {keyword}=...)"
+                )
         if self.local_optimizer not in LOCAL_OPTIMIZERS:
             raise ValueError(
                 f"unknown local optimizer {self.local_optimizer!r}; choose from {', '.join(LOCAL_OPTIMIZERS)}"
@@ -97,6 +103,9 @@ class SimulationConfig:
         if self.local_optimizer == "adam":
             return optax.adam(self.learning_rate)
         return optax.sgd(self.learning_rate, momentum=self.momentum or None)
+
+
+_NAMES = {"local_optimizer": LOCAL_OPTIMIZERS, "server_optimizer": SERVER_OPTIMIZERS}
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxlayerx.aggregation import compiled_masked_fedavg
@@ -49,12 +50,28 @@ from jaxlayerx.simulation.data import ClientData
 from jaxlayerx.simulation.exchange import ExchangerSpec
 from jaxlayerx.simulation.models import MLP
 from jaxlayerx.simulation.round import RoundProgram, send_mask_shapes
-from jaxlayerx.simulation.server import server_optimizer
+from jaxlayerx.simulation.server import server_optimizer as named_server_optimizer
 from jaxlayerx.simulation.state import ClientUpdates, RoundOutput, SimulationState
+from jaxlayerx.simulation.task import (
+    Batch,
+    ClientUpdate,
+    LocalData,
+    LossFn,
+    MetricsFn,
+    Task,
+    classification_loss,
+    classification_metrics,
+    features,
+    local_training,
+)
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, unflatten
 from jaxlayerx.wire import MESSAGE_API, Wire
 
 __all__ = ["ClientUpdates", "RoundOutput", "Simulation", "SimulationConfig", "SimulationState", "simulate"]
+
+
+#: The default of a keyword that falls back to :class:`SimulationConfig`'s named setting.
+_FROM_CONFIG: Any = object()
 
 
 class Simulation:
@@ -65,19 +82,40 @@ class Simulation:
         satisfying :class:`jaxlayerx.Exchanger` for the module's variables.
       config: training settings.
       data: per-client data (see :func:`jaxlayerx.simulation.make_client_data`).
-      module: a Flax Linen module called as ``module(x, train=bool)``, or an ``nnx.Module``
-        called as ``module(x)`` (see :mod:`jaxlayerx.simulation.adapters`); default :class:`MLP`.
+      module: a Flax Linen module called as ``module(inputs, train=bool)``, or an
+        ``nnx.Module`` called as ``module(inputs)`` (see :mod:`jaxlayerx.simulation.adapters`);
+        default :class:`MLP`, for classification data.
       label: the run's name in tables and plots; default the spec's label, or the
         exchanger's class name.
       nnx_filter: for an ``nnx.Module``, which variables are layers (exchanged, and kept per
         client); the spec's exchanger is built with it. Default: all but RNG state.
       wire: the route whose bytes the records count (:class:`jaxlayerx.wire.Wire`): the
         Message API by default, or :data:`jaxlayerx.wire.LEGACY` (fl4health's layouts).
+      loss_fn: ``loss_fn(output, batch)``, one loss per example (trailing axes averaged) or
+        the batch's loss; default softmax cross-entropy against ``batch["y"]`` for data
+        with integer labels, required otherwise.
+      metrics_fn: ``metrics_fn(output, batch) -> {name: value}``, per example or per batch;
+        default ``accuracy`` with integer labels, none otherwise (the loss only).
+      input_fn: the model's input from a batch; default ``batch["x"]``.
+      client_optimizer: an ``optax.GradientTransformation``; default the config's
+        ``local_optimizer`` and ``learning_rate``.
+      server_optimizer: ``None`` for FedAvg, or an ``optax.GradientTransformation`` over the
+        whole pseudo-gradient tree (:mod:`jaxlayerx.simulation.server`); default the
+        config's ``server_optimizer`` and ``server_lr``.
+      client_update: a pure function replacing the local training, run under ``vmap``
+        (:mod:`jaxlayerx.simulation.task`); default
+        :func:`~jaxlayerx.simulation.task.local_training`.
+      keep_client_optimizer_state: carry each client's optimizer state to its next round
+        (an optax schedule then goes on where it stopped); default fresh each round.
+      fine_tune_steps: local steps each client takes from its personalized model before it
+        is evaluated (the round's local metrics and :meth:`evaluate_clients`); default 0.
 
     Raises:
       TypeError, ValueError: the exchanger does not satisfy the interface, or its
         ``send_mask`` does not give one boolean (or one of the layer's shape) per layer;
-        ``clients_per_round`` above the number of clients.
+        ``clients_per_round`` above the number of clients; a name where an optax
+        transformation is expected, or the reverse; data without integer labels and no
+        ``loss_fn``; data without ``x`` and no ``input_fn``.
     """
 
     def __init__(
@@ -90,6 +128,14 @@ class Simulation:
         label: str | None = None,
         nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
         wire: Wire = MESSAGE_API,
+        loss_fn: LossFn | None = None,
+        metrics_fn: MetricsFn | None = None,
+        input_fn: Callable[[Batch], Any] | None = None,
+        client_optimizer: optax.GradientTransformation | None = None,
+        server_optimizer: optax.GradientTransformation | None = _FROM_CONFIG,
+        client_update: ClientUpdate | None = None,
+        keep_client_optimizer_state: bool = False,
+        fine_tune_steps: int = 0,
     ) -> None:
         self.config, self.data = config, data
         self.wire = wire
@@ -98,10 +144,34 @@ class Simulation:
             raise ValueError(
                 f"clients-per-round ({self.clients_per_round}) is more than the {data.num_clients} clients"
             )
-        self.module = module if module is not None else MLP(num_classes=int(np.max(data.y_train)) + 1)
+        if (
+            not isinstance(cast(object, fine_tune_steps), int)
+            or isinstance(fine_tune_steps, bool)
+            or fine_tune_steps < 0
+        ):
+            raise ValueError(f"fine_tune_steps must be an integer >= 0, got {fine_tune_steps!r}")
+        if input_fn is None:
+            if "x" not in data.train:
+                raise ValueError(
+                    f"the data has no 'x' array (it has {sorted(data.train)}): pass input_fn=, a function "
+                    "from a batch (name -> array) to the model's input"
+                )
+            input_fn = features
+        if loss_fn is None:
+            if not data.labels:
+                raise ValueError(
+                    "the data has no integer labels y (one per example), so there is no default loss: pass "
+                    "loss_fn=, a function (output, batch) -> loss per example or for the batch"
+                )
+            loss_fn, metrics_fn = classification_loss, metrics_fn or classification_metrics
+        if module is None:
+            if not data.labels:
+                raise ValueError("the default model (an MLP classifier) needs integer labels y: pass module=")
+            module = MLP(num_classes=int(np.max(data.y_train)) + 1)
+        self.module = module
         self.local_steps = local_steps_for(config, data)
-        example = jnp.asarray(data.x_train[0, :1])
         init_key, self.batch_key = jax.random.split(jax.random.key(config.seed))
+        example = input_fn({name: jnp.asarray(array[0, :1]) for name, array in data.train.items()})
         self.model = ModelAdapter(self.module, example, init_key, nnx_filter)
         self.initial_layers = self.model.initial_layers
         self.initial_variables = self._variables_like_module()
@@ -117,20 +187,45 @@ class Simulation:
         layers = [LayerSpec(name, tuple(layer.shape), np.dtype(layer.dtype)) for name, layer in abstract.items()]
         self.accounting = ByteAccounting(layers, self.mask_shapes, exchanger.quantize, wire)
         self.entrywise = self.accounting.entrywise
+        self.task = Task(
+            apply=self.model.apply,
+            trainable=tuple(self.model.trainable),
+            loss_fn=loss_fn,
+            metrics_fn=metrics_fn or _no_metrics,
+            input_fn=input_fn,
+            optimizer=_checked_transformation("client_optimizer", client_optimizer, config.optimizer),
+            batch_size=config.batch_size,
+        )
+        if server_optimizer is _FROM_CONFIG:
+            server_optimizer = named_server_optimizer(config.server_optimizer, config.server_lr)
+        elif config.server_optimizer != "avg" or config.server_lr is not None:
+            raise ValueError(
+                "give the server optimizer once: as Simulation(server_optimizer=...) or as "
+                f"SimulationConfig(server_optimizer={config.server_optimizer!r}, server_lr=...), not both"
+            )
+        elif server_optimizer is not None:
+            server_optimizer = _checked_transformation("server_optimizer", server_optimizer, None)
+        if client_update is not None and not callable(client_update):
+            raise TypeError(f"client_update must be a function, got {type(client_update).__name__}")
         self.program = RoundProgram(
             exchanger,
-            self.model,
+            self.task,
             config,
             self.local_steps,
             self.mask_shapes,
             data.num_clients,
             self.clients_per_round,
-            server_optimizer(config.server_optimizer, config.server_lr),
+            server_optimizer,
+            update=client_update or local_training,
+            keep_optimizer_state=keep_client_optimizer_state,
+            fine_tune_steps=fine_tune_steps,
         )
-        self.arrays = tuple(jnp.asarray(a) for a in _client_arrays(data))
+        self.arrays = _device_arrays(data)
         self._clients = jax.jit(self.program.clients)  # pyright: ignore[reportUnknownMemberType]
         self._finish = jax.jit(self.program.finish)  # pyright: ignore[reportUnknownMemberType]
         self._init_state = jax.jit(self.program.init_state)  # pyright: ignore[reportUnknownMemberType]
+        self._personalized = jax.jit(self.program.personalized)  # pyright: ignore[reportUnknownMemberType]
+        self._evaluate_clients = jax.jit(self.program.evaluate_clients)  # pyright: ignore[reportUnknownMemberType]
 
     # --- running ----------------------------------------------------------------------------
 
@@ -155,10 +250,26 @@ class Simulation:
         """
         clients = self.sample_clients(round_index)
         index = np.int32(round_index)
-        x_train, y_train, n_train, *tests = self.arrays
-        updates = cast(ClientUpdates, self._clients(state, index, clients, self.batch_key, x_train, y_train, n_train))
+        train, n_train, test, n_test, global_test = self.arrays
+        updates = cast(ClientUpdates, self._clients(state, index, clients, self.batch_key, train, n_train))
         averages, sent = self._average(state, updates)
-        return cast(RoundOutput, self._finish(state, index, clients, updates, averages, sent, *tests))
+        return cast(
+            RoundOutput,
+            self._finish(
+                state,
+                index,
+                clients,
+                updates,
+                averages,
+                sent,
+                self.batch_key,
+                train,
+                n_train,
+                test,
+                n_test,
+                global_test,
+            ),
+        )
 
     def run(self, progress: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """Runs every round; returns one metrics dict per round (see ``report.py``)."""
@@ -179,14 +290,47 @@ class Simulation:
             yield record, output
             state = output.state
 
+    def personalized_models(self, state: SimulationState, clients: Any = None) -> FlatView:
+        """Each client's personalized model in ``state``: its own layers with every change
+        of the global model since it last took part merged in (what it would start its next
+        round from), fine-tuned with ``fine_tune_steps``. Client-stacked, in the order of
+        ``clients`` (default: every client)."""
+        return cast(
+            FlatView, self._personalized(state, self._client_indices(clients), self.batch_key, *self.arrays[:2])
+        )
+
+    def evaluate_clients(self, state: SimulationState, clients: Any = None) -> dict[str, np.ndarray]:
+        """Every client's (or each of ``clients``') loss and metrics of its personalized model
+        (:meth:`personalized_models`) on its own test examples: ``{"clients", "loss",
+        <metric>...}``, one value per client. A client without test examples gets NaN."""
+        indices = self._client_indices(clients)
+        models = self.personalized_models(state, indices)
+        _, _, test, n_test, _ = self.arrays
+        loss, metrics = jax.device_get(self._evaluate_clients(models, indices, test, n_test))
+        tested = np.asarray(self.data.n_test)[indices] > 0
+        out: dict[str, np.ndarray] = {"clients": indices}
+        for name, values in {"loss": loss, **metrics}.items():
+            out[name] = np.where(tested, np.asarray(values, np.float64), np.nan)
+        return out
+
+    def _client_indices(self, clients: Any) -> np.ndarray:
+        if clients is None:
+            return np.arange(self.data.num_clients, dtype=np.int32)
+        indices = np.asarray(clients)
+        if indices.ndim != 1 or indices.dtype.kind not in "iu" or len(indices) == 0:
+            raise ValueError(f"clients must be a non-empty 1-D array of client indices, got {clients!r}")
+        if indices.min() < 0 or indices.max() >= self.data.num_clients:
+            raise ValueError(f"clients must be in 0..{self.data.num_clients - 1}, got {indices.tolist()}")
+        return indices.astype(np.int32)
+
     def compiled_round(self, state: SimulationState | None = None, round_index: int = 1) -> dict[str, Any]:
         """The round's three programs, compiled for ``state`` and ``round_index`` (default: the
         first round): ``{"clients", "average", "finish"}`` -> ``jax.stages.Compiled``, for
         their ``memory_analysis()`` and ``cost_analysis()``. Runs nothing."""
         state = self.init_state() if state is None else state
         clients, index = self.sample_clients(round_index), np.int32(round_index)
-        x_train, y_train, n_train, *tests = self.arrays
-        client_args = (state, index, clients, self.batch_key, x_train, y_train, n_train)
+        train, n_train, *tests = self.arrays
+        client_args = (state, index, clients, self.batch_key, train, n_train)
         updates = jax.eval_shape(self._clients, *client_args)  # pyright: ignore[reportUnknownMemberType]
         average_args = (updates.values, updates.masks, updates.counts, state.global_layers)
         options = {"weighted": self.config.weighted, "over": self.config.average_over}
@@ -195,7 +339,7 @@ class Simulation:
             return compiled_masked_fedavg(*args, **options)  # pyright: ignore[reportUnknownVariableType]
 
         averages, sent = jax.eval_shape(average, *average_args)  # pyright: ignore[reportUnknownMemberType]
-        finish_args = (state, index, clients, updates, averages, sent, *tests)
+        finish_args = (state, index, clients, updates, averages, sent, self.batch_key, train, n_train, *tests)
         return {
             "clients": self._clients.lower(*client_args).compile(),  # pyright: ignore[reportUnknownMemberType]
             "average": compiled_masked_fedavg.lower(*average_args, **options).compile(),  # pyright: ignore[reportFunctionMemberAccess, reportUnknownMemberType]
@@ -217,21 +361,17 @@ class Simulation:
 
     # --- the pieces, for benchmarks and your own loops -------------------------------------
 
-    def client_update(
-        self, global_layers: FlatView, inputs: tuple[Any, ...]
-    ) -> tuple[FlatView, FlatView, FlatView, FlatView, FlatView, FlatView]:
+    def client_update(self, global_layers: FlatView, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         """One client's round (pure); see :meth:`RoundProgram.client_update`."""
         return self.program.client_update(global_layers, inputs)
 
-    def local_step(
-        self, carry: tuple[Any, Any, Any], key: jax.Array, x: jax.Array, y: jax.Array, n: jax.Array
-    ) -> tuple[Any, Any, Any]:
+    def local_step(self, carry: tuple[FlatView, Any], key: jax.Array, data: LocalData) -> tuple[FlatView, Any]:
         """One local step (pure); see :meth:`RoundProgram.local_step`."""
-        return self.program.local_step(carry, key, x, y, n)
+        return self.program.local_step(carry, key, data)
 
-    def evaluate(self, layers: FlatView, x: jax.Array, y: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Mean loss and accuracy of ``layers`` on the first ``n`` examples (pure)."""
-        return self.program.evaluate(layers, x, y, n)
+    def evaluate(self, layers: FlatView, data: LocalData) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Mean loss and metrics of ``layers`` on ``data``'s real examples (pure)."""
+        return self.program.evaluate(layers, data)
 
     def round_keys(self, round_index: jax.Array, clients: jax.Array, batch_key: jax.Array) -> jax.Array:
         """The batch keys of the round's clients; see :meth:`RoundProgram.round_keys`."""
@@ -258,17 +398,39 @@ class Simulation:
         return unflatten(self.initial_layers, like=self.model.template)
 
 
-def _client_arrays(data: ClientData) -> tuple[np.ndarray, ...]:
-    return (
-        data.x_train,
-        data.y_train,
-        data.n_train,
-        data.x_test,
-        data.y_test,
-        data.n_test,
-        data.x_global_test,
-        data.y_global_test,
+def _device_arrays(data: ClientData) -> tuple[Any, ...]:
+    """``(train, n_train, test, n_test, global_test)`` on device."""
+    put: Callable[[Any], Any] = jnp.asarray
+    return tuple(
+        jax.tree.map(put, dict(part) if isinstance(part, Mapping) else part)
+        for part in (data.train, data.n_train, data.test, data.n_test, data.global_test)
     )
+
+
+def _no_metrics(output: Any, batch: Batch) -> dict[str, jax.Array]:
+    return {}
+
+
+def _checked_transformation(
+    what: str, value: Any, default: optax.GradientTransformation | None
+) -> optax.GradientTransformation:
+    """``value`` if it is an optax transformation (``default`` if ``None``); a teaching error
+    for a name or anything else."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, str):
+        hint = (
+            "SimulationConfig(local_optimizer=..., learning_rate=...)"
+            if what == "client_optimizer"
+            else "SimulationConfig(server_optimizer=..., server_lr=...)"
+        )
+        raise TypeError(
+            f"{what} takes an optax.GradientTransformation (for example optax.adam(1e-3)), got the name "
+            f"{value!r}; names are for {hint} and the command line"
+        )
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        raise TypeError(f"{what} must be an optax.GradientTransformation, got {type(value).__name__}")
+    return cast(optax.GradientTransformation, value)
 
 
 def simulate(

@@ -25,47 +25,59 @@ from jaxlayerx.base import Exchanger, FlatView
 from jaxlayerx.errors import unknown_layer
 from jaxlayerx.protocol import ledger
 from jaxlayerx.quantize import drift_reference, quantizable, quantized_push
-from jaxlayerx.simulation.adapters import ModelAdapter
 from jaxlayerx.simulation.config import SimulationConfig
 from jaxlayerx.simulation.server import init_server_state, server_step
 from jaxlayerx.simulation.state import ClientUpdates, RoundOutput, SimulationState
+from jaxlayerx.simulation.task import Batch, ClientUpdate, LocalData, Task, local_training
+
+#: The fine-tuning keys' stream, apart from the training batches' (``fold_in`` of the batch key).
+FINE_TUNE_STREAM = 7
 
 
 class RoundProgram:
-    """The pure functions of a round, for one exchanger, model and configuration.
+    """The pure functions of a round, for one exchanger, task and configuration.
 
     Args:
       exchanger: the exchanger every client runs (its pure ``send_mask``, ``quantize`` and
         ``error_feedback``).
-      model: the model as pure functions over flat views.
-      config: the training settings.
+      task: the model, loss, metrics and client optimizer (:class:`Task`).
+      config: the settings (``chunk_size``, ``rounds``).
       local_steps: local steps per client per round.
       mask_shapes: each layer's send-mask shape (:func:`send_mask_shapes`).
       num_clients: clients in the federation.
       clients_per_round: clients sampled each round.
-      server_optimizer: the server's optax optimizer, or ``None`` for FedAvg.
+      server_optimizer: the server's optax transformation, or ``None`` for FedAvg.
+      update: the client update (:func:`jaxlayerx.simulation.task.local_training` by default).
+      keep_optimizer_state: whether a client's optimizer state carries over to its next round.
+      fine_tune_steps: local steps of :func:`local_training` a client takes from its
+        personalized model before it is evaluated (0: none).
     """
 
     def __init__(
         self,
         exchanger: Exchanger,
-        model: ModelAdapter,
+        task: Task,
         config: SimulationConfig,
         local_steps: int,
         mask_shapes: FlatView,
         num_clients: int,
         clients_per_round: int,
         server_optimizer: optax.GradientTransformation | None,
+        update: ClientUpdate = local_training,
+        keep_optimizer_state: bool = False,
+        fine_tune_steps: int = 0,
     ) -> None:
         self.exchanger = exchanger
-        self.model = model
+        self.task = task
         self.config = config
         self.local_steps = local_steps
         self.mask_shapes = mask_shapes
         self.num_clients = num_clients
         self.clients_per_round = clients_per_round
-        self.optimizer = config.optimizer
         self.server_optimizer = server_optimizer
+        self.update = update
+        self.keep_optimizer_state = keep_optimizer_state
+        self.fine_tune_steps = fine_tune_steps
         chunked = config.chunk_size is not None and config.chunk_size < clients_per_round
         self._client_sharding, self._replicated = (None, None) if chunked else _shardings(clients_per_round)
 
@@ -80,6 +92,10 @@ class RoundProgram:
         if self.exchanger.error_feedback and self.exchanger.quantize is not None:
             residuals = FlatView((n, jnp.zeros((clients, *v.shape), jnp.float32)) for n, v in global_layers.items())
         updated_in = FlatView((n, jnp.zeros(shape, jnp.int32)) for n, shape in self.mask_shapes.items())
+        opt_states = None
+        if self.keep_optimizer_state:
+            stack: Callable[[Any], Any] = lambda leaf: jnp.broadcast_to(leaf, (clients, *jnp.shape(leaf)))
+            opt_states = jax.tree.map(stack, self.task.init_optimizer(global_layers))
         return SimulationState(
             global_layers=global_layers,
             client_layers=client_layers,
@@ -89,6 +105,7 @@ class RoundProgram:
             synced=jnp.full(clients, ledger.NOTHING, jnp.int32),
             server_state=init_server_state(self.server_optimizer, global_layers),
             round_index=jnp.zeros((), jnp.int32),
+            opt_states=opt_states,
         )
 
     # --- program 1: the clients -----------------------------------------------------------
@@ -104,8 +121,7 @@ class RoundProgram:
         round_index: jax.Array,
         clients: jax.Array,
         batch_key: jax.Array,
-        x_train: jax.Array,
-        y_train: jax.Array,
+        train: Batch,
         n_train: jax.Array,
     ) -> ClientUpdates:
         """The sampled clients' round: what each pulls, trains and sends."""
@@ -121,10 +137,11 @@ class RoundProgram:
             take(state.client_layers),
             take(state.references),
             take(state.residuals),
+            take(state.opt_states),
             keys,
-            *map(take, (x_train, y_train, n_train)),
+            LocalData(take(train), take(n_train)),
         )
-        starts, trained, masks, references, residuals, values = self.map_clients(
+        starts, trained, masks, references, residuals, values, opt_states, metrics = self.map_clients(
             functools.partial(self.client_update, state.global_layers), self._shard(inputs)
         )
         return ClientUpdates(
@@ -137,27 +154,31 @@ class RoundProgram:
             counts=take(n_train).astype(jnp.float32),
             pull_counts=_counts(pull_masks),
             first_contact=synced == ledger.NOTHING,
+            opt_states=opt_states if self.keep_optimizer_state else None,
+            train_metrics=metrics,
         )
 
-    def client_update(
-        self, global_layers: FlatView, inputs: tuple[Any, ...]
-    ) -> tuple[FlatView, FlatView, FlatView, FlatView, FlatView, FlatView]:
+    def client_update(self, global_layers: FlatView, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         """One client's round (pure): merge what it pulls, train, pick what to send.
 
-        ``inputs`` is ``(pull_mask, own layers, reference, residual, key, x, y, n)``;
-        ``reference`` holds the client's last pulled values (error feedback; else empty),
-        ``residual`` its carried quantization error (error feedback with quantization; else
-        empty). Returns the round's starting layers, the trained layers, the send mask, the
-        updated reference and residual, and the values the server receives: the trained
-        ones, or with quantization what the server rebuilds over its global values (which
-        the client holds, having just pulled every change).
+        ``inputs`` is ``(pull_mask, own layers, reference, residual, optimizer state, key,
+        data)``; ``reference`` holds the client's last pulled values (error feedback; else
+        empty), ``residual`` its carried quantization error (error feedback with
+        quantization; else empty), the optimizer state its own (kept) or ``None`` (fresh).
+        Returns the round's starting layers, the trained layers, the send mask, the updated
+        reference and residual, the values the server receives (the trained ones, or with
+        quantization what the server rebuilds over its global values, which the client
+        holds, having just pulled every change), the optimizer state and the client
+        update's metrics.
         """
-        pull_mask, local, reference, residual, key, x, y, n = inputs
+        pull_mask, local, reference, residual, opt_state, key, data = inputs
         exchanger = self.exchanger
         start = _merged(pull_mask, global_layers, local)
         if exchanger.error_feedback:
             reference = _merged(pull_mask, global_layers, reference)
-        trained = self.train(start, key, x, y, n)
+        if opt_state is None:
+            opt_state = self.task.init_optimizer(start)
+        trained, opt_state, metrics = self.train(start, opt_state, key, data)
         if not exchanger.error_feedback:
             drift_from = start
         elif residual:
@@ -180,58 +201,80 @@ class RoundProgram:
                     trained[name], global_layers[name], carried, mask[name], exchanger.quantize
                 )
             residual = new_residual if residual else residual
-        return start, trained, mask, reference, residual, values
+        return start, trained, mask, reference, residual, values, opt_state, metrics
 
-    def train(self, start: FlatView, key: jax.Array, x: jax.Array, y: jax.Array, n: jax.Array) -> FlatView:
-        """``local_steps`` steps of the local optimizer from ``start``, on batches of the client's data."""
-        params = FlatView((name, start[name]) for name in self.model.trainable)
-        carry = (params, start, self.optimizer.init(params))
-        # Every step's batch indices drawn before the loop in one vectorized draw (the same
-        # batches as local_step draws step by step); each step gathers its own batch, so that
-        # memory does not grow with the steps.
-        draw: Callable[[jax.Array], jax.Array] = lambda step_key: self.batch_index(step_key, n)
-        indices = jax.vmap(draw)(jax.random.split(key, self.local_steps))
-        step: Callable[[tuple[Any, Any, Any], jax.Array], tuple[tuple[Any, Any, Any], None]]
-        step = lambda carry, index: (self.update(carry, x[index], y[index]), None)  # noqa: E731
-        (params, layers, _), _ = jax.lax.scan(step, carry, indices)
-        return FlatView((name, params[name] if name in params else value) for name, value in layers.items())
+    def train(
+        self, start: FlatView, opt_state: Any, key: jax.Array, data: LocalData
+    ) -> tuple[FlatView, Any, dict[str, jax.Array]]:
+        """The client update from ``start``, checked: the trained layers (in ``start``'s
+        order, each of its shape and dtype), the optimizer state and scalar metrics."""
+        trained, opt_state, metrics = self.update(start, opt_state, data, key, self.local_steps, self.task)
+        return _checked_update(start, trained), opt_state, _checked_metrics(metrics)
 
-    def batch_index(self, key: jax.Array, n: jax.Array) -> jax.Array:
-        """The example indices of one local step's batch, drawn from ``[0, n)``."""
-        return jax.random.randint(key, (self.config.batch_size,), 0, n)
+    def local_step(self, carry: tuple[FlatView, Any], key: jax.Array, data: LocalData) -> tuple[FlatView, Any]:
+        """One local step of :func:`local_training` (pure): a batch drawn from the client's
+        examples, one optimizer step. ``carry`` is ``(layers, optimizer state)``."""
+        layers, opt_state = carry
+        layers, opt_state, _ = self.task.step(layers, opt_state, data.take(self.task.batch_index(key, data.size)))
+        return layers, opt_state
 
-    def local_step(
-        self, carry: tuple[Any, Any, Any], key: jax.Array, x: jax.Array, y: jax.Array, n: jax.Array
-    ) -> tuple[Any, Any, Any]:
-        """One local step (pure): a batch drawn from the client's ``n`` examples, one update.
+    def evaluate(self, layers: FlatView, data: LocalData) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Mean loss and metrics of ``layers`` over ``data``'s real examples."""
+        return self.task.evaluate(layers, data)
 
-        ``carry`` is ``(trainable layers, all layers, optimizer state)``; the untrainable
-        layers (BatchNorm statistics) move as the forward pass moves them.
-        """
-        index = self.batch_index(key, n)
-        return self.update(carry, x[index], y[index])
+    def fine_tuned(self, layers: FlatView, key: jax.Array, data: LocalData) -> FlatView:
+        """``layers`` after ``fine_tune_steps`` steps of :func:`local_training` on ``data``
+        with a fresh optimizer state (``layers`` itself without fine-tuning)."""
+        if not self.fine_tune_steps:
+            return layers
+        state = self.task.init_optimizer(layers)
+        return local_training(layers, state, data, key, self.fine_tune_steps, self.task)[0]
 
-    def update(self, carry: tuple[Any, Any, Any], xb: jax.Array, yb: jax.Array) -> tuple[Any, Any, Any]:
-        """One optimizer step on the batch ``(xb, yb)``."""
-        params, layers, opt_state = carry
+    def personalized(
+        self, state: SimulationState, clients: jax.Array, batch_key: jax.Array, train: Batch, n_train: jax.Array
+    ) -> FlatView:
+        """The personalized models of ``clients`` in ``state``: each one's own layers with
+        every change of the global model since it last took part merged in (what it would
+        start its next round from), fine-tuned if asked."""
+        take = functools.partial(_take, clients)
+        synced = state.synced[clients]
+        pull_masks = FlatView(
+            (name, ledger.changed_since(rounds[None], synced.reshape(-1, *(1,) * rounds.ndim)))
+            for name, rounds in state.updated_in.items()
+        )
+        merge: Callable[[Any, Any], Any] = lambda mask, own: _merged(mask, state.global_layers, own)
+        models = jax.vmap(merge)(pull_masks, take(state.client_layers))
+        return self._fine_tune_all(models, clients, state.round_index, batch_key, train, n_train)
 
-        def loss_fn(params: FlatView) -> tuple[jax.Array, FlatView]:
-            logits, moved = self.model.apply(_with(layers, params), xb, train=True)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), moved
+    def evaluate_clients(
+        self,
+        models: FlatView,
+        clients: jax.Array,
+        test: Batch,
+        n_test: jax.Array,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Each of ``clients``' loss and metrics of its model in ``models`` on its test examples."""
+        take = functools.partial(_take, clients)
+        evaluate: Callable[[Any], Any] = lambda args: self.evaluate(args[0], LocalData(args[1], args[2]))
+        return self.map_clients(evaluate, (models, take(test), take(n_test)))
 
-        (_, moved), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)  # pyright: ignore[reportUnknownMemberType]
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        params = cast(FlatView, optax.apply_updates(params, updates))
-        return params, _with(moved, params), opt_state
-
-    def evaluate(self, layers: FlatView, x: jax.Array, y: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Mean loss and accuracy of ``layers`` over the first ``n`` examples of ``(x, y)``."""
-        logits, _ = self.model.apply(layers, x, train=False)
-        valid = jnp.arange(y.shape[0]) < n
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        correct = jnp.argmax(logits, axis=-1) == y
-        count = jnp.maximum(n, 1).astype(jnp.float32)
-        return jnp.sum(jnp.where(valid, losses, 0.0)) / count, jnp.sum(valid & correct) / count
+    def _fine_tune_all(
+        self,
+        models: FlatView,
+        clients: jax.Array,
+        round_index: jax.Array,
+        batch_key: jax.Array,
+        train: Batch,
+        n_train: jax.Array,
+    ) -> FlatView:
+        if not self.fine_tune_steps:
+            return models
+        take = functools.partial(_take, clients)
+        keys = jax.random.split(
+            jax.random.fold_in(jax.random.fold_in(batch_key, FINE_TUNE_STREAM), round_index), self.num_clients
+        )
+        tune: Callable[[Any], Any] = lambda args: self.fine_tuned(args[0], args[1], LocalData(args[2], args[3]))
+        return self.map_clients(tune, (models, keys[clients], take(train), take(n_train)))
 
     # --- program 3: the server's step and the evaluation ------------------------------------
 
@@ -243,23 +286,23 @@ class RoundProgram:
         updates: ClientUpdates,
         averages: FlatView,
         sent: FlatView,
-        x_test: jax.Array,
-        y_test: jax.Array,
+        batch_key: jax.Array,
+        train: Batch,
+        n_train: jax.Array,
+        test: Batch,
         n_test: jax.Array,
-        x_global: jax.Array,
-        y_global: jax.Array,
+        global_test: Batch,
     ) -> RoundOutput:
         """The server's step after the average, the evaluation and the next state."""
-        take = functools.partial(_take, clients)
         global_layers, server_state = server_step(
             self.server_optimizer, state.global_layers, averages, sent, state.server_state
         )
         trained = updates.trained
         personal = FlatView((n, jnp.where(sent[n], global_layers[n], trained[n])) for n in trained)
-        global_loss, global_accuracy = self.evaluate(global_layers, x_global, y_global, jnp.asarray(len(y_global)))
-        evaluated = self.map_clients(
-            lambda args: self.evaluate(*args), (personal, *map(take, (x_test, y_test, n_test)))
-        )
+        personal = self._fine_tune_all(personal, clients, round_index, batch_key, train, n_train)
+        first = next(iter(global_test.values()))
+        global_loss, global_metrics = self.evaluate(global_layers, LocalData(global_test, jnp.asarray(first.shape[0])))
+        local_loss, local_metrics = self.evaluate_clients(personal, clients, test, n_test)
         new_state = SimulationState(
             global_layers=global_layers,
             client_layers=_put(state.client_layers, clients, trained),
@@ -271,11 +314,14 @@ class RoundProgram:
             synced=state.synced.at[clients].set(ledger.held_after_round(round_index)),  # pyright: ignore[reportArgumentType]
             server_state=server_state,
             round_index=round_index,
+            opt_states=_put_tree(state.opt_states, clients, updates.opt_states),
         )
         metrics = {
             "global_loss": global_loss,
-            "global_accuracy": global_accuracy,
-            "local_accuracy": evaluated[1],
+            **{f"global_{name}": value for name, value in global_metrics.items()},
+            "local_loss": local_loss,
+            **{f"local_{name}": value for name, value in local_metrics.items()},
+            **{f"train_{name}": value for name, value in updates.train_metrics.items()},
             "send_counts": _counts(updates.masks),
             "pull_counts": updates.pull_counts,
             "first_contact": updates.first_contact,
@@ -344,8 +390,49 @@ def _put(stacked: FlatView, clients: jax.Array, values: FlatView) -> FlatView:
     return FlatView((name, stacked[name].at[clients].set(values[name])) for name in stacked)
 
 
-def _with(layers: FlatView, replacements: Mapping[str, Any]) -> FlatView:
-    return FlatView((name, replacements[name] if name in replacements else value) for name, value in layers.items())
+def _put_tree(stacked: Any, clients: jax.Array, values: Any) -> Any:
+    if stacked is None:
+        return None
+    put: Callable[[Any, Any], Any] = lambda old, new: old.at[clients].set(new)
+    return jax.tree.map(put, stacked, values)
+
+
+def _checked_update(start: FlatView, trained: Any) -> FlatView:
+    """The client update's trained layers, in ``start``'s order, checked against it."""
+    if not isinstance(trained, Mapping):
+        raise TypeError(
+            f"client_update must return the trained layers as a name -> array mapping, got {type(trained).__name__}"
+        )
+    trained = cast("Mapping[str, Any]", trained)
+    for name in trained:
+        if name not in start:
+            raise unknown_layer(name, start, what="the model (client_update returned it)")
+    out = FlatView()
+    for name, layer in start.items():
+        if name not in trained:
+            raise unknown_layer(name, trained, what="what client_update returned")
+        value = jnp.asarray(trained[name])
+        if value.shape != layer.shape or value.dtype != layer.dtype:
+            raise ValueError(
+                f"client_update returned layer {name!r} as {value.dtype}{list(value.shape)}, "
+                f"expected {layer.dtype}{list(layer.shape)} (the layer's shape and dtype)"
+            )
+        out[name] = value
+    return out
+
+
+def _checked_metrics(metrics: Any) -> dict[str, jax.Array]:
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"client_update must return its metrics as a name -> scalar mapping, got {type(metrics).__name__}"
+        )
+    out: dict[str, jax.Array] = {}
+    for name, value in cast("Mapping[str, Any]", metrics).items():
+        value = jnp.asarray(value)
+        if value.ndim:
+            raise ValueError(f"client_update metric {name!r} has shape {value.shape}; metrics are scalars")
+        out[str(name)] = value
+    return out
 
 
 def _counts(masks: FlatView) -> jax.Array:

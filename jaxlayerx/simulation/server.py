@@ -1,21 +1,24 @@
 """Server optimizers (FedOpt, Reddi et al. 2021) over partially aggregated layers.
 
 Each round the server averages what clients sent (:func:`jaxlayerx.masked_fedavg`). With
-``avg`` that average is the new global model. With an optimizer, the average only gives a
-pseudo-gradient, ``global - average``, which an optax optimizer turns into the step:
+FedAvg (no optimizer) that average is the new global model. With an optax
+transformation, the average only gives a pseudo-gradient, ``global - average``, for the
+whole model at once, which the transformation turns into the step:
 
     new_global = global + optimizer.update(global - average, state, global)
 
-Only the layers (the weights, for sparse exchange) that some client sent this round take
-the step; the others do not move and keep their optimizer state. Each layer has its own
-optimizer state, so a layer that is rarely sent keeps its own step count (Adam's bias
-correction). ``sgd`` with ``server_lr=1`` is plain FedAvg.
+so that a transformation over the whole tree (``optax.clip_by_global_norm``) sees every
+layer together. A layer (a weight, for sparse exchange) that no client sent has a zero
+pseudo-gradient and does not move. Its entries of the optimizer state, those under its
+name and of its shape (the moments of Adam, Yogi and Adagrad), keep their values; the
+state shared by all layers (Adam's step count) advances every round. ``optax.sgd(1.0)``
+is plain FedAvg.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 import jax
@@ -57,11 +60,11 @@ def server_optimizer(name: str, learning_rate: float | None = None) -> optax.Gra
     return optax.adagrad(rate, initial_accumulator_value=0.0, eps=ADAPTIVITY)
 
 
-def init_server_state(optimizer: optax.GradientTransformation | None, global_layers: Mapping[str, Any]) -> FlatView:
-    """One optimizer state per layer (empty for ``avg``)."""
+def init_server_state(optimizer: optax.GradientTransformation | None, global_layers: Mapping[str, Any]) -> Any:
+    """The optimizer's state for the whole model, in float32 (empty for FedAvg)."""
     if optimizer is None:
         return FlatView()
-    return FlatView((name, optimizer.init(_float32(layer))) for name, layer in global_layers.items())
+    return optimizer.init(FlatView((name, _float32(layer)) for name, layer in global_layers.items()))
 
 
 def server_step(
@@ -69,34 +72,44 @@ def server_step(
     global_layers: Mapping[str, Any],
     averages: Mapping[str, Any],
     sent: Mapping[str, Any],
-    state: Mapping[str, Any],
-) -> tuple[FlatView, FlatView]:
+    state: Any,
+) -> tuple[FlatView, Any]:
     """The new global model and optimizer state after one round; pure and jit-able.
 
     Args:
-      optimizer: from :func:`server_optimizer`; ``None`` takes the averages as they are.
+      optimizer: an optax transformation; ``None`` takes the averages as they are (FedAvg).
       global_layers: the global model before the round.
       averages: the round's averages (:func:`jaxlayerx.masked_fedavg`, with the global
         model as fallback: equal to it where nothing was sent).
       sent: per layer, a boolean scalar or one per weight: what some client sent.
-      state: per layer, its optimizer state (:func:`init_server_state`).
+      state: the optimizer's state (:func:`init_server_state`).
     """
     if optimizer is None:
-        return FlatView(averages), FlatView(state)
-    new_global, new_state = FlatView(), FlatView()
-    for name, layer in global_layers.items():
-        current = _float32(layer)
-        updates, stepped = optimizer.update(current - _float32(averages[name]), state[name], current)
-        moved = sent[name]
-        stepped_layer = cast(jax.Array, optax.apply_updates(current, updates))
-        new_global[name] = cast_mean(jnp.where(moved, stepped_layer, current), layer.dtype, jnp)
-        # A layer keeps its state where it did not move: per weight, and for the scalars
-        # of the state (the step count) when nothing of the layer was sent.
-        keep: Callable[[Any, Any], jax.Array] = lambda new, old, moved=moved: jnp.where(
-            moved if jnp.shape(new) == jnp.shape(moved) else jnp.any(moved), new, old
+        return FlatView(averages), state
+    current = FlatView((name, _float32(layer)) for name, layer in global_layers.items())
+    pseudo = FlatView((name, current[name] - _float32(averages[name])) for name in current)
+    updates, stepped = optimizer.update(pseudo, state, current)
+    moved = cast(FlatView, optax.apply_updates(current, updates))
+    new_global = FlatView(
+        (name, cast_mean(jnp.where(sent[name], moved[name], current[name]), layer.dtype, jnp))
+        for name, layer in global_layers.items()
+    )
+    return new_global, _kept_where_unsent(stepped, state, sent, current)
+
+
+def _kept_where_unsent(stepped: Any, state: Any, sent: Mapping[str, Any], layers: Mapping[str, Any]) -> Any:
+    """``stepped``, with each layer's own entries (under its name, of its shape) kept at
+    their old values where the layer (weight) was not sent."""
+
+    def keep(path: tuple[Any, ...], new: Any, old: Any) -> Any:
+        name = next(
+            (key.key for key in reversed(path) if isinstance(key, jax.tree_util.DictKey) and key.key in sent), None
         )
-        new_state[name] = jax.tree.map(keep, stepped, state[name])
-    return new_global, new_state
+        if name is None or jnp.shape(new) != jnp.shape(layers[name]):
+            return new
+        return jnp.where(sent[name], new, old)
+
+    return jax.tree_util.tree_map_with_path(keep, stepped, state)
 
 
 def _float32(layer: Any) -> jax.Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
@@ -24,8 +25,10 @@ class SimulationState:
         global value last changed (0: the initial model).
       synced: ``(num_clients,)``, the round whose global model each client holds (``-1``:
         it never took part).
-      server_state: the server optimizer's state, per layer (empty for ``avg``).
+      server_state: the server optimizer's state over the whole model (empty for FedAvg).
       round_index: the last round run (0 before the first).
+      opt_states: with ``keep_client_optimizer_state``, every client's optimizer state
+        (stacked); else ``None``.
     """
 
     global_layers: FlatView
@@ -34,8 +37,9 @@ class SimulationState:
     residuals: FlatView
     updated_in: FlatView
     synced: jax.Array
-    server_state: FlatView
+    server_state: Any
     round_index: jax.Array
+    opt_states: Any = None
 
     @property
     def pull_mask(self) -> FlatView:
@@ -58,6 +62,8 @@ class ClientUpdates:
       counts: each client's weight (its training examples, float32).
       pull_counts: ``(clients, layers)``: how many values of each layer each pulled.
       first_contact: whether each got the whole model.
+      opt_states: each client's optimizer state after training.
+      train_metrics: each client's metrics from its client update.
     """
 
     starts: FlatView
@@ -69,6 +75,8 @@ class ClientUpdates:
     counts: jax.Array
     pull_counts: jax.Array
     first_contact: jax.Array
+    opt_states: Any
+    train_metrics: dict[str, jax.Array]
 
 
 @jax.tree_util.register_dataclass
@@ -80,8 +88,9 @@ class RoundOutput:
       state: the state after the round.
       clients: ``(clients_per_round,)`` the sampled clients, ascending.
       start_layers, trained_layers, send_masks: each sampled client's.
-      metrics: global loss and accuracy, each sampled client's local accuracy, and the
-        values each client sent and pulled per layer.
+      metrics: the global loss and metrics (``global_loss``, ``global_<metric>``), each
+        sampled client's local ones (``local_loss``, ``local_<metric>``) and client-update
+        metrics (``train_<metric>``), and the values each client sent and pulled per layer.
     """
 
     state: SimulationState
