@@ -50,8 +50,11 @@ def within(name: str, *packages: str) -> bool:
     return any(name == package or name.startswith(package + ".") for package in packages)
 
 
+#: The recipes are methods built on the simulation's hooks, not core.
 CORE = {
-    name: path for name, path in module_files().items() if not within(name, "jaxlayerx.flower", "jaxlayerx.simulation")
+    name: path
+    for name, path in module_files().items()
+    if not within(name, "jaxlayerx.flower", "jaxlayerx.simulation", "jaxlayerx.recipes")
 }
 
 

@@ -18,15 +18,19 @@ default, :func:`local_training`, is ``steps`` steps of the client optimizer on b
 drawn with replacement::
 
     def local_training(start, opt_state, data, key, steps, task):
+        layers, opt_state, losses = train_steps(start, opt_state, data, key, steps, task)
+        return layers, opt_state, {"loss": jnp.mean(losses)}
+
+    def train_steps(start, opt_state, data, key, steps, task, *, penalty=None, only=None):
         indices = jax.vmap(lambda k: task.batch_index(k, data.size))(jax.random.split(key, steps))
 
         def step(carry, index):
             layers, opt_state = carry
-            layers, opt_state, loss = task.step(layers, opt_state, data.take(index))
+            layers, opt_state, loss = task.step(layers, opt_state, data.take(index), penalty=penalty, only=only)
             return (layers, opt_state), loss
 
         (layers, opt_state), losses = jax.lax.scan(step, (start, opt_state), indices)
-        return layers, opt_state, {"loss": jnp.mean(losses)}
+        return layers, opt_state, losses
 
 :mod:`jaxlayerx.recipes` builds FedProx, FedRep and more on the same form.
 """
@@ -183,18 +187,37 @@ def local_training(
     start: FlatView, opt_state: Any, data: LocalData, key: jax.Array, steps: int, task: Task
 ) -> tuple[FlatView, Any, dict[str, jax.Array]]:
     """The default client update: ``steps`` steps of the client optimizer, each on a batch
-    drawn with replacement from the client's examples (every step's indices drawn up front,
-    each step gathering its own batch); its metric is the mean training loss."""
+    drawn with replacement from the client's examples (:func:`train_steps`); its metric is
+    the mean training loss."""
+    layers, opt_state, losses = train_steps(start, opt_state, data, key, steps, task)
+    return layers, opt_state, {"loss": jnp.mean(losses)}
+
+
+def train_steps(
+    start: FlatView,
+    opt_state: Any,
+    data: LocalData,
+    key: jax.Array,
+    steps: int,
+    task: Task,
+    *,
+    penalty: Callable[[FlatView], jax.Array] | None = None,
+    only: Collection[str] | None = None,
+) -> tuple[FlatView, Any, jax.Array]:
+    """``steps`` calls of :meth:`Task.step` from ``start``, each on a batch drawn with
+    replacement from ``data`` (every step's indices drawn up front from
+    ``split(key, steps)``, each step gathering its own batch); returns the layers, the
+    optimizer state and each step's loss. ``penalty`` and ``only`` go to every step."""
     draw: Callable[[jax.Array], jax.Array] = lambda step_key: task.batch_index(step_key, data.size)
     indices = jax.vmap(draw)(jax.random.split(key, steps))
 
     def step(carry: tuple[FlatView, Any], index: jax.Array) -> tuple[tuple[FlatView, Any], jax.Array]:
         layers, state = carry
-        layers, state, loss = task.step(layers, state, data.take(index))
+        layers, state, loss = task.step(layers, state, data.take(index), penalty=penalty, only=only)
         return (layers, state), loss
 
     (layers, opt_state), losses = jax.lax.scan(step, (start, opt_state), indices)
-    return layers, opt_state, {"loss": jnp.mean(losses)}
+    return layers, opt_state, losses
 
 
 def _per_example(function: Callable[[Any, Batch], jax.Array], output: Any, batch: Batch) -> jax.Array:
