@@ -1,4 +1,4 @@
-"""Personalized federated learning: FedPer, FedRep and FedBN against FedAvg and FedProx.
+"""Personalized federated learning: FedPer, FedRep, FedBN and Ditto against FedAvg and FedProx.
 
 Each method is a recipe (:mod:`jaxlayerx.recipes`): what is exchanged and how a client
 trains. Under strong label skew (``--beta 0.1``) each client sees few classes, so a
@@ -33,6 +33,7 @@ def methods(model: str) -> list[recipes.Recipe]:
         recipes.fedper(body),
         recipes.fedrep(body, head_steps=5),
         recipes.fedbn(),
+        recipes.ditto(0.1),
     ]
 
 

@@ -77,7 +77,7 @@ def test_char_lm_learns_next_characters_on_token_data():
 def test_personalized_example_prints_every_method_and_fedper_fits_skewed_clients(capsys):
     personalized = load("personalized")
     table = personalized.main(seeds=1, rounds=3, local_steps=10)
-    assert list(table) == ["fedavg", "fedprox(0.01)", "fedper", "fedrep(5)", "fedbn"]
+    assert list(table) == ["fedavg", "fedprox(0.01)", "fedper", "fedrep(5)", "fedbn", "ditto(0.1)"]
     for row in table.values():
         assert 0.0 <= row["local_accuracy"] <= 1.0 and 0.0 <= row["global_accuracy"] <= 1.0
     # FedPer and FedRep send the body only: fewer bytes than FedAvg

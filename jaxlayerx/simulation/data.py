@@ -240,7 +240,8 @@ def make_client_data(
       beta: Dirichlet concentration of the label (or ``groups``) split; ``None`` for IID.
       seed: seed of the split, the shuffles and the shifts.
       test_fraction: without a test split, the share of each client's examples held out.
-      x_test, y_test: the data set's own test split, with array ``x``.
+      x_test: the features of the data set's own test split, with array ``x``.
+      y_test: its labels or targets.
       test: the data set's own test split, with dict ``x`` (the same keys).
       groups: ``(N,)`` integer grouping key to split over instead of the labels.
       assignment: ``(N,)`` each example's client.

@@ -207,6 +207,12 @@ class Simulation:
             server_optimizer = _checked_transformation("server_optimizer", server_optimizer, None)
         if client_update is not None and not callable(client_update):
             raise TypeError(f"client_update must be a function, got {type(client_update).__name__}")
+        keeps = [hook for hook in ("init_state", "personalize") if hasattr(client_update, hook)]
+        if keeps and not keep_client_optimizer_state:
+            raise ValueError(
+                f"client_update has {' and '.join(keeps)}: it keeps a state of its own between rounds, so it "
+                "needs keep_client_optimizer_state=True"
+            )
         self.program = RoundProgram(
             exchanger,
             self.task,

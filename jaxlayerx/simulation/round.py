@@ -95,7 +95,7 @@ class RoundProgram:
         opt_states = None
         if self.keep_optimizer_state:
             stack: Callable[[Any], Any] = lambda leaf: jnp.broadcast_to(leaf, (clients, *jnp.shape(leaf)))
-            opt_states = jax.tree.map(stack, self.task.init_optimizer(global_layers))
+            opt_states = jax.tree.map(stack, self.init_client_state(global_layers))
         return SimulationState(
             global_layers=global_layers,
             client_layers=client_layers,
@@ -177,7 +177,7 @@ class RoundProgram:
         if exchanger.error_feedback:
             reference = _merged(pull_mask, global_layers, reference)
         if opt_state is None:
-            opt_state = self.task.init_optimizer(start)
+            opt_state = self.init_client_state(start)
         trained, opt_state, metrics = self.train(start, opt_state, key, data)
         if not exchanger.error_feedback:
             drift_from = start
@@ -243,7 +243,7 @@ class RoundProgram:
             for name, rounds in state.updated_in.items()
         )
         merge: Callable[[Any, Any], Any] = lambda mask, own: _merged(mask, state.global_layers, own)
-        models = jax.vmap(merge)(pull_masks, take(state.client_layers))
+        models = self._personal(jax.vmap(merge)(pull_masks, take(state.client_layers)), take(state.opt_states))
         return self._fine_tune_all(models, clients, state.round_index, batch_key, train, n_train)
 
     def evaluate_clients(
@@ -257,6 +257,20 @@ class RoundProgram:
         take = functools.partial(_take, clients)
         evaluate: Callable[[Any], Any] = lambda args: self.evaluate(args[0], LocalData(args[1], args[2]))
         return self.map_clients(evaluate, (models, take(test), take(n_test)))
+
+    def init_client_state(self, layers: FlatView) -> Any:
+        """A client's fresh state: the client update's ``init_state(task, layers)`` if it has
+        one (a method that keeps more than an optimizer state), else a fresh optimizer state."""
+        init = getattr(self.update, "init_state", None)
+        return self.task.init_optimizer(layers) if init is None else init(self.task, layers)
+
+    def _personal(self, models: FlatView, states: Any) -> FlatView:
+        """The client update's ``personalize(layers, state)`` of each client (its own model,
+        as Ditto keeps one), or ``models`` as they are."""
+        personalize = getattr(self.update, "personalize", None)
+        if personalize is None or states is None:
+            return models
+        return self.map_clients(lambda args: personalize(*args), (models, states))
 
     def _fine_tune_all(
         self,
@@ -299,6 +313,7 @@ class RoundProgram:
         )
         trained = updates.trained
         personal = FlatView((n, jnp.where(sent[n], global_layers[n], trained[n])) for n in trained)
+        personal = self._personal(personal, updates.opt_states)
         personal = self._fine_tune_all(personal, clients, round_index, batch_key, train, n_train)
         first = next(iter(global_test.values()))
         global_loss, global_metrics = self.evaluate(global_layers, LocalData(global_test, jnp.asarray(first.shape[0])))

@@ -72,7 +72,13 @@ class LocalData(NamedTuple):
 
 
 class ClientUpdate(Protocol):
-    """A client's local training; see the module's docstring."""
+    """A client's local training; see the module's docstring.
+
+    A client update may also have ``init_state(task, layers)``, a client's first state in
+    place of a fresh optimizer state, and ``personalize(layers, state)``, the model a
+    client is evaluated with (Ditto's personal model); the state is then kept across
+    rounds (``keep_client_optimizer_state``).
+    """
 
     def __call__(
         self, start: FlatView, opt_state: Any, data: LocalData, key: jax.Array, steps: int, task: Task
