@@ -55,12 +55,13 @@ class Recipe:
 
     @property
     def options(self) -> dict[str, Any]:
-        """The :class:`~jaxlayerx.simulation.Simulation` keywords of the recipe."""
-        return {
-            "label": self.name,
-            "client_update": self.client_update,
-            "keep_client_optimizer_state": self.keep_client_state,
-        }
+        """The :class:`~jaxlayerx.simulation.Simulation` keywords of the recipe: ``label``,
+        ``client_update`` and, where the method keeps a state of its own (Ditto),
+        ``keep_client_optimizer_state=True``."""
+        options: dict[str, Any] = {"label": self.name, "client_update": self.client_update}
+        if self.keep_client_state:  # else the caller's choice
+            options["keep_client_optimizer_state"] = True
+        return options
 
 
 def fedavg() -> Recipe:

@@ -41,16 +41,19 @@ def test_own_loop_trains_and_sends_half_the_layers_with_error_feedback(capsys):
 
 def test_regression_fits_below_the_mean_predictor_and_sends_less_than_the_model():
     regression = load("regression")
-    records = regression.main(rounds=4, verbose=False)
+    records, initial, final = regression.main(rounds=4, verbose=False)
     data, _ = regression.synthetic_data(8, 100, 0)
     baseline = float(np.var(data["y"]))  # predicting the mean
     losses = [record["global_loss"] for record in records]
     assert losses[-1] < 0.6 * baseline and losses[-1] < losses[0]
     assert "global_accuracy" not in records[-1] and records[-1]["global_mae"] > 0
-    # The model's bytes, by hand: Dense 4->32, 32->32, 32->1 in float32.
-    model_bytes = 4 * ((4 * 32 + 32) + (32 * 32 + 32) + (32 + 1))
-    for record in records:  # the budget: at most half the bytes of values a client, plus framing
+    # The model's bytes, by hand: Dense 4->16, 16->16, 16->1 in float32.
+    model_bytes = 4 * ((4 * 16 + 16) + (16 * 16 + 16) + (16 + 1))
+    for record in records:  # the budget: at most 3/4 of the bytes of values a client, plus framing
         assert all(sent < model_bytes for sent in record["client_upload_bytes"])
+    assert sorted(final) == sorted(initial) and len(final) == 6
+    for name in final:  # every layer fits the budget, so every layer was sent and moved
+        assert not np.array_equal(final[name], initial[name]), name
 
 
 def test_fedprox_example_runs_both_methods_with_kept_optimizer_states():

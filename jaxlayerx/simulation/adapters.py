@@ -103,7 +103,16 @@ def _jitted_init(module: nn.Module, key: jax.Array, example: jax.Array) -> Any:
     def init(key: jax.Array, example: jax.Array) -> Any:
         return module.init(key, example, train=False)  # pyright: ignore[reportUnknownMemberType]
 
-    return jax.jit(init)(key, example)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    try:
+        return jax.jit(init)(key, example)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    except TypeError as error:
+        if "train" not in str(error):
+            raise
+        raise TypeError(
+            f"the simulation calls a Linen module as module(inputs, train=bool) (BatchNorm and Dropout "
+            f"switch on it): give {type(module).__name__}.__call__ a train argument, e.g. "
+            f"`def __call__(self, x, train=False)`; Flax said: {error}"
+        ) from error
 
 
 def _nnx_graph(model: nnx.Module, train: bool, nnx_filter: nnx.filterlib.Filter) -> Any:

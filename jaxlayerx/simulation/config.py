@@ -32,7 +32,8 @@ class SimulationConfig:
         ``ceil(local_epochs * mean client training size / batch_size)`` (the same for every
         client: they train in one vmapped computation).
       batch_size: examples per local step.
-      learning_rate: of the local optimizer; a fresh optimizer state each round.
+      learning_rate: of the local optimizer (its state fresh each round, unless
+        ``Simulation(keep_client_optimizer_state=True)``).
       momentum: of ``sgd`` (0 for none); ``adam`` ignores it.
       local_optimizer: ``sgd`` or ``adam``.
       weighted: weight the server average by each client's number of training examples.

@@ -251,8 +251,8 @@ def make_client_data(
       The padded, stacked ``ClientData``.
 
     Raises:
-      ValueError: arrays of different lengths; ``y`` that is not integer labels (pass a
-        dict for other targets); ``test_fraction`` not in ``(0, 1)``; only one of
+      ValueError: arrays of different lengths; ``y`` that is neither integer labels nor
+        float targets; ``test_fraction`` not in ``(0, 1)``; only one of
         ``x_test``/``y_test``; ``groups`` with ``assignment``, or either of the wrong
         length or kind; a client with fewer than 2 examples; any error of
         ``dirichlet_label_split``.

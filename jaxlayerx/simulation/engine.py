@@ -278,7 +278,10 @@ class Simulation:
         )
 
     def run(self, progress: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-        """Runs every round; returns one metrics dict per round (see ``report.py``)."""
+        """Runs every round; returns one record per round: ``round``, ``clients``, the global
+        and local losses and metrics, the client updates' metrics, the bytes of every
+        message, ``layers_sent`` and ``wall_seconds`` (:func:`~jaxlayerx.simulation.accounting.round_record`).
+        For the final state too, loop over :meth:`iterate`."""
         return [record for record, _ in self.iterate(progress)]
 
     def iterate(
