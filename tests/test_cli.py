@@ -163,6 +163,35 @@ def test_unknown_exchanger_lists_the_valid_ones(tmp_path, capsys):
         assert kind in line
 
 
+def test_labels_given_back_to_exchangers_run_under_those_labels(tmp_path, capsys):
+    folder = tmp_path / "run"
+    specs = "full,dynamic-budget(0.25, ef),dynamic-budget(0.5, ef)"
+    code = main(["compare", "--exchangers", specs, "--out", str(folder), *TINY])
+    capsys.readouterr()
+    assert code == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert list(metrics) == ["full", "dynamic-budget(0.25, ef)", "dynamic-budget(0.5, ef)"]
+
+
+@pytest.mark.parametrize(
+    "specs, needles",
+    [
+        ("full,dynamc-budget(0.5)", ["dynamc-budget", "closest kind: dynamic-budget", "KIND(NUMBER, WORD, ...)"]),
+        ("dynamic-budget(0.5, efx)", ["unknown word 'efx'", "KIND(NUMBER, WORD, ...)"]),
+        ("full,dynamic-budget(0.5", ["unbalanced parentheses"]),
+        ("dynamic-budget(0.5, ef),dynamic-budget(0.50, ef)", ["repeats dynamic-budget(0.5, ef)"]),
+    ],
+    ids=["unknown-kind", "unknown-word", "unbalanced", "repeated"],
+)
+def test_malformed_exchanger_specs_exit_2_with_one_line(specs, needles, tmp_path, capsys):
+    folder = tmp_path / "run"
+    code = main(["compare", "--exchangers", specs, "--out", str(folder), *TINY])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert_one_error_line(captured.out, captured.err, *needles)
+    assert not (folder / "metrics.json").exists()
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [(["simulate", "--rounds", "abc"], "abc"), ([], "command"), (["simulate", "--clients"], "--clients")],

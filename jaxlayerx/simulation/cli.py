@@ -22,6 +22,7 @@ from jaxlayerx.simulation.datasets import DATASETS
 from jaxlayerx.simulation.exchange import EXCHANGER_KINDS, ExchangerSpec
 from jaxlayerx.simulation.models import BODY_LAYERS, DEFAULT_MODEL, MODELS
 from jaxlayerx.simulation.server import SERVER_OPTIMIZERS
+from jaxlayerx.simulation.spec_grammar import split_specs
 
 if TYPE_CHECKING:
     from jaxlayerx.simulation.config import SimulationConfig
@@ -93,7 +94,8 @@ def _add_options(parser: argparse.ArgumentParser, default_exchangers: str) -> No
         "--exchangers",
         default=default_exchangers,
         metavar="LIST",
-        help=f"comma-separated exchangers among {', '.join(EXCHANGER_KINDS)} (default: {default_exchangers})",
+        help=f"comma-separated exchangers: kinds among {', '.join(EXCHANGER_KINDS)}, or labels as the "
+        f"table prints them, e.g. 'dynamic-budget(0.25, ef, int8)' (default: {default_exchangers})",
     )
     run.add_argument("--clients", type=int, default=8, help="number of clients (default: 8)")
     run.add_argument(
@@ -239,39 +241,38 @@ def _beta(text: str) -> float | str:
 
 
 def specs_from_args(args: argparse.Namespace) -> list[ExchangerSpec]:
-    """One :class:`ExchangerSpec` per name in ``--exchangers``, ``dynamic-budget`` once per
-    value of ``--budget`` (ValueError on a bad one)."""
-    names = [name.strip() for name in args.exchangers.split(",") if name.strip()]
-    if not names:
+    """One :class:`ExchangerSpec` per spec in ``--exchangers`` (a kind, or a label as tables
+    print it: :meth:`ExchangerSpec.parse`), the global options filling what a spec leaves
+    out; a bare ``dynamic-budget`` once per value of ``--budget`` (ValueError on a bad one)."""
+    texts = split_specs(args.exchangers)
+    if not texts:
         raise ValueError("--exchangers is empty")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--exchangers repeats a name: {args.exchangers}")
     model = args.model or DEFAULT_MODEL.get(str(args.data), "mlp")
     layers = (
         BODY_LAYERS[model]
         if args.layers is None
         else tuple(glob.strip() for glob in args.layers.split(",") if glob.strip())
     )
+    defaults: dict[str, Any] = {
+        "layers": layers,
+        "norm_threshold": args.norm_threshold,
+        "exchange_percentage": args.exchange_percentage,
+        "normalize": args.normalize,
+        "select_drift_more": not args.select_drift_less,
+        "sparsity_level": args.sparsity_level,
+        "measure": args.measure,
+        "error_feedback": args.error_feedback,
+        "quantize": None if args.quantize == "none" else args.quantize,
+    }
     specs: list[ExchangerSpec] = []
-    for name in names:
-        for byte_fraction in _budgets(args.budget) if name == "dynamic-budget" else [0.5]:
-            adaptive = name.startswith(("dynamic-", "sparse-"))
-            quantize = None if args.quantize == "none" else args.quantize
-            specs.append(
-                ExchangerSpec(
-                    kind=name,
-                    layers=layers,
-                    norm_threshold=args.norm_threshold,
-                    exchange_percentage=args.exchange_percentage,
-                    normalize=args.normalize,
-                    select_drift_more=not args.select_drift_less,
-                    sparsity_level=args.sparsity_level,
-                    measure=args.measure,
-                    byte_fraction=byte_fraction,
-                    error_feedback=args.error_feedback and (adaptive or quantize is not None),
-                    quantize=quantize,
-                )
-            )
+    for text in texts:
+        for byte_fraction in _budgets(args.budget) if text == "dynamic-budget" else [None]:
+            options = defaults if byte_fraction is None else {**defaults, "byte_fraction": byte_fraction}
+            specs.append(ExchangerSpec.parse(text, options))
+    labels = [spec.label for spec in specs]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"--exchangers repeats {', '.join(repeated)}: {args.exchangers}")
     return specs
 
 

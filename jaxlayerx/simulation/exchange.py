@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +29,7 @@ from jaxlayerx.selection import (
     validate_norm_threshold,
 )
 from jaxlayerx.simulation.models import BODY_LAYERS
+from jaxlayerx.simulation.spec_grammar import parse_fields
 from jaxlayerx.sparse_selection import validate_sparsity_level
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten
 
@@ -94,6 +96,27 @@ class ExchangerSpec:
                 "dynamic-budget sends the layers that moved most per byte; it has no select-drift-less form"
             )
 
+    @classmethod
+    def parse(cls, text: str, defaults: Mapping[str, Any] | None = None) -> ExchangerSpec:
+        """The spec ``text`` names: a kind, or a label as tables print it
+        (``dynamic-budget(0.25, ef, int8)``; grammar in :mod:`jaxlayerx.simulation.spec_grammar`).
+        What the text leaves out takes its value from ``defaults`` (field name -> value; the
+        command line's global options), else the class's default; ``error_feedback`` from
+        ``defaults`` applies only where it means something (a dynamic or sparse kind, or
+        quantization).
+
+        Raises:
+          ValueError: a malformed spec (one line: the grammar and the closest kind), or a
+            value out of range.
+        """
+        parsed = parse_fields(text, EXCHANGER_KINDS)
+        fields = {**(defaults or {}), "error_feedback": False, **parsed}
+        if "error_feedback" not in parsed and (defaults or {}).get("error_feedback"):
+            kind = str(parsed["kind"])
+            adaptive = kind in DYNAMIC_KINDS or kind in SPARSE_KINDS
+            fields["error_feedback"] = adaptive or fields.get("quantize") is not None
+        return cls(**fields)  # pyright: ignore[reportArgumentType]
+
     @property
     def adaptive(self) -> bool:
         """Whether what is sent is chosen each round (the dynamic and sparse kinds)."""
@@ -108,10 +131,10 @@ class ExchangerSpec:
     def label(self) -> str:
         """The kind with the parameters that matter for it: ``dynamic-budget(0.25, ef)``."""
         parameters = {
-            "dynamic-threshold": [f"{self.norm_threshold:g}", resolve_measure(self.measure, self.normalize)],
-            "dynamic-percentage": [f"{self.exchange_percentage:g}", resolve_measure(self.measure, self.normalize)],
-            "dynamic-budget": [f"{self.byte_fraction:g}"],
-        }.get(self.kind, [f"{self.sparsity_level:g}"] if self.kind in SPARSE_KINDS else [])
+            "dynamic-threshold": [_number(self.norm_threshold), resolve_measure(self.measure, self.normalize)],
+            "dynamic-percentage": [_number(self.exchange_percentage), resolve_measure(self.measure, self.normalize)],
+            "dynamic-budget": [_number(self.byte_fraction)],
+        }.get(self.kind, [_number(self.sparsity_level)] if self.kind in SPARSE_KINDS else [])
         if self.kind in ("dynamic-threshold", "dynamic-percentage") and not self.select_drift_more:
             parameters.append("less")
         if self.error_feedback:
@@ -150,6 +173,12 @@ class ExchangerSpec:
             "dynamic-budget": lambda: rules.select_by_budget(self.byte_fraction),
         }[self.kind]()
         return DynamicLayerExchanger(select, self.error_feedback, **options)
+
+
+def _number(value: float) -> str:
+    """``value`` in a label: short (``%g``) where that reads back exactly, else in full."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def match_layers(patterns: tuple[str, ...] | list[str], names: Any) -> list[str]:
