@@ -128,10 +128,7 @@ class RoundProgram:
         take = functools.partial(_take, clients)
         keys = self.round_keys(round_index, clients, batch_key)
         synced = state.synced[clients]
-        pull_masks = FlatView(
-            (name, ledger.changed_since(rounds[None], synced.reshape(-1, *(1,) * rounds.ndim)))
-            for name, rounds in state.updated_in.items()
-        )
+        pull_masks = _pull_masks(state, synced)
         inputs = (
             pull_masks,
             take(state.client_layers),
@@ -238,10 +235,7 @@ class RoundProgram:
         start its next round from), fine-tuned if asked."""
         take = functools.partial(_take, clients)
         synced = state.synced[clients]
-        pull_masks = FlatView(
-            (name, ledger.changed_since(rounds[None], synced.reshape(-1, *(1,) * rounds.ndim)))
-            for name, rounds in state.updated_in.items()
-        )
+        pull_masks = _pull_masks(state, synced)
         merge: Callable[[Any, Any], Any] = lambda mask, own: _merged(mask, state.global_layers, own)
         models = self._personal(jax.vmap(merge)(pull_masks, take(state.client_layers)), take(state.opt_states))
         return self._fine_tune_all(models, clients, state.round_index, batch_key, train, n_train)
@@ -403,6 +397,15 @@ def _take(clients: jax.Array, tree: Any) -> Any:
 
 def _put(stacked: FlatView, clients: jax.Array, values: FlatView) -> FlatView:
     return FlatView((name, stacked[name].at[clients].set(values[name])) for name in stacked)
+
+
+def _pull_masks(state: SimulationState, synced: jax.Array) -> FlatView:
+    """What clients holding the rounds ``synced`` pull from ``state``: every entry changed
+    since (client-stacked; a scalar per layer, or per weight)."""
+    return FlatView(
+        (name, ledger.changed_since(rounds[None], synced.reshape(-1, *(1,) * rounds.ndim)))
+        for name, rounds in state.updated_in.items()
+    )
 
 
 def _put_tree(stacked: Any, clients: jax.Array, values: Any) -> Any:
