@@ -95,7 +95,8 @@ class Simulation:
         the batch's loss; default softmax cross-entropy against ``batch["y"]`` for data
         with integer labels, required otherwise.
       metrics_fn: ``metrics_fn(output, batch) -> {name: value}``, per example or per batch;
-        default ``accuracy`` with integer labels, none otherwise (the loss only).
+        default ``accuracy`` with integer labels (whatever the loss), none otherwise (the
+        loss only).
       input_fn: the model's input from a batch; default ``batch["x"]``.
       client_optimizer: an ``optax.GradientTransformation``; default the config's
         ``local_optimizer`` and ``learning_rate``.
@@ -163,7 +164,9 @@ class Simulation:
                     "the data has no integer labels y (one per example), so there is no default loss: pass "
                     "loss_fn=, a function (output, batch) -> loss per example or for the batch"
                 )
-            loss_fn, metrics_fn = classification_loss, metrics_fn or classification_metrics
+            loss_fn = classification_loss
+        if metrics_fn is None:
+            metrics_fn = classification_metrics if data.labels else _no_metrics
         if module is None:
             if not data.labels:
                 raise ValueError("the default model (an MLP classifier) needs integer labels y: pass module=")
@@ -191,7 +194,7 @@ class Simulation:
             apply=self.model.apply,
             trainable=tuple(self.model.trainable),
             loss_fn=loss_fn,
-            metrics_fn=metrics_fn or _no_metrics,
+            metrics_fn=metrics_fn,
             input_fn=input_fn,
             optimizer=_checked_transformation("client_optimizer", client_optimizer, config.optimizer),
             batch_size=config.batch_size,
