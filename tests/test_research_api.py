@@ -657,3 +657,22 @@ def test_input_fn_feeds_the_model(two_inputs):
 def test_data_without_x_needs_an_input_fn(two_inputs):
     with pytest.raises(ValueError, match="input_fn"):
         Simulation(FULL, CONFIG, two_inputs, NnxDigitsNet(nnx.Rngs(0)))
+
+
+def test_labels_keep_the_accuracy_metric_beside_a_loss_of_your_own(two_inputs):
+    """Integer labels: accuracy is the default metric whatever the loss; the global
+    accuracy is the numpy share of argmax hits of the global model."""
+    config = SimulationConfig(rounds=1, local_steps=2, batch_size=BATCH, seed=SEED)
+
+    def smoothed(logits, batch):  # a loss of one's own: label-smoothed cross-entropy
+        targets = optax.smooth_labels(jax.nn.one_hot(batch["y"], 10), 0.1)
+        return optax.softmax_cross_entropy(logits, targets)
+
+    simulation = Simulation(
+        FULL, config, two_inputs, NnxDigitsNet(nnx.Rngs(0)), input_fn=concatenated, loss_fn=smoothed
+    )
+    ((record, output),) = list(simulation.iterate())
+    layers = {name: np.asarray(value, np.float64) for name, value in output.state.global_layers.items()}
+    test = two_inputs.global_test
+    logits = ref_nnx_digits_net(layers, np.concatenate([test["a"], test["b"]], axis=-1))
+    assert record["global_accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == test["y"])), abs=1e-6)
