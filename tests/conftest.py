@@ -23,8 +23,10 @@ from flax import nnx
 from hypothesis import settings
 
 #: The test tiers, by file: every file not listed here is in the fast tier, the default run
-#: (`python -m pytest -q`). The others run with `-m slow`, `-m deploy`, `-m quality` (or
-#: all with `-m ""`); .ci/run runs them all.
+#: (`python -m pytest -q`), except the tests marked one by one (``@pytest.mark.slow``, or a
+#: parametrized case wrapped in :func:`slow`: whole simulations beyond one per behaviour).
+#: The others run with `-m slow`, `-m deploy`, `-m quality` (or all with `-m ""`); .ci/run
+#: runs them all.
 TIERS = {
     "test_quality.py": "quality",
     "test_flower_deploy.py": "deploy",
@@ -44,7 +46,7 @@ TIERS = {
 #: Hypothesis profiles: the property tests (marked ``hypothesis``) draw ``fast``'s examples in
 #: a plain run; ``--hypothesis-profile=thorough`` draws more, as .ci/run does. Many examples
 #: compile a new program each (their shapes differ), so the count is the tests' main cost.
-settings.register_profile("fast", max_examples=10, deadline=None)
+settings.register_profile("fast", max_examples=5, deadline=None)
 settings.register_profile("thorough", max_examples=100, deadline=None)
 settings.load_profile("fast")
 

@@ -163,6 +163,7 @@ def test_unknown_exchanger_lists_the_valid_ones(tmp_path, capsys):
         assert kind in line
 
 
+@pytest.mark.slow  # a three-exchanger compare
 def test_labels_given_back_to_exchangers_run_under_those_labels(tmp_path, capsys):
     folder = tmp_path / "run"
     specs = "full,dynamic-budget(0.25, ef),dynamic-budget(0.5, ef)"

@@ -167,7 +167,7 @@ def entries_of(sparse):
         slow(ExchangerSpec("dynamic-threshold", norm_threshold=2e-3, error_feedback=True)),
         slow(ExchangerSpec("dynamic-percentage", exchange_percentage=0.3, measure="rms", error_feedback=True)),
         ExchangerSpec("dynamic-budget", byte_fraction=0.5, error_feedback=True),  # differs from no feedback by round 3
-        ExchangerSpec("sparse-largest-magnitude-change", sparsity_level=0.1, error_feedback=True),
+        slow(ExchangerSpec("sparse-largest-magnitude-change", sparsity_level=0.1, error_feedback=True)),
     ],
     ids=["threshold", "percentage-rms", "budget", "sparse"],
 )

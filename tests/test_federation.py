@@ -291,7 +291,7 @@ def test_unsampled_clients_keep_their_layers_and_sync_rules(dynamic12):
 # -- 3. bytes of catch-up pulls --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["dynamic", "full", "sparse"])
+@pytest.mark.parametrize("which", ["dynamic", slow("full"), "sparse"])
 def test_upload_and_download_bytes_follow_the_catch_up_rule(which, dynamic12, runs, data8):
     run = {"dynamic": lambda: dynamic12, "full": lambda: runs(FULL), "sparse": lambda: runs(SPARSE)}[which]()
     simulation = run.simulation
@@ -369,7 +369,7 @@ def test_sampled_rounds_equal_a_packed_replay(dynamic12, data12):
 
 @pytest.mark.parametrize(
     ("spec", "chunk"),
-    [slow(FULL, 2), slow(FULL, 4), slow(DYNAMIC_EF, 2), (DYNAMIC_EF, 4), (SPARSE, 2), slow(SPARSE, 4)],
+    [slow(FULL, 2), (FULL, 4), slow(DYNAMIC_EF, 2), slow(DYNAMIC_EF, 4), slow(SPARSE, 2), slow(SPARSE, 4)],
     ids=["full-2", "full-4", "dynamic-ef-2", "dynamic-ef-4", "sparse-2", "sparse-4"],
 )
 def test_chunked_rounds_equal_unchunked(spec, chunk, runs):
@@ -641,6 +641,7 @@ def weighted_average(trained, weights):
     }
 
 
+@pytest.mark.slow  # whole runs; the fast tier checks each step against optax (test_research_api, test_server_step_against_optax)
 def test_server_adam_rounds_equal_a_reference_and_differ_from_the_average(runs, data8):
     """Each round of a FedAdam run: the weighted average of the sampled clients' trained
     layers (numpy), then one optax Adam step per layer along global - average; the new
@@ -700,6 +701,7 @@ def reference_local_training(simulation, optimizer, start, client, round_index):
 NOISE_DRIVEN = ("params/Dense_0/bias", "batch_stats/BatchNorm_0/mean")
 
 
+@pytest.mark.slow  # whole runs; the fast tier checks each step against optax (test_research_api, test_server_step_against_optax)
 def test_local_adam_equals_a_reference_training_loop(runs):
     adam_run = runs(FULL, **ADAM_BOTH)
     sgd_run = runs(FULL)
@@ -805,7 +807,7 @@ def test_nnx_module_fedbn_keeps_batchnorm_local(nnx_runs):
 # -- 9. CNN ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 1), slow((2, 40, 1)), (2, 40)])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 1), slow((2, 40, 1)), slow((2, 40))])
 def test_cnn_output_shapes(shape):
     model = CNN()
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)

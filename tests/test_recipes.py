@@ -259,6 +259,7 @@ def fedper_reference(data, initial):
     return rounds
 
 
+@pytest.mark.slow  # a whole simulation to compile: the fast tier keeps one per behaviour
 def test_fedper_keeps_each_head_on_its_client(data, initial, fedper_run, fedper_reference):
     simulation, rounds = fedper_run
     check_initial(simulation, initial)
@@ -319,6 +320,7 @@ def fedrep_reference(data, initial):
     return rounds
 
 
+@pytest.mark.slow  # a whole simulation to compile: the fast tier keeps one per behaviour
 def test_fedrep_trains_the_head_then_the_body(data, initial, fedrep_run, fedrep_reference):
     simulation, rounds = fedrep_run
     check_initial(simulation, initial)
@@ -353,6 +355,7 @@ def test_fedrep_refuses_bad_head_steps(head_steps):
         recipes.fedrep(BODY, head_steps)
 
 
+@pytest.mark.slow  # a whole simulation to compile: the fast tier keeps one per behaviour
 @pytest.mark.parametrize("head_steps", [STEPS, STEPS + 1], ids=["equal", "more"])
 def test_fedrep_needs_more_local_steps_than_head_steps(data, head_steps):
     recipe = recipes.fedrep(BODY, head_steps)
@@ -440,6 +443,7 @@ def fedbn_run(data):
     return simulate(recipes.fedbn(), data, module=LinenNet())
 
 
+@pytest.mark.slow  # a whole simulation to compile: the fast tier keeps one per behaviour
 def test_fedbn_keeps_batchnorm_on_the_clients(data, fedbn_run):
     simulation, rounds = fedbn_run
     initial = to_np(simulation.initial_layers)

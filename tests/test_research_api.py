@@ -261,6 +261,7 @@ def loss_forms(reg_data):
     }
 
 
+@pytest.mark.slow  # a whole simulation to compile: the fast tier keeps one per behaviour
 @pytest.mark.parametrize("form", ["batch", "tokens"])
 def test_loss_forms_evaluate_alike(reg_data, fedavg, loss_forms, form):
     """The same loss given per example, for the batch or per token: the same training and
@@ -659,6 +660,7 @@ def test_data_without_x_needs_an_input_fn(two_inputs):
         Simulation(FULL, CONFIG, two_inputs, NnxDigitsNet(nnx.Rngs(0)))
 
 
+@pytest.mark.slow  # a whole simulation to compile: the fast tier keeps one per behaviour
 def test_labels_keep_the_accuracy_metric_beside_a_loss_of_your_own(two_inputs):
     """Integer labels: accuracy is the default metric whatever the loss; the global
     accuracy is the numpy share of argmax hits of the global model."""
