@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -64,6 +64,23 @@ def unknown_layer(name: str, valid: Iterable[str], what: str = "the model") -> U
     """Builds the error for a layer ``name`` missing from ``valid``."""
     suggestions = ", ".join(repr(s) for s in closest_names(name, valid))
     return UnknownLayerError(f"layer {name!r} is not in {what}; closest valid layers: {suggestions or '(none)'}")
+
+
+def check_same_layers(values: Mapping[str, Any], layers: Mapping[str, Any], *, extra: str, missing: str) -> None:
+    """Checks that ``values`` (what a user's function returned) names exactly the layers of
+    ``layers``.
+
+    Raises:
+      UnknownLayerError: a name not in ``layers`` (``extra`` says where it is missing:
+        "the model (a score names it)"), or a layer missing from ``values`` (``missing``
+        says from what: "the scores").
+    """
+    for name in values:
+        if name not in layers:
+            raise unknown_layer(name, layers, what=extra)
+    for name in layers:
+        if name not in values:
+            raise unknown_layer(name, values, what=missing)
 
 
 def unmatched_pattern(pattern: str, valid: Iterable[str], limit: int = 20) -> UnknownLayerError:

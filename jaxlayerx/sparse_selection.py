@@ -38,7 +38,7 @@ import numpy as np
 from jaxlayerx._host import in_host_memory, to_numpy
 from jaxlayerx.base import FlatView
 from jaxlayerx.coo import unravel
-from jaxlayerx.errors import unknown_layer
+from jaxlayerx.errors import check_same_layers
 
 _HALF_BITS = 16
 _BUCKETS = 1 << _HALF_BITS
@@ -161,13 +161,9 @@ def check_scores(scores: Mapping[str, Any], layers: Mapping[str, Any]) -> FlatVi
     """``scores`` in the order of ``layers``, after checking they match name for name and shape for shape."""
     if not isinstance(cast(object, scores), Mapping):
         raise TypeError(f"a score function must return a name -> array mapping, got {type(scores).__name__}")
-    for name in scores:
-        if name not in layers:
-            raise unknown_layer(name, layers, what="the model (a score names it)")
+    check_same_layers(scores, layers, extra="the model (a score names it)", missing="the scores")
     ordered = FlatView()
     for name, layer in layers.items():
-        if name not in scores:
-            raise unknown_layer(name, scores, what="the scores")
         score = scores[name]
         if np.shape(score) != np.shape(layer):
             raise ValueError(f"scores of layer {name!r}: expected shape {np.shape(layer)}, got {np.shape(score)}")

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlayerx.base import Exchanger, FlatView
-from jaxlayerx.errors import unknown_layer
+from jaxlayerx.errors import check_same_layers
 from jaxlayerx.protocol import ledger
 from jaxlayerx.quantize import drift_reference, quantizable, quantized_push
 from jaxlayerx.simulation.config import SimulationConfig
@@ -371,13 +371,9 @@ def send_mask_shapes(exchanger: Exchanger, layers: FlatView) -> FlatView:
     if not isinstance(masks, Mapping):
         raise TypeError(f"{what}.send_mask must return a name -> bool mapping, got {type(masks).__name__}")
     masks = cast("Mapping[str, jax.ShapeDtypeStruct]", masks)
-    for name in masks:
-        if name not in layers:
-            raise unknown_layer(name, layers, what=f"the model ({what}.send_mask names it)")
+    check_same_layers(masks, layers, extra=f"the model ({what}.send_mask names it)", missing=f"the send mask of {what}")
     shapes = FlatView()
     for name, layer in layers.items():
-        if name not in masks:
-            raise unknown_layer(name, masks, what=f"the send mask of {what}")
         mask = masks[name]
         if mask.dtype != jnp.bool_:
             raise TypeError(f"{what}.send_mask: layer {name!r} has a mask of dtype {mask.dtype}, expected bool")
@@ -422,13 +418,11 @@ def _checked_update(start: FlatView, trained: Any) -> FlatView:
             f"client_update must return the trained layers as a name -> array mapping, got {type(trained).__name__}"
         )
     trained = cast("Mapping[str, Any]", trained)
-    for name in trained:
-        if name not in start:
-            raise unknown_layer(name, start, what="the model (client_update returned it)")
+    check_same_layers(
+        trained, start, extra="the model (client_update returned it)", missing="what client_update returned"
+    )
     out = FlatView()
     for name, layer in start.items():
-        if name not in trained:
-            raise unknown_layer(name, trained, what="what client_update returned")
         value = jnp.asarray(trained[name])
         if value.shape != layer.shape or value.dtype != layer.dtype:
             raise ValueError(
