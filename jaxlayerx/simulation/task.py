@@ -236,14 +236,11 @@ def _per_example(function: Callable[[Any, Batch], jax.Array], output: Any, batch
 
 
 def _per_example_metrics(function: MetricsFn, output: Any, batch: Batch) -> dict[str, jax.Array]:
-    values = {name: jnp.asarray(value) for name, value in function(output, batch).items()}
-    out: dict[str, jax.Array] = {}
-    for name, value in values.items():
-        if value.ndim == 0:
-            out[name] = _one_by_one(lambda o, b, name=name: jnp.asarray(function(o, b)[name]), output, batch)
-        else:
-            out[name] = value if value.ndim == 1 else value.reshape(value.shape[0], -1).mean(axis=1)
-    return out
+    """Each metric of ``function`` per example, as :func:`_per_example` reads one."""
+    return {
+        name: _per_example(lambda o, b, name=name: function(o, b)[name], output, batch)
+        for name in function(output, batch)
+    }
 
 
 def _one_by_one(function: Callable[[Any, Batch], jax.Array], output: Any, batch: Batch) -> jax.Array:
