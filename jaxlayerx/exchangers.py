@@ -48,7 +48,14 @@ from jaxlayerx.modules import linen_module_types, nnx_module_types, pytree_node_
 from jaxlayerx.packing import pack_layers, unpack_layers
 from jaxlayerx.payload import Entries, Payload, dense_entries, sparse_entries
 from jaxlayerx.quantize import Quantize, check_quantize, host_drift_reference, host_quantized_push, quantizable
-from jaxlayerx.sparse_selection import host_sparse_masks, select_sparse_coo, sparse_masks, validate_sparsity_level
+from jaxlayerx.sparse_selection import (
+    host_sparse_masks,
+    masks_at_threshold,
+    score_threshold_at,
+    select_sparse_coo,
+    validate_sparsity_level,
+    weights_to_keep,
+)
 from jaxlayerx.state import ExchangeState, conformed, record_pull, seed
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, as_flat_view, check_snapshot, flatten
 from jaxlayerx.wire import LEGACY
@@ -99,6 +106,22 @@ class ExchangerBase:
     def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> Mapping[str, Any]:
         """``name -> bool`` (scalar or of the layer's shape): what ``current`` sends; pure."""
         raise NotImplementedError(f"{type(self).__name__} must define send_mask(current, reference)")
+
+    def mask_argument(self, layers: Mapping[str, Any]) -> np.ndarray | None:
+        """The send rule's numeric parameter, for layers of these shapes, in the exact form
+        :meth:`send_mask_at` takes it (a count of weights or layers, a capacity, a float32
+        threshold); ``None`` when the rule has none. Computed on the host from shapes alone."""
+        del layers
+        return None
+
+    def send_mask_at(
+        self, current: Mapping[str, Any], reference: Mapping[str, Any], argument: Any
+    ) -> Mapping[str, Any]:
+        """:meth:`send_mask` with the rule's parameter given as ``argument``
+        (:meth:`mask_argument`), which may be traced: one compiled program then serves every
+        value of the parameter, and values run side by side under ``jax.vmap``."""
+        del argument
+        return self.send_mask(current, reference)
 
     def host_mask(self, current: FlatView, reference: FlatView | None) -> FlatView:
         """:meth:`send_mask` for the host, as numpy booleans (a compiled ``send_mask``)."""
@@ -546,13 +569,25 @@ class DynamicLayerExchanger(ExchangerBase):
         Raises:
           TypeError: the selection function has no mask form (a ``mask`` method).
         """
-        if not isinstance(self.layer_selection_function, MaskedSelectionFunction):
-            raise TypeError(
-                f"the layer selection function {self.layer_selection_function!r} has no pure mask form "
-                "(a mask(current, reference) method), which jit/vmap consumers need; build it with "
-                "LayerSelectionFunctionConstructor, or give it such a method"
-            )
-        return self.layer_selection_function.mask(current, reference)
+        return self.send_mask_at(current, reference, self.mask_argument(current))
+
+    def mask_argument(self, layers: Mapping[str, Any]) -> np.ndarray | None:
+        argument = getattr(self.layer_selection_function, "argument", None)
+        return argument(layers) if callable(argument) else None
+
+    def send_mask_at(
+        self, current: Mapping[str, Any], reference: Mapping[str, Any], argument: Any
+    ) -> Mapping[str, Any]:
+        function = self.layer_selection_function
+        if argument is None or not callable(getattr(function, "mask_at", None)):
+            if not isinstance(function, MaskedSelectionFunction):
+                raise TypeError(
+                    f"the layer selection function {function!r} has no pure mask form "
+                    "(a mask(current, reference) method), which jit/vmap consumers need; build it with "
+                    "LayerSelectionFunctionConstructor, or give it such a method"
+                )
+            return function.mask(current, reference)
+        return cast(Mapping[str, Any], function.mask_at(current, reference, argument))  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
 
     def pack_parameters(self, weights: Sequence[Any], names: Sequence[str]) -> NDArrays:
         return pack_layers(weights, names)
@@ -616,7 +651,15 @@ class SparseCooParameterExchanger(ExchangerBase):
     def send_mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
         """Per-weight booleans of each layer's shape: what ``current`` sends (see
         :func:`jaxlayerx.sparse_masks`); pure and jit/vmap-able."""
-        return sparse_masks(self.score_gen_function(current, reference), current, self.sparsity_level)
+        return self.send_mask_at(current, reference, self.mask_argument(current))
+
+    def mask_argument(self, layers: Mapping[str, Any]) -> np.ndarray:
+        """``k = ceil(total * sparsity_level)`` (:func:`jaxlayerx.sparse_selection.weights_to_keep`)."""
+        return weights_to_keep(layers, self.sparsity_level)
+
+    def send_mask_at(self, current: Mapping[str, Any], reference: Mapping[str, Any], argument: Any) -> FlatView:
+        scores = self.score_gen_function(current, reference)
+        return masks_at_threshold(scores, current, score_threshold_at(scores, argument))
 
     def host_mask(self, current: FlatView, reference: FlatView | None) -> FlatView:
         return host_sparse_masks(self.score_gen_function, self.sparsity_level, current, reference)

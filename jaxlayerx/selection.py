@@ -147,19 +147,29 @@ def percentage_mask(
     """Per-layer booleans marking the ``ceil(N * exchange_percentage)`` largest drifts.
 
     Smallest drifts when not ``select_drift_more``. Ties go to the layer that comes first
-    in the order of ``norms``. ``exchange_percentage`` must be a Python number (it fixes
-    the number of layers, a static shape).
+    in the order of ``norms``. ``exchange_percentage`` must be a Python number (the count
+    is computed from it exactly, as fl4health does); :func:`percentage_mask_at` takes the
+    count itself.
     """
     validate_exchange_percentage(exchange_percentage)
+    count = num_layers_to_exchange(len(norms), exchange_percentage)
+    return percentage_mask_at(norms, count, select_drift_more=select_drift_more)
+
+
+def percentage_mask_at(
+    norms: Mapping[str, jax.Array], count: int | jax.Array, *, select_drift_more: bool = True
+) -> FlatView:
+    """Per-layer booleans marking the ``count`` largest drifts (smallest when not
+    ``select_drift_more``; ties to the earlier layer). ``count`` may be traced: one
+    compiled program serves every count."""
     names = list(norms)
     if not names:
         return collections.OrderedDict()
-    count = num_layers_to_exchange(len(names), exchange_percentage)
     stacked = jnp.stack([jnp.asarray(norms[name], jnp.float32) for name in names])
-    # lax.top_k returns the lower index first among equal values: ties go to the earlier layer.
-    _, chosen = jax.lax.top_k(stacked if select_drift_more else -stacked, count)
-    selected = jnp.zeros(len(names), dtype=bool).at[chosen].set(True)
-    return _unstack(names, selected)
+    # lax.top_k returns the lower index first among equal values: ties go to the earlier
+    # layer. The whole order, then its first `count`: the same layers as top_k(count).
+    _, order = jax.lax.top_k(stacked if select_drift_more else -stacked, len(names))
+    return _unstack(names, jnp.zeros(len(names), bool).at[order].set(jnp.arange(len(names)) < count))
 
 
 def budget_mask(current: Mapping[str, Any], initial: Mapping[str, Any], byte_fraction: float) -> FlatView:
@@ -169,19 +179,35 @@ def budget_mask(current: Mapping[str, Any], initial: Mapping[str, Any], byte_fra
       current: a flat view (``name -> array``).
       initial: a flat view with the same names and shapes.
       byte_fraction: the share of the bytes of all layers that may be sent, in ``(0, 1]``;
-        a Python number (it fixes the capacity, a static value).
+        a Python number (the capacity is computed from it exactly);
+        :func:`budget_mask_at` takes the capacity itself.
 
     Returns:
       An ordered dict ``name -> bool scalar``, in the order of ``current``.
     """
     validate_byte_fraction(byte_fraction)
+    return budget_mask_at(current, initial, budget_capacity(current, byte_fraction))
+
+
+def budget_capacity(layers: Mapping[str, Any], byte_fraction: float) -> int:
+    """The budget rule's capacity for layers of these shapes and dtypes:
+    ``floor(byte_fraction * bytes of all layers)``, exact in rational arithmetic, in units
+    of the layers' sizes' greatest common divisor (the form :func:`budget_mask_at` takes)."""
+    validate_byte_fraction(byte_fraction)
+    sizes = [layer_nbytes(layer) for layer in layers.values()]
+    return math.floor(_exact(byte_fraction) * sum(sizes)) // (math.gcd(*sizes) or 1)
+
+
+def budget_mask_at(current: Mapping[str, Any], initial: Mapping[str, Any], capacity: int | jax.Array) -> FlatView:
+    """:func:`budget_mask` for a capacity given in units (:func:`budget_capacity`); the
+    capacity may be traced: one compiled program serves every budget."""
     check_matching_layers(current, initial)
     names = list(current)
     if not names:
         return collections.OrderedDict()
     sizes = [layer_nbytes(current[name]) for name in names]
     energies = jnp.stack([_energy_per_byte(current[name], initial[name], size) for name, size in zip(names, sizes)])
-    return _unstack(names, _greedy_fill(energies, sizes, byte_fraction))
+    return _unstack(names, _greedy_fill(energies, sizes, capacity))
 
 
 def layer_nbytes(layer: Any) -> int:
@@ -220,22 +246,19 @@ def _energy_per_byte(current: Any, initial: Any, nbytes: int) -> jax.Array:
     return energy / np.float32(nbytes) if nbytes else jnp.zeros((), jnp.float32)
 
 
-def _greedy_fill(energies: jax.Array, sizes: list[int], byte_fraction: float) -> jax.Array:
-    """Takes layers by decreasing energy (ties: lower index; NaN last) while they fit.
-
-    The capacity is ``floor(byte_fraction * sum(sizes))``, exact in rational arithmetic;
-    bytes are counted in units of the sizes' greatest common divisor, in int32 (int64
-    under x64), so the running total is exact.
-    """
-    capacity = math.floor(_exact(byte_fraction) * sum(sizes))
+def _greedy_fill(energies: jax.Array, sizes: list[int], capacity: int | jax.Array) -> jax.Array:
+    """Takes layers by decreasing energy (ties: lower index; NaN last) while they fit in
+    ``capacity`` units of the sizes' greatest common divisor; the running total is counted
+    in those units, in int32 (int64 under x64), so it is exact."""
     unit = math.gcd(*sizes) or 1
-    units, capacity = [size // unit for size in sizes], capacity // unit
+    units = [size // unit for size in sizes]
     index_dtype = jax.dtypes.canonicalize_dtype(jnp.int64)
     if sum(units) > np.iinfo(index_dtype).max:
         raise ValueError(
             f"the budget rule counts {sum(sizes)} bytes, too many for {np.dtype(index_dtype)}; "
             'enable 64-bit JAX: jax.config.update("jax_enable_x64", True)'
         )
+    capacity = jnp.asarray(capacity, index_dtype)
     rank_key = jnp.where(jnp.isnan(energies), -jnp.inf, energies)
     order = jnp.argsort(-rank_key, stable=True)
 
@@ -255,12 +278,26 @@ def _unstack(names: list[str], vector: jax.Array) -> FlatView:
 
 
 class _LayerSelectionRule:
-    """A layer selection function (fl4health's calling convention) with its pure mask form."""
+    """A layer selection function (fl4health's calling convention) with its pure mask form.
+
+    A rule's numeric parameter reaches its mask as an argument (:meth:`argument`, exact,
+    computed on the host from the layers' shapes), so that the mask can take it traced
+    (:meth:`mask_at`): one compiled program serves every value of the parameter.
+    """
+
+    def argument(self, layers: Mapping[str, Any]) -> np.ndarray:
+        """The rule's parameter in the exact form :meth:`mask_at` takes, for layers of these
+        shapes and dtypes (the float32 threshold, the count of layers, the capacity)."""
+        raise NotImplementedError
+
+    def mask_at(self, current: Mapping[str, Any], reference: Mapping[str, Any], argument: Any) -> FlatView:
+        """:meth:`mask` with the parameter given as ``argument`` (:meth:`argument`; may be traced)."""
+        raise NotImplementedError
 
     def mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
         """``name -> bool scalar``: the layers this rule sends for ``current``, drift measured
         against ``reference`` (flat views); pure and jit/vmap-able."""
-        raise NotImplementedError
+        return self.mask_at(current, reference, self.argument(current))
 
     def __call__(self, model: Any, initial_model: Any) -> tuple[NDArrays, list[str]]:
         """The selected layers of ``model`` (numpy, in their own dtype) and their names, in
@@ -315,17 +352,24 @@ class ThresholdRule(_LayerSelectionRule):
         validate_norm_threshold(self.norm_threshold)
         resolve_measure(self.measure)
 
-    def mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+    def argument(self, layers: Mapping[str, Any]) -> np.ndarray:
+        """The threshold's float32 floor: compared in float32, it gives the exact comparison."""
+        return _threshold_argument(self.norm_threshold)
+
+    def mask_at(self, current: Mapping[str, Any], reference: Mapping[str, Any], argument: Any) -> FlatView:
         norms = drift_norms(current, reference, measure=self.measure)
-        return threshold_mask(norms, self.norm_threshold, select_drift_more=self.select_drift_more)
+        return threshold_mask(norms, argument, select_drift_more=self.select_drift_more)
 
     def _mask_vector(self, names: tuple[str, ...], current: list[Any], initial: list[Any]) -> jax.Array:
-        # The threshold is a traced argument: a new value does not compile again.
-        threshold = _threshold_argument(self.norm_threshold)
         return cast(
             jax.Array,
             _threshold_mask_vector(
-                names, current, initial, threshold, measure=self.measure, select_drift_more=self.select_drift_more
+                names,
+                current,
+                initial,
+                self.argument({}),
+                measure=self.measure,
+                select_drift_more=self.select_drift_more,
             ),
         )
 
@@ -343,9 +387,13 @@ class PercentageRule(_LayerSelectionRule):
         validate_exchange_percentage(self.exchange_percentage)
         resolve_measure(self.measure)
 
-    def mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
+    def argument(self, layers: Mapping[str, Any]) -> np.ndarray:
+        """The number of layers sent, ``ceil(N * exchange_percentage)`` (int32)."""
+        return np.asarray(num_layers_to_exchange(len(layers), self.exchange_percentage), np.int32)
+
+    def mask_at(self, current: Mapping[str, Any], reference: Mapping[str, Any], argument: Any) -> FlatView:
         norms = drift_norms(current, reference, measure=self.measure)
-        return percentage_mask(norms, self.exchange_percentage, select_drift_more=self.select_drift_more)
+        return percentage_mask_at(norms, argument, select_drift_more=self.select_drift_more)
 
     def _mask_vector(self, names: tuple[str, ...], current: list[Any], initial: list[Any]) -> jax.Array:
         return cast(
@@ -354,7 +402,7 @@ class PercentageRule(_LayerSelectionRule):
                 names,
                 current,
                 initial,
-                exchange_percentage=float(self.exchange_percentage),
+                self.argument(dict.fromkeys(names)),
                 measure=self.measure,
                 select_drift_more=self.select_drift_more,
             ),
@@ -370,11 +418,16 @@ class BudgetRule(_LayerSelectionRule):
     def __post_init__(self) -> None:
         validate_byte_fraction(self.byte_fraction)
 
-    def mask(self, current: Mapping[str, Any], reference: Mapping[str, Any]) -> FlatView:
-        return budget_mask(current, reference, self.byte_fraction)
+    def argument(self, layers: Mapping[str, Any]) -> np.ndarray:
+        """The capacity in units of the layers' sizes' greatest common divisor (:func:`budget_capacity`)."""
+        return np.asarray(budget_capacity(layers, self.byte_fraction), jax.dtypes.canonicalize_dtype(jnp.int64))
+
+    def mask_at(self, current: Mapping[str, Any], reference: Mapping[str, Any], argument: Any) -> FlatView:
+        return budget_mask_at(current, reference, argument)
 
     def _mask_vector(self, names: tuple[str, ...], current: list[Any], initial: list[Any]) -> jax.Array:
-        return cast(jax.Array, _budget_mask_vector(names, current, initial, byte_fraction=self.byte_fraction))
+        capacity = self.argument(_named(names, current))
+        return cast(jax.Array, _budget_mask_vector(names, current, initial, capacity))
 
 
 def select_layers_by_threshold(
@@ -483,25 +536,25 @@ def _threshold_mask_vector(
     return _stack(threshold_mask(norms, threshold, select_drift_more=select_drift_more))
 
 
-@functools.partial(jax.jit, static_argnames=("names", "exchange_percentage", "measure", "select_drift_more"))  # pyright: ignore[reportUnknownMemberType]
+@functools.partial(jax.jit, static_argnames=("names", "measure", "select_drift_more"))  # pyright: ignore[reportUnknownMemberType]
 def _percentage_mask_vector(
     names: tuple[str, ...],
     current: list[Any],
     initial: list[Any],
+    count: jax.Array,
     *,
-    exchange_percentage: float,
     measure: str,
     select_drift_more: bool,
 ) -> jax.Array:
     norms = drift_norms(_named(names, current), _named(names, initial), measure=measure)
-    return _stack(percentage_mask(norms, exchange_percentage, select_drift_more=select_drift_more))
+    return _stack(percentage_mask_at(norms, count, select_drift_more=select_drift_more))
 
 
-@functools.partial(jax.jit, static_argnames=("names", "byte_fraction"))  # pyright: ignore[reportUnknownMemberType]
+@functools.partial(jax.jit, static_argnames=("names",))  # pyright: ignore[reportUnknownMemberType]
 def _budget_mask_vector(
-    names: tuple[str, ...], current: list[Any], initial: list[Any], *, byte_fraction: float
+    names: tuple[str, ...], current: list[Any], initial: list[Any], capacity: jax.Array
 ) -> jax.Array:
-    return _stack(budget_mask(_named(names, current), _named(names, initial), byte_fraction))
+    return _stack(budget_mask_at(_named(names, current), _named(names, initial), capacity))
 
 
 def _named(names: tuple[str, ...], arrays: list[Any]) -> FlatView:

@@ -62,15 +62,21 @@ def num_weights_to_exchange(total: int, sparsity_level: float) -> int:
 def score_threshold(scores: Mapping[str, jax.Array], sparsity_level: float) -> jax.Array:
     """The ``ceil(total * sparsity_level)``-th largest of all ``scores``, as float32.
 
-    Pure and jit/vmap-able (``sparsity_level`` must be a Python number: it fixes ``k``).
-    NaN scores count as ``-inf``. Returns ``+inf`` when there are no scores at all.
+    Pure and jit/vmap-able (``sparsity_level`` must be a Python number: ``k`` is computed
+    from it exactly; :func:`score_threshold_at` takes ``k`` itself). NaN scores count as
+    ``-inf``. Returns ``+inf`` when there are no scores at all.
     """
     validate_sparsity_level(sparsity_level)
+    total = sum(math.prod(np.shape(score)) for score in scores.values())
+    return score_threshold_at(scores, num_weights_to_exchange(total, sparsity_level))
+
+
+def score_threshold_at(scores: Mapping[str, jax.Array], k: int | jax.Array) -> jax.Array:
+    """The ``k``-th largest of all ``scores`` (``1 <= k <= total``), as float32; ``k`` may be
+    traced: one compiled program serves every ``k``. ``+inf`` when there are no scores."""
     keys = [_sortable_key(score).reshape(-1) for score in scores.values()]
-    total = sum(key.size for key in keys)
-    if total == 0:
+    if sum(key.size for key in keys) == 0:
         return jnp.asarray(jnp.inf, jnp.float32)
-    k = num_weights_to_exchange(total, sparsity_level)
     high = [key >> _HALF_BITS for key in keys]
     top, above = _select_bucket(_histogram(high), k)
     low = [jnp.where(h == top, key & (_BUCKETS - 1), _BUCKETS) for h, key in zip(high, keys)]
@@ -95,6 +101,14 @@ def sparse_masks(
       An ordered dict ``name -> bool array of the layer's shape``, in the order of ``scores``.
     """
     return masks_at_threshold(scores, layers, score_threshold(scores, sparsity_level))
+
+
+def weights_to_keep(layers: Mapping[str, Any], sparsity_level: float) -> np.ndarray:
+    """``k = ceil(total * sparsity_level)`` for layers of these shapes (int32): the form in
+    which :func:`score_threshold_at` takes the sparsity level."""
+    validate_sparsity_level(sparsity_level)
+    total = sum(math.prod(np.shape(layer)) for layer in layers.values())
+    return np.asarray(num_weights_to_exchange(total, sparsity_level), np.int32)
 
 
 def masks_at_threshold(

@@ -43,7 +43,8 @@ def test_simulate_writes_the_run_folder(simulate_run):
         assert (folder / name).is_file(), name
 
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert list(metrics) == ["full"]
+    assert list(metrics) == ["full", "dynamic-budget(0.5, ef)"]  # the recommended rule against full
+    assert sum(line.startswith("takeaway: ") for line in out.splitlines()) == 1
     history = metrics["full"]
     assert [r["round"] for r in history] == list(range(1, ROUNDS + 1))
     for record in history:
@@ -59,7 +60,7 @@ def test_simulate_writes_the_run_folder(simulate_run):
     assert config["batch_size"] == BATCH
     assert config["seed"] == SEED
     assert config["command"] == "simulate"
-    assert [e["kind"] for e in config["exchangers"]] == ["full"]
+    assert [e["kind"] for e in config["exchangers"]] == ["full", "dynamic-budget"]
 
     with (folder / "metrics.csv").open(newline="") as file:
         rows = list(csv.reader(file))

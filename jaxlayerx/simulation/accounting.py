@@ -40,6 +40,19 @@ class ByteAccounting:
         self.entrywise = any(shape != () for shape in mask_shapes.values())
         self._scalar = np.array([shape == () for shape in mask_shapes.values()])
         self._sizes = np.array([math.prod(layer.shape) for layer in self.layers], np.int64)
+        self._sizes_seen: dict[tuple[Any, ...], int] = {}
+
+    def _sized(self, wire: Wire, direction: str, counts: tuple[int, ...], first: bool) -> int:
+        """The bytes of one message of ``counts`` entries per layer (kept: rows repeat)."""
+        key = (wire, direction, counts, first)
+        if key not in self._sizes_seen:
+            row = np.asarray(counts, np.int64)
+            if direction == "upload":
+                size = upload_nbytes(wire, self.layers, row, sparse=self.entrywise, quantize=self.quantize)
+            else:
+                size = download_nbytes(wire, self.layers, row, sparse=self.entrywise, whole_model=first)
+            self._sizes_seen[key] = size
+        return self._sizes_seen[key]
 
     def entry_counts(self, counts: np.ndarray) -> np.ndarray:
         """``(clients, layers)`` entries from a round's send or pull counts, a layer-wise
@@ -54,10 +67,10 @@ class ByteAccounting:
         wire = self.wire if wire is None else wire
         sent = self.entry_counts(np.asarray(metrics["send_counts"]))
         pulled = self.entry_counts(np.asarray(metrics["pull_counts"]))
-        upload = [upload_nbytes(wire, self.layers, row, sparse=self.entrywise, quantize=self.quantize) for row in sent]
+        firsts = np.asarray(metrics["first_contact"]).tolist()
+        upload = [self._sized(wire, "upload", tuple(row.tolist()), False) for row in sent]
         download = [
-            download_nbytes(wire, self.layers, row, sparse=self.entrywise, whole_model=bool(first))
-            for row, first in zip(pulled, np.asarray(metrics["first_contact"]).tolist())
+            self._sized(wire, "download", tuple(row.tolist()), bool(first)) for row, first in zip(pulled, firsts)
         ]
         return upload, download
 
@@ -70,7 +83,17 @@ def round_record(
     examples) and their mean, the client updates' metrics, and the exact bytes of every
     message; ``n_test`` is each client's number of test examples."""
     metrics, clients = jax.device_get((output.metrics, output.clients))  # one fetch a round
-    clients = np.asarray(clients)
+    return metrics_record(round_index, metrics, np.asarray(clients), accounting, n_test)
+
+
+def metrics_record(
+    round_index: int,
+    metrics: Mapping[str, np.ndarray],
+    clients: np.ndarray,
+    accounting: ByteAccounting,
+    n_test: np.ndarray,
+) -> dict[str, Any]:
+    """:func:`round_record` of a round's metrics and sampled clients, fetched to the host."""
     upload, download = accounting.message_bytes(metrics)
     sent_entries = accounting.entry_counts(np.asarray(metrics["send_counts"]))
     has_test = n_test[clients] > 0

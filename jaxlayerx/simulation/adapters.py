@@ -15,6 +15,7 @@ The simulation trains, evaluates and exchanges flat views (``name -> array``, se
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias, cast
 
@@ -100,11 +101,12 @@ def _jitted_init(module: nn.Module, key: jax.Array, example: jax.Array) -> Any:
     """``module.init(key, example, train=False)`` as one compiled computation (the same
     values as the eager call, without one dispatch and one compilation per operation)."""
 
-    def init(key: jax.Array, example: jax.Array) -> Any:
-        return module.init(key, example, train=False)  # pyright: ignore[reportUnknownMemberType]
-
     try:
-        return jax.jit(init)(key, example)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        init = _init_program(module)
+    except TypeError:  # a module with an unhashable field: its own program
+        init = _init_program.__wrapped__(module)
+    try:
+        return init(key, example)
     except TypeError as error:
         if "train" not in str(error):
             raise
@@ -113,6 +115,17 @@ def _jitted_init(module: nn.Module, key: jax.Array, example: jax.Array) -> Any:
             f"switch on it): give {type(module).__name__}.__call__ a train argument, e.g. "
             f"`def __call__(self, x, train=False)`; Flax said: {error}"
         ) from error
+
+
+@functools.lru_cache(maxsize=16)
+def _init_program(module: nn.Module) -> Callable[[jax.Array, jax.Array], Any]:
+    """The jitted ``module.init``, one per module (equal modules share it, and every
+    simulation of that module reuses its compilation)."""
+
+    def init(key: jax.Array, example: jax.Array) -> Any:
+        return module.init(key, example, train=False)  # pyright: ignore[reportUnknownMemberType]
+
+    return jax.jit(init)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
 
 
 def _nnx_graph(model: nnx.Module, train: bool, nnx_filter: nnx.filterlib.Filter) -> Any:

@@ -30,7 +30,23 @@ if TYPE_CHECKING:
 #: The note of an exchanger whose global model is not meant to be used on its own.
 PERSONALIZED = "personalized: read local_acc"
 
-COMPARE_DEFAULT = "full,fixed,exclude-bn,dynamic-threshold,dynamic-percentage"
+#: The note of fl4health's own settings of its dynamic exchanger.
+FL4HEALTH_DEFAULT = "fl4health's default"
+#: The note of the rules this library recommends.
+RECOMMENDED = "recommended"
+
+#: The rules the library recommends: a byte budget, the percentage rule with the rms
+#: measure, and sparse weights in int8, each with error feedback.
+RECOMMENDED_RULES = (
+    "dynamic-budget(0.5, ef)",
+    "dynamic-percentage(0.5, rms, ef)",
+    "sparse-largest-magnitude-change(0.05, ef, int8)",
+)
+#: fl4health's dynamic exchanger with its own default settings.
+FL4HEALTH_RULES = ("dynamic-threshold(0.0001, l2/size)", "dynamic-percentage(0.5, l2/size)")
+
+COMPARE_DEFAULT = ",".join(("full", *FL4HEALTH_RULES, *RECOMMENDED_RULES))
+SIMULATE_DEFAULT = ",".join(("full", RECOMMENDED_RULES[0]))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,15 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     simulate = commands.add_parser(
         "simulate",
-        help="a federated run (default: the bundled digits)",
+        help="a federated run: the recommended rule against full exchange (default: the bundled digits)",
         description="Federated simulation: the clients of a round train at once under jax.vmap in one jitted round; "
         "the exchanger decides which layers cross the wire.",
     )
-    _add_options(simulate, default_exchangers="full")
+    _add_options(simulate, default_exchangers=SIMULATE_DEFAULT)
     compare = commands.add_parser(
         "compare",
         help="several exchangers on the same split and seed, on one plot and one table",
-        description="Runs several exchangers on the same data split and seed and draws them together.",
+        description="Runs several exchangers on the same data split and seed and draws them together; by default "
+        "full exchange, fl4health's two dynamic defaults and the rules this library recommends.",
     )
     _add_options(compare, default_exchangers=COMPARE_DEFAULT)
     return parser
@@ -317,11 +334,12 @@ def config_from_args(args: argparse.Namespace, seed: int) -> SimulationConfig:
 def run_command(args: argparse.Namespace) -> pathlib.Path:
     """Runs the parsed command; returns the run folder."""
     # Heavy imports here, so that --help and option errors are instant.
+    from jaxlayerx.simulation.batch import run_together
     from jaxlayerx.simulation.data import make_client_data
     from jaxlayerx.simulation.datasets import load_dataset
     from jaxlayerx.simulation.engine import Simulation
     from jaxlayerx.simulation.models import make_model
-    from jaxlayerx.simulation.report import summary_table, write_run
+    from jaxlayerx.simulation.report import summary_table, takeaway, write_run
 
     specs = specs_from_args(args)
     folder = run_folder(args)
@@ -356,12 +374,22 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
         )
         module = make_model(model_name, dataset.num_classes)
         simulations_by_seed.append([Simulation(spec, config, data, module) for spec in specs])
-    for seed, simulations in zip(seeds, simulations_by_seed):
-        for simulation in simulations:
-            name = simulation.label if len(seeds) == 1 else f"{simulation.label} seed {seed}"
-            runs[simulation.label].append(simulation.run(_progress_bar(name, args.rounds, disabled=args.no_progress)))
+    # The runs of one round program (seeds, and values of a rule's parameter) run together.
+    groups: dict[Any, list[Simulation]] = {}
+    for simulations in simulations_by_seed:
+        for spec, simulation in zip(specs, simulations):
+            groups.setdefault(spec.program_key, []).append(simulation)
+    for group in groups.values():
+        bar = _progress_bar(_group_name(group, len(seeds)), args.rounds, disabled=args.no_progress)
+        for simulation, records in zip(group, run_together(group, bar)):
+            runs[simulation.label].append(records)
             if simulation.personalized:
                 notes[simulation.label] = PERSONALIZED
+    for spec in specs:
+        if spec.label in RECOMMENDED_RULES:
+            notes.setdefault(spec.label, RECOMMENDED)
+        elif spec.label in FL4HEALTH_RULES:
+            notes.setdefault(spec.label, FL4HEALTH_DEFAULT)
     run_config = {
         "command": args.command,
         "data": dataset.name,
@@ -384,6 +412,9 @@ def run_command(args: argparse.Namespace) -> pathlib.Path:
     staging.rename(folder)
     paths = {key: folder / path.name for key, path in paths.items()}
     print(summary_table(runs, notes))
+    line = takeaway(runs, exclude=[label for label, note in notes.items() if note == PERSONALIZED])
+    if line is not None:
+        print(f"takeaway: {line}")
     print(f"run folder: {folder} (plots: {paths['plot'].name}, {paths['plot_total'].name})")
     return folder
 
@@ -423,17 +454,25 @@ def run_folder(args: argparse.Namespace) -> pathlib.Path:
     return folder
 
 
-def _progress_bar(name: str, rounds: int, disabled: bool) -> Callable[[int, dict[str, Any]], None]:
+def _group_name(group: Sequence[Any], seeds: int) -> str:
+    """A progress bar's name: the run's label, with how many seeds and values run with it."""
+    labels = list(dict.fromkeys(simulation.label for simulation in group))
+    name = labels[0] if len(labels) == 1 else f"{labels[0]} +{len(labels) - 1} more"
+    return name if seeds == 1 else f"{name}, {seeds} seeds"
+
+
+def _progress_bar(name: str, rounds: int, disabled: bool) -> Callable[[int, list[dict[str, Any]]], None]:
+    """A bar for runs that go on together: the first one's accuracies, and the mean upload."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=rounds, desc=f"{name:>26}", unit="round", disable=disabled, leave=True)
     uploaded = [0.0]
 
-    def update(round_index: int, record: dict[str, Any]) -> None:
-        uploaded[0] += record["upload_bytes"] / 1e6
+    def update(round_index: int, records: list[dict[str, Any]]) -> None:
+        uploaded[0] += sum(record["upload_bytes"] for record in records) / len(records) / 1e6
         bar.set_postfix(  # pyright: ignore[reportUnknownMemberType]
-            acc=f"{record['global_accuracy']:.3f}",
-            local=f"{record['local_accuracy_mean']:.3f}",
+            acc=f"{records[0]['global_accuracy']:.3f}",
+            local=f"{records[0]['local_accuracy_mean']:.3f}",
             MB=f"{uploaded[0]:.2f}",
         )
         bar.update(1)

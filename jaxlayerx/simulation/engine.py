@@ -49,7 +49,7 @@ from jaxlayerx.simulation.config import SimulationConfig, local_steps_for
 from jaxlayerx.simulation.data import ClientData
 from jaxlayerx.simulation.exchange import ExchangerSpec
 from jaxlayerx.simulation.models import MLP
-from jaxlayerx.simulation.round import RoundProgram, send_mask_shapes
+from jaxlayerx.simulation.round import RoundProgram, mask_argument, send_mask_shapes
 from jaxlayerx.simulation.server import server_optimizer as named_server_optimizer
 from jaxlayerx.simulation.state import ClientUpdates, RoundOutput, SimulationState
 from jaxlayerx.simulation.task import (
@@ -178,6 +178,20 @@ class Simulation:
         self.model = ModelAdapter(self.module, example, init_key, nnx_filter)
         self.initial_layers = self.model.initial_layers
         self.initial_variables = self._variables_like_module()
+        self.spec = exchanger if isinstance(exchanger, ExchangerSpec) else None
+        #: What, beside the exchanger and the settings, decides the round program (compared by
+        #: :func:`jaxlayerx.simulation.batch.run_together`).
+        self.functions = (
+            loss_fn,
+            metrics_fn,
+            input_fn,
+            client_optimizer,
+            server_optimizer,
+            client_update,
+            keep_client_optimizer_state,
+            fine_tune_steps,
+            nnx_filter,
+        )
         if isinstance(exchanger, ExchangerSpec):
             label = label or exchanger.label
             exchanger = exchanger.make_exchanger(self.module, self.initial_variables, example, nnx_filter=nnx_filter)
@@ -187,6 +201,7 @@ class Simulation:
         abstract: FlatView = jax.eval_shape(lambda: self.initial_layers)  # pyright: ignore[reportUnknownMemberType]
         self.layer_names = list(abstract)
         self.mask_shapes = send_mask_shapes(exchanger, abstract)
+        self.mask_argument = mask_argument(exchanger, abstract)
         layers = [LayerSpec(name, tuple(layer.shape), np.dtype(layer.dtype)) for name, layer in abstract.items()]
         self.accounting = ByteAccounting(layers, self.mask_shapes, exchanger.quantize, wire)
         self.entrywise = self.accounting.entrywise
@@ -259,25 +274,14 @@ class Simulation:
         """
         clients = self.sample_clients(round_index)
         index = np.int32(round_index)
-        train, n_train, test, n_test, global_test = self.arrays
-        updates = cast(ClientUpdates, self._clients(state, index, clients, self.batch_key, train, n_train))
+        train, n_train, *tests = self.arrays
+        updates = cast(
+            ClientUpdates, self._clients(state, index, clients, self.batch_key, train, n_train, self.mask_argument)
+        )
         averages, sent = self._average(state, updates)
         return cast(
             RoundOutput,
-            self._finish(
-                state,
-                index,
-                clients,
-                updates,
-                averages,
-                sent,
-                self.batch_key,
-                train,
-                n_train,
-                test,
-                n_test,
-                global_test,
-            ),
+            self._finish(state, index, clients, updates, averages, sent, self.batch_key, train, n_train, *tests),
         )
 
     def run(self, progress: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
@@ -317,7 +321,7 @@ class Simulation:
         <metric>...}``, one value per client. A client without test examples gets NaN."""
         indices = self._client_indices(clients)
         models = self.personalized_models(state, indices)
-        _, _, test, n_test, _ = self.arrays
+        _, _, test, n_test, *_ = self.arrays
         loss, metrics = jax.device_get(self._evaluate_clients(models, indices, test, n_test))
         tested = np.asarray(self.data.n_test)[indices] > 0
         out: dict[str, np.ndarray] = {"clients": indices}
@@ -342,7 +346,7 @@ class Simulation:
         state = self.init_state() if state is None else state
         clients, index = self.sample_clients(round_index), np.int32(round_index)
         train, n_train, *tests = self.arrays
-        client_args = (state, index, clients, self.batch_key, train, n_train)
+        client_args = (state, index, clients, self.batch_key, train, n_train, self.mask_argument)
         updates = jax.eval_shape(self._clients, *client_args)  # pyright: ignore[reportUnknownMemberType]
         average_args = (updates.values, updates.masks, updates.counts, state.global_layers)
         options = {"weighted": self.config.weighted, "over": self.config.average_over}
@@ -375,7 +379,7 @@ class Simulation:
 
     def client_update(self, global_layers: FlatView, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         """One client's round (pure); see :meth:`RoundProgram.client_update`."""
-        return self.program.client_update(global_layers, inputs)
+        return self.program.client_update(global_layers, inputs, self.mask_argument)
 
     def local_step(self, carry: tuple[FlatView, Any], key: jax.Array, data: LocalData) -> tuple[FlatView, Any]:
         """One local step (pure); see :meth:`RoundProgram.local_step`."""
@@ -411,11 +415,12 @@ class Simulation:
 
 
 def _device_arrays(data: ClientData) -> tuple[Any, ...]:
-    """``(train, n_train, test, n_test, global_test)`` on device."""
+    """``(train, n_train, test, n_test, global_test, n_global_test)`` on device."""
     put: Callable[[Any], Any] = jnp.asarray
+    n_global_test = np.int32(len(next(iter(data.global_test.values()))))
     return tuple(
         jax.tree.map(put, dict(part) if isinstance(part, Mapping) else part)
-        for part in (data.train, data.n_train, data.test, data.n_test, data.global_test)
+        for part in (data.train, data.n_train, data.test, data.n_test, data.global_test, n_global_test)
     )
 
 

@@ -123,6 +123,23 @@ class ExchangerSpec:
         return self.kind in DYNAMIC_KINDS or self.kind in SPARSE_KINDS
 
     @property
+    def swept_field(self) -> str | None:
+        """The field of the kind's numeric parameter (``byte_fraction``...), which reaches the
+        send mask as a traced argument; ``None`` for the kinds without one."""
+        if self.kind in SPARSE_KINDS:
+            return "sparsity_level"
+        return _SWEPT_FIELDS.get(self.kind)
+
+    @property
+    def program_key(self) -> ExchangerSpec:
+        """This spec with its numeric parameter at the class default: specs of equal keys run
+        one compiled round program (:func:`jaxlayerx.simulation.batch.run_together`)."""
+        field = self.swept_field
+        if field is None:
+            return self
+        return dataclasses.replace(self, **{field: _FIELD_DEFAULTS[field]})
+
+    @property
     def score_function(self) -> ScoreGenFunction:
         """The score function of a sparse kind."""
         return SCORE_FUNCTIONS[self.kind.removeprefix("sparse-")]
@@ -173,6 +190,14 @@ class ExchangerSpec:
             "dynamic-budget": lambda: rules.select_by_budget(self.byte_fraction),
         }[self.kind]()
         return DynamicLayerExchanger(select, self.error_feedback, **options)
+
+
+_SWEPT_FIELDS = {
+    "dynamic-threshold": "norm_threshold",
+    "dynamic-percentage": "exchange_percentage",
+    "dynamic-budget": "byte_fraction",
+}
+_FIELD_DEFAULTS = {field.name: field.default for field in dataclasses.fields(ExchangerSpec)}
 
 
 def _number(value: float) -> str:

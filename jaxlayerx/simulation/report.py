@@ -20,7 +20,7 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -209,6 +209,45 @@ def summary_table(runs: Mapping[str, Sequence[Any]], notes: Mapping[str, str] | 
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def takeaway(
+    runs: Mapping[str, Sequence[Any]],
+    exclude: Collection[str] = (),
+    *,
+    baseline: str = "full",
+    within: float = 0.01,
+) -> str | None:
+    """One line that says which exchanger to pick, computed from the run: the one that
+    uploads least while its final global accuracy is within ``within`` of ``baseline``'s,
+    with its accuracy and its share of ``baseline``'s upload; else the most accurate one,
+    and how close it came. Exchangers in ``exclude`` (personalized ones: their global model
+    is not meant to be used alone) are left out. ``None`` without ``baseline`` or
+    another exchanger.
+    """
+    summaries = {label: _summary(seed_histories(run)) for label, run in runs.items()}
+    base = summaries.get(baseline)
+    others = {
+        label: summary
+        for label, summary in summaries.items()
+        if label != baseline and summary is not None and label not in exclude
+    }
+    if base is None or not others:
+        return None
+    accuracy = base["global"][0]
+    close = {label: summary for label, summary in others.items() if summary["global"][0] >= accuracy - within}
+    if close:
+        label = min(close, key=lambda label: (close[label]["up"], -close[label]["global"][0]))
+        share = close[label]["up"] / base["up"] if base["up"] else math.nan
+        return (
+            f"{label}: {close[label]['global'][0]:.3f} global accuracy ({baseline} {accuracy:.3f}) "
+            f"for {share:.0%} of {baseline}'s upload"
+        )
+    label = max(others, key=lambda label: others[label]["global"][0])
+    return (
+        f"no exchanger came within {within * 100:g} point{'s' if within != 0.01 else ''} of {baseline}'s "
+        f"{accuracy:.3f} global accuracy; the closest, {label}, reached {others[label]['global'][0]:.3f}"
+    )
 
 
 def _summary(runs: list[History]) -> dict[str, Any] | None:

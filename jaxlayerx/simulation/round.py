@@ -81,6 +81,11 @@ class RoundProgram:
         chunked = config.chunk_size is not None and config.chunk_size < clients_per_round
         self._client_sharding, self._replicated = (None, None) if chunked else _shardings(clients_per_round)
 
+    @property
+    def client_sharding(self) -> NamedSharding | None:
+        """The sharding of the clients' axis over several devices, or ``None``."""
+        return self._client_sharding
+
     # --- the state before round 1 ---------------------------------------------------------
 
     def init_state(self, global_layers: FlatView) -> SimulationState:
@@ -123,8 +128,10 @@ class RoundProgram:
         batch_key: jax.Array,
         train: Batch,
         n_train: jax.Array,
+        argument: Any = None,
     ) -> ClientUpdates:
-        """The sampled clients' round: what each pulls, trains and sends."""
+        """The sampled clients' round: what each pulls, trains and sends; ``argument`` is the
+        send rule's parameter (the exchanger's ``mask_argument``; ``None`` for ``send_mask``)."""
         take = functools.partial(_take, clients)
         keys = self.round_keys(round_index, clients, batch_key)
         synced = state.synced[clients]
@@ -139,7 +146,7 @@ class RoundProgram:
             LocalData(take(train), take(n_train)),
         )
         starts, trained, masks, references, residuals, values, opt_states, metrics = self.map_clients(
-            functools.partial(self.client_update, state.global_layers), self._shard(inputs)
+            functools.partial(self.client_update, state.global_layers, argument=argument), self._shard(inputs)
         )
         return ClientUpdates(
             starts=starts,
@@ -155,8 +162,9 @@ class RoundProgram:
             train_metrics=metrics,
         )
 
-    def client_update(self, global_layers: FlatView, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-        """One client's round (pure): merge what it pulls, train, pick what to send.
+    def client_update(self, global_layers: FlatView, inputs: tuple[Any, ...], argument: Any = None) -> tuple[Any, ...]:
+        """One client's round (pure): merge what it pulls, train, pick what to send (with the
+        send rule's parameter ``argument``, as :meth:`clients`).
 
         ``inputs`` is ``(pull_mask, own layers, reference, residual, optimizer state, key,
         data)``; ``reference`` holds the client's last pulled values (error feedback; else
@@ -182,7 +190,7 @@ class RoundProgram:
             drift_from = FlatView((name, drift_reference(reference[name], residual[name])) for name in reference)
         else:
             drift_from = reference
-        mask = exchanger.send_mask(trained, drift_from)
+        mask = send_mask(exchanger, trained, drift_from, argument)
         mask = FlatView((name, jnp.asarray(mask[name], bool)) for name in trained)
         values = trained
         if exchanger.quantize is not None:
@@ -300,6 +308,7 @@ class RoundProgram:
         test: Batch,
         n_test: jax.Array,
         global_test: Batch,
+        n_global_test: jax.Array,
     ) -> RoundOutput:
         """The server's step after the average, the evaluation and the next state."""
         global_layers, server_state = server_step(
@@ -309,8 +318,7 @@ class RoundProgram:
         personal = FlatView((n, jnp.where(sent[n], global_layers[n], trained[n])) for n in trained)
         personal = self._personal(personal, updates.opt_states)
         personal = self._fine_tune_all(personal, clients, round_index, batch_key, train, n_train)
-        first = next(iter(global_test.values()))
-        global_loss, global_metrics = self.evaluate(global_layers, LocalData(global_test, jnp.asarray(first.shape[0])))
+        global_loss, global_metrics = self.evaluate(global_layers, LocalData(global_test, n_global_test))
         local_loss, local_metrics = self.evaluate_clients(personal, clients, test, n_test)
         new_state = SimulationState(
             global_layers=global_layers,
@@ -357,6 +365,20 @@ class RoundProgram:
         if self._replicated is None:
             return tree
         return jax.lax.with_sharding_constraint(tree, self._replicated)  # pyright: ignore[reportUnknownMemberType]
+
+
+def send_mask(exchanger: Exchanger, current: FlatView, reference: FlatView, argument: Any) -> Mapping[str, Any]:
+    """The exchanger's send mask, with its rule's parameter ``argument`` where it takes one."""
+    if argument is None:
+        return exchanger.send_mask(current, reference)
+    return cast(Any, exchanger).send_mask_at(current, reference, argument)
+
+
+def mask_argument(exchanger: Exchanger, layers: FlatView) -> Any:
+    """The exchanger's ``mask_argument(layers)`` (its rule's parameter, as a traced
+    argument takes it), or ``None`` for an exchanger without one."""
+    method = getattr(exchanger, "mask_argument", None)
+    return method(layers) if callable(method) else None
 
 
 def send_mask_shapes(exchanger: Exchanger, layers: FlatView) -> FlatView:
