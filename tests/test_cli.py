@@ -65,7 +65,7 @@ def test_simulate_writes_the_run_folder(simulate_run):
     with (folder / "metrics.csv").open(newline="") as file:
         rows = list(csv.reader(file))
     assert tuple(rows[0]) == CSV_COLUMNS
-    assert [row[0] for row in rows[1:]] == ["full"] * ROUNDS
+    assert [row[0] for row in rows[1:]] == ["full"] * ROUNDS + ["dynamic-budget(0.5, ef)"] * ROUNDS
 
     png = (folder / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
