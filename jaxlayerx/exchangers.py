@@ -572,14 +572,17 @@ class DynamicLayerExchanger(ExchangerBase):
         return self.send_mask_at(current, reference, self.mask_argument(current))
 
     def mask_argument(self, layers: Mapping[str, Any]) -> np.ndarray | None:
-        argument = getattr(self.layer_selection_function, "argument", None)
+        argument: Callable[[Mapping[str, Any]], np.ndarray] | None = getattr(
+            self.layer_selection_function, "argument", None
+        )
         return argument(layers) if callable(argument) else None
 
     def send_mask_at(
         self, current: Mapping[str, Any], reference: Mapping[str, Any], argument: Any
     ) -> Mapping[str, Any]:
         function = self.layer_selection_function
-        if argument is None or not callable(getattr(function, "mask_at", None)):
+        mask_at: Callable[..., Mapping[str, Any]] | None = getattr(function, "mask_at", None)
+        if argument is None or not callable(mask_at):
             if not isinstance(function, MaskedSelectionFunction):
                 raise TypeError(
                     f"the layer selection function {function!r} has no pure mask form "
@@ -587,7 +590,7 @@ class DynamicLayerExchanger(ExchangerBase):
                     "LayerSelectionFunctionConstructor, or give it such a method"
                 )
             return function.mask(current, reference)
-        return cast(Mapping[str, Any], function.mask_at(current, reference, argument))  # pyright: ignore[reportAttributeAccessIssue, reportUnknownMemberType]
+        return mask_at(current, reference, argument)
 
     def pack_parameters(self, weights: Sequence[Any], names: Sequence[str]) -> NDArrays:
         return pack_layers(weights, names)

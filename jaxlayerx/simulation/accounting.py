@@ -46,7 +46,7 @@ class ByteAccounting:
         """The bytes of one message of ``counts`` entries per layer (kept: rows repeat)."""
         key = (wire, direction, counts, first)
         if key not in self._sizes_seen:
-            row = np.asarray(counts, np.int64)
+            row = list(counts)
             if direction == "upload":
                 size = upload_nbytes(wire, self.layers, row, sparse=self.entrywise, quantize=self.quantize)
             else:

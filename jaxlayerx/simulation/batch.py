@@ -104,17 +104,23 @@ def _program_parts(first: Simulation, other: Simulation) -> list[tuple[str, Any,
 
     if first.spec is None or other.spec is None:
         return [("exchangers (not built from ExchangerSpecs)", id(first.exchanger), id(other.exchanger))]
-    settings = [dataclasses.replace(s.config, seed=0) for s in (first, other)]
-    shapes = [jax.tree.map(lambda a: (a.shape[2:], a.dtype), dict(s.data.train)) for s in (first, other)]
-    return [
-        ("exchangers, but for their numeric parameter", key(first), key(other)),
-        ("settings, but for the seed", *settings),
-        ("models", first.module, other.module),
-        ("numbers of clients", first.data.num_clients, other.data.num_clients),
-        ("example shapes and dtypes", *shapes),
-        ("functions and optimizers", first.functions, other.functions),
-        ("wires", first.wire, other.wire),
+
+    def settings(simulation: Simulation) -> Any:
+        return dataclasses.replace(simulation.config, seed=0)
+
+    def examples(simulation: Simulation) -> Any:
+        return {name: (array.shape[2:], array.dtype) for name, array in simulation.data.train.items()}
+
+    parts: list[tuple[str, Callable[[Simulation], Any]]] = [
+        ("exchangers, but for their numeric parameter", key),
+        ("settings, but for the seed", settings),
+        ("models", lambda simulation: simulation.module),
+        ("numbers of clients", lambda simulation: simulation.data.num_clients),
+        ("example shapes and dtypes", examples),
+        ("functions and optimizers", lambda simulation: simulation.functions),
+        ("wires", lambda simulation: simulation.wire),
     ]
+    return [(what, read(first), read(other)) for what, read in parts]
 
 
 def member_bytes(simulation: Simulation) -> int:
@@ -133,7 +139,8 @@ def _nbytes(tree: Any) -> int:
 
 def default_memory_budget() -> int:
     """A quarter of the first device's memory limit, or of the host's memory on CPU."""
-    stats = jax.devices()[0].memory_stats() or {}
+    device: Any = jax.devices()[0]
+    stats: dict[str, int] = device.memory_stats() or {}
     limit = stats.get("bytes_limit")
     if limit is None:
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -168,7 +175,7 @@ def _run_group(group: Sequence[Simulation], progress: Progress | None) -> list[l
         )
         metrics, sampled = jax.device_get((output.metrics, output.clients))  # one fetch a round
         seconds = (time.perf_counter() - start) / len(group)
-        round_records = []
+        round_records: list[dict[str, Any]] = []
         for member, simulation in enumerate(group):
             member_metrics = {name: np.asarray(value)[member] for name, value in metrics.items()}
             record = metrics_record(
@@ -187,8 +194,13 @@ def _run_group(group: Sequence[Simulation], progress: Progress | None) -> list[l
 def _programs(program: RoundProgram, weighted: bool, over: str) -> tuple[Callable[..., Any], ...]:
     """The round program's functions under ``jit(vmap(...))`` over the member axis: made
     once per program, so that later runs of it reuse their compilations."""
-    average = functools.partial(compiled_masked_fedavg, weighted=weighted, over=over)
-    batched: Callable[..., Any] = lambda function, in_axes=0: jax.jit(jax.vmap(function, in_axes=in_axes))  # pyright: ignore[reportUnknownMemberType]
+
+    def average(values: Any, masks: Any, counts: Any, fallback: Any) -> Any:
+        return compiled_masked_fedavg(values, masks, counts, fallback, weighted=weighted, over=over)  # pyright: ignore[reportUnknownVariableType]
+
+    def batched(function: Callable[..., Any], in_axes: Any = 0) -> Callable[..., Any]:
+        return jax.jit(jax.vmap(function, in_axes=in_axes))  # pyright: ignore[reportUnknownMemberType]
+
     return (
         batched(program.init_state),
         batched(program.clients, (0, None, 0, 0, 0, 0, 0)),
@@ -226,10 +238,10 @@ def _padded_stack(parts: Sequence[dict[str, Any]], axis: int) -> dict[str, Any]:
     for name in parts[0]:
         arrays = [part[name] for part in parts]
         length = max(array.shape[axis] for array in arrays)
-        padded = []
+        padded: list[jax.Array] = []
         for array in arrays:
             widths = [(0, 0)] * array.ndim
             widths[axis] = (0, length - array.shape[axis])
-            padded.append(jnp.pad(array, widths))
+            padded.append(jnp.pad(array, widths))  # pyright: ignore[reportUnknownMemberType]
         out[name] = jnp.stack(padded)
     return out
