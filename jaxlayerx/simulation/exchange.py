@@ -29,7 +29,7 @@ from jaxlayerx.selection import (
     validate_norm_threshold,
 )
 from jaxlayerx.simulation.models import BODY_LAYERS
-from jaxlayerx.simulation.spec_grammar import parse_fields
+from jaxlayerx.simulation.spec_grammar import number_field, parse_fields
 from jaxlayerx.sparse_selection import validate_sparsity_level
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, flatten
 
@@ -126,9 +126,7 @@ class ExchangerSpec:
     def swept_field(self) -> str | None:
         """The field of the kind's numeric parameter (``byte_fraction``...), which reaches the
         send mask as a traced argument; ``None`` for the kinds without one."""
-        if self.kind in SPARSE_KINDS:
-            return "sparsity_level"
-        return _SWEPT_FIELDS.get(self.kind)
+        return number_field(self.kind)
 
     @property
     def program_key(self) -> ExchangerSpec:
@@ -192,11 +190,6 @@ class ExchangerSpec:
         return DynamicLayerExchanger(select, self.error_feedback, **options)
 
 
-_SWEPT_FIELDS = {
-    "dynamic-threshold": "norm_threshold",
-    "dynamic-percentage": "exchange_percentage",
-    "dynamic-budget": "byte_fraction",
-}
 _FIELD_DEFAULTS = {field.name: field.default for field in dataclasses.fields(ExchangerSpec)}
 
 

@@ -88,7 +88,7 @@ def parse_fields(text: str, kinds: tuple[str, ...]) -> dict[str, object]:
         if _is_number(word):
             if position != 0:
                 raise _malformed(text, f"the number {word} must come first", kinds)
-            field = _number_field(kind)
+            field = number_field(kind)
             if field is None:
                 raise _malformed(text, f"{kind} takes no number", kinds)
             fields[field] = float(word)
@@ -105,7 +105,8 @@ def parse_fields(text: str, kinds: tuple[str, ...]) -> dict[str, object]:
     return fields
 
 
-def _number_field(kind: str) -> str | None:
+def number_field(kind: str) -> str | None:
+    """The field a kind's number sets (``byte_fraction``...), ``None`` for a kind without one."""
     if kind.startswith("sparse-"):
         return "sparsity_level"
     return NUMBER_FIELDS.get(kind)
