@@ -1,6 +1,6 @@
 """Time to the picture: the default ``compare``, ``compare --repeat 3`` and a budget sweep.
 
-    python -m benchmarks.sweep [--checkout PATH] [--runs N] [--json FILE]
+    python -m benchmarks.sweep [--checkout PATH] [--runs N] [--json FILE] [--quick]
 
 Each case is a whole ``jaxlayerx compare`` process on the bundled digits (start, imports,
 data, compilation, training, the run folder and its plots), timed from the outside:
@@ -19,7 +19,8 @@ The cases, and the ratios the main job's promises are about:
 ``--checkout PATH`` runs the same cases on another checkout of jaxlayerx (its package
 first on ``PYTHONPATH``), to time the code before a change against the code after it on
 the same machine and in one sitting. Each time is the median of ``--runs`` runs (default 1:
-each cold run needs its own empty cache).
+each cold run needs its own empty cache). ``--quick`` runs tiny federations (3 clients, 2
+rounds of 2 steps), to check that the script works, not to time anything.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ CASES: dict[str, list[str]] = {
 RATIOS = {"repeat 3": "default", "budget sweep": "budget"}
 
 
+#: The options of ``--quick``.
+QUICK = ["--clients", "3", "--rounds", "2", "--local-steps", "2", "--batch-size", "8"]
+
+
 def run_case(options: list[str], cache: pathlib.Path, checkout: pathlib.Path | None) -> float:
     """Wall seconds of one ``jaxlayerx compare`` process with ``options``, caching in ``cache``."""
     environment = {**os.environ, "JAXLAYERX_CACHE": str(cache)}
@@ -66,11 +71,13 @@ def run_case(options: list[str], cache: pathlib.Path, checkout: pathlib.Path | N
     return seconds
 
 
-def measure(checkout: pathlib.Path | None, runs: int) -> dict[str, dict[str, float]]:
-    """``{case: {"cold": seconds, "warm": seconds}}``, medians over ``runs``."""
+def measure(checkout: pathlib.Path | None, runs: int, extra: list[str]) -> dict[str, dict[str, float]]:
+    """``{case: {"cold": seconds, "warm": seconds}}``, medians over ``runs``; ``extra``
+    options go to every case."""
     times: dict[str, dict[str, list[float]]] = {case: {"cold": [], "warm": []} for case in CASES}
     for _ in range(runs):
-        for case, options in CASES.items():
+        for case, case_options in CASES.items():
+            options = [*case_options, *extra]
             with tempfile.TemporaryDirectory() as cache:
                 times[case]["cold"].append(run_case(options, pathlib.Path(cache), checkout))
                 times[case]["warm"].append(run_case(options, pathlib.Path(cache), checkout))
@@ -101,13 +108,15 @@ def main() -> None:
     parser.add_argument("--checkout", type=pathlib.Path, default=None, help="also time this checkout (before)")
     parser.add_argument("--runs", type=int, default=1, help="runs per case and cache state; the median is kept")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the times here")
+    parser.add_argument("--quick", action="store_true", help="tiny federations: checks the script, times nothing")
     args = parser.parse_args()
+    extra = QUICK if args.quick else []
     results: dict[str, dict[str, dict[str, float]]] = {}
     if args.checkout is not None:
         print(f"before: {args.checkout}")
-        results["before"] = measure(args.checkout.resolve(), args.runs)
+        results["before"] = measure(args.checkout.resolve(), args.runs, extra)
     print("after: this checkout")
-    results["after"] = measure(None, args.runs)
+    results["after"] = measure(None, args.runs, extra)
     print(table(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

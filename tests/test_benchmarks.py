@@ -52,3 +52,23 @@ def test_benchmark_quick_runs(tmp_path):
         assert row["x_floor"] == pytest.approx(row["ms"] / row["floor_ms"])
         assert row["speedup_vs_baseline"] == pytest.approx(row["baseline_ms"] / row["ms"])
     assert "device: cpu" in completed.stdout or "device: gpu" in completed.stdout
+
+
+def test_sweep_benchmark_quick_runs(tmp_path):
+    """benchmarks/sweep.py times its four cases cold and warm, and the ratios it prints are
+    the ones its JSON holds."""
+    out = tmp_path / "sweep.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sweep", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    after = json.loads(out.read_text())["after"]
+    assert set(after) == {"default", "repeat 3", "budget", "budget sweep"}
+    for case in after.values():
+        assert set(case) == {"cold", "warm"} and all(seconds > 0 for seconds in case.values())
+    ratio = after["repeat 3"]["cold"] / after["default"]["cold"]
+    assert f"| repeat 3 / default | {ratio:.2f}x |" in completed.stdout
