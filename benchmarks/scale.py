@@ -29,7 +29,7 @@ CHILD = textwrap.dedent(
     from jaxlayerx.simulation.cli import main
     clients, per_round, chunk, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     args = ["simulate", "--data", "mnist1d", "--clients", str(clients), "--clients-per-round", str(per_round),
-            "--rounds", "5", "--beta", "iid", "--out", out, "--no-progress"]
+            "--rounds", "5", "--beta", "iid", "--exchangers", "full", "--out", out, "--no-progress"]
     if chunk != "none":
         args += ["--chunk-size", chunk]
     assert main(args) == 0

@@ -5,7 +5,7 @@
 Needs the ``simulation`` extra (``pip install 'jaxlayerx[simulation]'``: ``flwr[simulation]``,
 which brings Ray); not run in CI.
 
-The federation is ``jaxlayerx simulate``'s default: the bundled digits split over 8 clients
+The federation is ``jaxlayerx simulate --exchangers full``: the bundled digits split over 8 clients
 (Dirichlet 0.5, seed 0, a fifth of each client's data held out), the MLP, 20 rounds of 20
 local SGD steps (batch 32, learning rate 0.05, momentum 0.9), every layer exchanged and
 averaged by example count, the global model evaluated on the held-out data after every
@@ -219,7 +219,7 @@ def run_jaxlayerx(clients: int, rounds: int, cache: str) -> dict[str, Any]:
         out = pathlib.Path(folder) / "run"
         script = pathlib.Path(sys.executable).with_name("jaxlayerx")  # the installed command
         launcher = [str(script)] if script.is_file() else [sys.executable, "-c", _CLI]
-        command = [*launcher, "simulate", "--no-progress", "--out", str(out)]
+        command = [*launcher, "simulate", "--exchangers", "full", "--no-progress", "--out", str(out)]
         command += ["--clients", str(clients), "--rounds", str(rounds)]
         seconds, _ = _timed(command, {**os.environ, "JAXLAYERX_CACHE": cache})
         history = json.loads((out / "metrics.json").read_text())["full"]

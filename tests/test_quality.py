@@ -148,7 +148,7 @@ SCALE_SCRIPT = textwrap.dedent(
     import json, resource, sys
     from jaxlayerx.simulation.cli import main
     code = main(["simulate", "--data", "mnist1d", "--clients", sys.argv[1], "--clients-per-round", "50",
-                 "--rounds", "5", "--beta", "iid", "--out", sys.argv[2], "--no-progress"])
+                 "--rounds", "5", "--beta", "iid", "--exchangers", "full", "--out", sys.argv[2], "--no-progress"])
     print(json.dumps({"code": code, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     """
 )
