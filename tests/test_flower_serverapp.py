@@ -60,6 +60,7 @@ from jaxlayerx.flower.serverapp import (  # noqa: E402
     REJECTED_KEY,
     SERVER_BYTES_RECEIVED_KEY,
     SERVER_BYTES_SENT_KEY,
+    WEIGHTS_RECEIVED_KEY,
     FedAvgLayers,
     FedAvgSparse,
 )
@@ -884,3 +885,47 @@ def test_a_round_short_of_nodes_stops_after_the_node_timeout(node_timeout):
 def test_node_timeout_must_be_positive():
     with pytest.raises(ValueError, match="node_timeout must be a positive number"):
         FedAvgLayers(node_timeout=0)
+
+
+@pytest.mark.parametrize("cls", [FedAvgLayers, FedAvgSparse])
+def test_the_stream_shows_each_rounds_bytes_and_the_runs_share_of_full_exchange(cls, caplog):
+    """The INFO lines `flwr run --stream` shows: each round's bytes sent and received (the
+    sums of the serialized records' sizes), the weights received for sparse exchange, and
+    the run's totals as a share of full exchange (the whole model in every message)."""
+    nodes = {1: Node(1, lambda r: ["dense/bias"]), 2: Node(2, lambda r: ["dense/kernel", "head/kernel"])}
+    grid = FakeGrid(nodes)
+    s = cls(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0)
+    with caplog.at_level(logging.INFO, logger="jaxlayerx.flower"):
+        result = s.start(grid, arrays_to_record(global_model()), num_rounds=3, timeout=10)
+    lines = [m for m in caplog.messages if re.match(r"round \d+: averaged", m)]
+    assert len(lines) == 3
+    train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    totals = [0, 0]
+    for server_round, line in enumerate(lines, start=1):
+        sent = sum(
+            record_bytes(m.content.array_records["arrays"])
+            for m in train
+            if m.content.config_records["config"]["server-round"] == server_round
+        )
+        records = [r for node in nodes.values() for rr, r in node.replies if rr == server_round]
+        received = sum(record_bytes(r) for r in records)
+        totals[0] += sent
+        totals[1] += received
+        assert f"sent {sent / 1e6:.3f} MB, received {received / 1e6:.3f} MB" in line, line
+        weights = sum(  # the values arrays of each reply's compact record
+            int(np.size(v)) for r in records for k, v in ref_record_arrays(r).items() if k.startswith("values")
+        )
+        metrics = result.train_metrics_clientapp[server_round]
+        if cls is FedAvgSparse:
+            assert line.endswith(f", {weights} weights received")
+            assert metrics[WEIGHTS_RECEIVED_KEY] == weights
+        else:
+            assert "weights" not in line and WEIGHTS_RECEIVED_KEY not in metrics
+    # Full exchange: each message the size of round 1's, which held the whole model.
+    whole = record_bytes(train[0].content.array_records["arrays"])
+    assert s.full_exchange_bytes() == whole
+    (summary,) = [m for m in caplog.messages if m.startswith("run: ")]
+    assert summary == (
+        f"run: sent {totals[0] / 1e6:.3f} MB ({totals[0] / (whole * 6):.1%} of full exchange), "
+        f"received {totals[1] / 1e6:.3f} MB ({totals[1] / (whole * 6):.1%} of full exchange) over 3 round(s)"
+    )

@@ -45,6 +45,8 @@ from jaxlayerx.flower.records import (
     record_to_payload,
 )
 from jaxlayerx.protocol import ExchangeServer, Reply
+from jaxlayerx.protocol.accounting import LayerSpec, download_nbytes
+from jaxlayerx.wire import MESSAGE_API
 
 logger = logging.getLogger("jaxlayerx.flower")
 
@@ -56,6 +58,7 @@ MISSING_KEY = "jaxlayerx.missing"
 LAYERS_KEY = "jaxlayerx.layers-aggregated"
 SERVER_BYTES_SENT_KEY = "jaxlayerx.server-bytes-sent"
 SERVER_BYTES_RECEIVED_KEY = "jaxlayerx.server-bytes-received"
+WEIGHTS_RECEIVED_KEY = "jaxlayerx.weights-received"
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -309,15 +312,7 @@ class ExchangeStrategy(FedAvg):
         )
         self.history.append(record)
         metrics = self._train_metrics(record, [content for _, _, content in accepted])
-        logger.info(
-            "round %d: averaged %d layer(s) from %d node(s); %d rejected, %d failed, %d missing",
-            server_round,
-            len(change.changed),
-            len(accepted),
-            len(rejected),
-            len(failures),
-            len(missing),
-        )
+        self._log_round(record)
         return self.global_record(), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -375,7 +370,50 @@ class ExchangeStrategy(FedAvg):
         metrics[LAYERS_KEY] = len(record.aggregated_layers)
         metrics[SERVER_BYTES_SENT_KEY] = record.total_bytes_sent
         metrics[SERVER_BYTES_RECEIVED_KEY] = record.total_bytes_received
+        if self.entrywise:
+            metrics[WEIGHTS_RECEIVED_KEY] = sum(reply.entries for reply in record.accepted)
         return metrics
+
+    def full_exchange_bytes(self) -> int:
+        """Bytes of one message holding the whole model on the Message API (what full
+        exchange sends each node, and receives from it, every round)."""
+        layers = [LayerSpec(name, tuple(v.shape), np.dtype(v.dtype)) for name, v in self.global_layers.items()]
+        sizes = [int(np.size(v)) for v in self.global_layers.values()]
+        return download_nbytes(MESSAGE_API, layers, sizes, sparse=False, whole_model=True)
+
+    def _log_round(self, record: RoundRecord) -> None:
+        weights = ""
+        if self.entrywise:
+            weights = f", {sum(reply.entries for reply in record.accepted)} weights received"
+        logger.info(
+            "round %d: averaged %d layer(s) from %d node(s); %d rejected, %d failed, %d missing; sent %s, received %s%s",
+            record.server_round,
+            len(record.aggregated_layers),
+            len(record.accepted),
+            len(record.rejected),
+            len(record.failures),
+            len(record.missing),
+            _megabytes(record.total_bytes_sent),
+            _megabytes(record.total_bytes_received),
+            weights,
+        )
+
+    def _log_totals(self) -> None:
+        """The run's bytes each way, and their share of what full exchange would have moved
+        for the same messages (the whole model in each message sent and each reply averaged)."""
+        sent = sum(record.total_bytes_sent for record in self.history)
+        received = sum(record.total_bytes_received for record in self.history)
+        full = self.full_exchange_bytes()
+        messages = sum(len(record.bytes_sent) for record in self.history)
+        replies = sum(len(record.accepted) for record in self.history)
+        logger.info(
+            "run: sent %s (%s of full exchange), received %s (%s of full exchange) over %d round(s)",
+            _megabytes(sent),
+            _share(sent, full * messages),
+            _megabytes(received),
+            _share(received, full * replies),
+            len(self.history),
+        )
 
     def _aggregate_metrics(self, aggregate: MetricsAggregation, contents: list[RecordDict]) -> MetricRecord | None:
         weights = [self._weight(content) for content in contents]
@@ -422,6 +460,7 @@ class ExchangeStrategy(FedAvg):
             if evaluate_fn is not None:
                 self._server_evaluate(evaluate_fn, server_round, result)
             self.save_checkpoint()
+        self._log_totals()
         result.arrays = self.global_record()
         return result
 
@@ -494,6 +533,14 @@ class FedAvgSparse(ExchangeStrategy):
     encoding. See :class:`ExchangeStrategy` for everything else."""
 
     entrywise = True
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.3f} MB"
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "n/a"
 
 
 def _reason(error: BaseException) -> str:
