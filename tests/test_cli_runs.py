@@ -288,7 +288,9 @@ def test_python_dash_m_simulate(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "full" in result.stdout and str(folder) in result.stdout
-    assert set(json.loads((folder / "metrics.json").read_text())) == {"full"}
+    # The default: the recommended rule beside full exchange, and the line that compares them.
+    assert set(json.loads((folder / "metrics.json").read_text())) == {"full", "dynamic-budget(0.5, ef)"}
+    assert "takeaway: " in result.stdout
     assert (folder / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
