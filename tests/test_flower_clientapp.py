@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import pathlib
 
 import pytest
 
@@ -33,6 +35,7 @@ from conftest import (  # noqa: E402
     ref_compact_encode,
     ref_flat,
     ref_record_arrays,
+    slow,
 )
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -488,3 +491,78 @@ def test_nodes_against_the_serverapp_strategies(sparse, task_identity):
 def compact_named(layers: dict[str, np.ndarray]) -> ArrayRecord:
     """A whole model keyed by layer names (what a strategy starts from), with Flower's classes."""
     return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in layers.items()})
+
+
+# -- the compilation cache across messages -------------------------------------------------
+
+CACHE_SCRIPT = """
+import pathlib, sys
+sys.path.insert(0, sys.argv[2])
+import jax, jax.numpy as jnp, numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from conftest import flower_metadata
+import jaxlayerx
+from jaxlayerx.flower import records
+from jaxlayerx.flower.clientapp import exchanger_client_app
+from jaxlayerx.payload import Entries
+from jaxlayerx.tree import flatten
+
+def make_model(context):
+    return {"w": jnp.ones((4, 3), jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
+
+@jax.jit
+def step(model):
+    return jax.tree.map(lambda v: v * 0.5 + 1.0, model)
+
+def train(model, config, context):
+    return step(model), 4, {}
+
+app = exchanger_client_app(make_model, jaxlayerx.FullParameterExchanger(), train)
+whole = {name: Entries(np.asarray(v).reshape(-1), None, v.shape) for name, v in flatten(make_model(None)).items()}
+config = ConfigRecord({"server-round": 1, "jaxlayerx.base-round": -1, "jaxlayerx.round": 0})
+content = RecordDict({"arrays": records.payload_to_record(whole), "config": config})
+message = Message(metadata=flower_metadata("train", src_node_id=0, dst_node_id=7), content=content)
+context = Context(run_id=1, node_id=7, node_config={"jax-cache-dir": sys.argv[1]}, state=RecordDict(), run_config={})
+reply = app(message, context)
+assert not reply.has_error(), reply.error
+print(jax.config.jax_compilation_cache_dir)
+"""
+
+
+@pytest.mark.parametrize("setting", ["folder", slow("off")])
+def test_the_client_app_keeps_compiled_steps_in_the_nodes_cache_folder(setting, tmp_path):
+    """A fresh process (as Flower starts for each message) handling one train message writes
+    its compiled programs into the node config's jax-cache-dir, and nothing with 'off'."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "cache"
+    argument = str(folder) if setting == "folder" else "off"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("JAX_COMPILATION", "JAXLAYERX"))}
+    completed = subprocess.run(
+        [sys.executable, "-c", CACHE_SCRIPT, argument, str(pathlib.Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "HOME": str(tmp_path / "home"), "JAX_PLATFORMS": "cpu"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    written = [path for path in folder.rglob("*") if path.is_file()] if folder.exists() else []
+    if setting == "folder":
+        assert completed.stdout.strip() == str(folder)
+        assert written, "no compiled program was kept"
+    else:
+        assert completed.stdout.strip() in ("", "None") and not written
+        assert not (tmp_path / "home" / ".cache" / "jaxlayerx").exists()
+
+
+def test_the_nodes_cache_folder_comes_from_its_config_then_the_environment(monkeypatch, tmp_path):
+    from jaxlayerx.flower.clientapp import node_cache_dir
+
+    monkeypatch.setenv("JAXLAYERX_CACHE", str(tmp_path / "from-env"))
+    assert node_cache_dir({"jax-cache-dir": str(tmp_path / "node")}) == tmp_path / "node"
+    assert node_cache_dir({"jax-cache-dir": "off"}) is None
+    assert node_cache_dir({"jax-cache-dir": ""}) is None
+    assert node_cache_dir({}) == tmp_path / "from-env"
+    monkeypatch.setenv("JAXLAYERX_CACHE", "off")
+    assert node_cache_dir({}) is None

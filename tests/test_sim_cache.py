@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from jaxlayerx.simulation.cache import CACHE_VARIABLE, cache_dir
+from jaxlayerx.compile_cache import CACHE_VARIABLE, cache_dir
 
 TINY = ["--clients", "3", "--rounds", "2", "--local-steps", "2", "--batch-size", "8", "--no-progress"]
 

@@ -23,6 +23,7 @@ Each ``train`` message is handled in the order of the protocol in :mod:`jaxlayer
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -32,6 +33,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from jaxlayerx.base import Config, Exchanger, check_exchanger
+from jaxlayerx.compile_cache import OFF, cache_dir, enable_compile_cache
 from jaxlayerx.flower import records
 from jaxlayerx.flower.user_functions import checked_triple, real_scalar, snapshot
 from jaxlayerx.protocol import ClientState, push, receive
@@ -52,6 +54,7 @@ def exchanger_client_app(
     *,
     arrayrecord_key: str = records.ARRAYS_KEY,
     nnx_filter: nnx.filterlib.Filter = DEFAULT_NNX_FILTER,
+    compile_cache: bool = True,
 ) -> ClientApp:
     """A ``ClientApp`` whose ``train`` (and, with ``evaluate_fn``, ``evaluate``) handlers run
     ``exchanger`` over the node's model (see the module docstring for each step).
@@ -70,6 +73,12 @@ def exchanger_client_app(
       evaluate_fn: ``(model, config, context) -> (loss, num_examples, metrics)``.
       arrayrecord_key: the RecordDict key of the arrays (the strategy's ``arrayrecord_key``).
       nnx_filter: which NNX variables are layers.
+      compile_cache: keep JAX's compiled programs on disk across messages. Flower starts a
+        fresh ClientApp process for every message, which would otherwise compile the
+        model's steps again each time. The folder is the node config's
+        ``jax-cache-dir`` (``flower-supernode --node-config "jax-cache-dir='/path'"``;
+        ``off`` turns it off), else ``$JAXLAYERX_CACHE``, else ``~/.cache/jaxlayerx/xla``
+        (:mod:`jaxlayerx.compile_cache`); a cache folder set for JAX itself is left as it is.
 
     Metrics must be ints or floats (what a ``MetricRecord`` holds).
     """
@@ -79,7 +88,7 @@ def exchanger_client_app(
         raise TypeError("train_fn must be callable: (model, config, context) -> (model, num_examples, metrics)")
     if evaluate_fn is not None and not callable(evaluate_fn):
         raise TypeError("evaluate_fn must be callable: (model, config, context) -> (loss, num_examples, metrics)")
-    node = _Node(make_model, exchanger, arrayrecord_key, nnx_filter)
+    node = _Node(make_model, exchanger, arrayrecord_key, nnx_filter, compile_cache)
     app = ClientApp()
 
     @app.train()
@@ -133,6 +142,7 @@ class _Node:
         exchanger: Exchanger | Callable[[Any], Exchanger],
         arrayrecord_key: str,
         nnx_filter: nnx.filterlib.Filter,
+        compile_cache: bool,
     ) -> None:
         if not isinstance(cast(object, exchanger), Exchanger) and not callable(exchanger):
             check_exchanger(exchanger)  # raises, naming what is missing
@@ -140,10 +150,13 @@ class _Node:
         self.exchanger = exchanger
         self.key = arrayrecord_key
         self.nnx_filter = nnx_filter
+        self.compile_cache = compile_cache
 
     def receive(self, message: Message, context: Context) -> tuple[Any, Exchanger, ClientState, dict[str, Any], int]:
         """The node's model with the message's payload merged in (all of it or nothing), its
         exchanger, its state after the merge, the message's config, and the bytes received."""
+        if self.compile_cache:
+            enable_compile_cache(node_cache_dir(context.node_config))
         content = message.content
         config: dict[str, Any] = dict(content.config_records["config"]) if "config" in content.config_records else {}
         model = self.make_model(context)
@@ -181,6 +194,21 @@ class _Node:
             exchanger = cast(Callable[[Any], Exchanger], self.exchanger)(model)
         check_exchanger(exchanger)
         return exchanger
+
+
+#: The node config key naming the ClientApp's compilation cache folder (``off``: none).
+CACHE_DIR_KEY = "jax-cache-dir"
+
+
+def node_cache_dir(node_config: Mapping[str, Any]) -> pathlib.Path | None:
+    """The compilation cache folder of a node: its config's ``jax-cache-dir`` (``None`` for
+    ``off`` or an empty value), else :func:`jaxlayerx.compile_cache.cache_dir`."""
+    if CACHE_DIR_KEY not in node_config:
+        return cache_dir()
+    setting = str(node_config[CACHE_DIR_KEY]).strip()
+    if not setting or setting.lower() in OFF:
+        return None
+    return pathlib.Path(setting).expanduser()
 
 
 def _metric_record(user: Mapping[str, Any], own: Mapping[str, int | float]) -> MetricRecord:

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from jaxlayerx import __version__
+from jaxlayerx.compile_cache import CACHE_VARIABLE, cache_dir, enable_compile_cache
 from jaxlayerx.quantize import QUANTIZE_MODES
 from jaxlayerx.selection import MEASURES
-from jaxlayerx.simulation.cache import CACHE_VARIABLE, cache_dir, enable_compile_cache
 from jaxlayerx.simulation.datasets import DATASETS
 from jaxlayerx.simulation.exchange import EXCHANGER_KINDS, ExchangerSpec
 from jaxlayerx.simulation.models import BODY_LAYERS, DEFAULT_MODEL, MODELS

@@ -1,9 +1,11 @@
-"""JAX's persistent compilation cache for the ``jaxlayerx`` command.
+"""JAX's persistent compilation cache, for the ``jaxlayerx`` command and the Flower ClientApp.
 
 A run's first round compiles the whole jitted round, and the model's initialisation compiles
 too: most of a short run's time. With the cache on, a second run of the same federation
 (the same shapes and settings), and each exchanger of a ``compare`` that compiles the same
-program, loads the executables from disk instead.
+program, loads the executables from disk instead. On Flower, where every message starts a
+fresh ClientApp process, the ClientApp's steps compile once per node instead of once per
+message (:func:`jaxlayerx.flower.clientapp.exchanger_client_app`).
 
 The folder is ``$JAXLAYERX_CACHE`` if set, else ``$XDG_CACHE_HOME/jaxlayerx/xla`` (by default
 ``~/.cache/jaxlayerx/xla``). ``JAXLAYERX_CACHE=off`` (or ``0``, ``false``, ``no``, or the
