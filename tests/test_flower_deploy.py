@@ -18,13 +18,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import pathlib
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -33,158 +28,38 @@ import pytest
 pytest.importorskip("flwr", reason="the deployment test needs Flower: pip install 'jaxlayerx[flower]'")
 pytest.importorskip("sklearn", reason="the example's data (scikit-learn's digits) needs scikit-learn")
 
-from conftest import free_loopback_port, loopback_environment, ref_compact_decode  # noqa: E402
+from conftest import ref_compact_decode  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-APP = ROOT / "examples" / "flower"
-BIN = pathlib.Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))  # the loopback harness of benchmarks/deployment.py
+from benchmarks.deployment import MessageApiFederation  # noqa: E402
+
 NODES = 3
 ROUNDS = 3
 #: Seconds a ``flwr run`` may take, from submission to the run's end.
 RUN_TIMEOUT = 420
-#: Seconds the SuperLink may take to listen.
-LISTEN_TIMEOUT = 60
-#: Seconds a stopped process may take to exit after SIGTERM (then SIGKILL).
-STOP_TIMEOUT = 15
 
 
-def _tail(path: pathlib.Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-def _children(pids: set[int]) -> set[int]:
-    """Every live descendant of ``pids`` (read from /proc; the SuperExecs and app processes)."""
-    parents: dict[int, int] = {}
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), set(pids)
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):  # a zombie has exited
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-class Deployment:
-    """A SuperLink and SuperNodes on 127.0.0.1, and ``flwr run`` against them."""
+class Deployment(MessageApiFederation):
+    """The benchmark's loopback federation (benchmarks/deployment.py), failing the test
+    where the benchmark raises, and sharing one compilation cache between messages."""
 
     def __init__(self, folder: pathlib.Path) -> None:
-        self.folder = folder
-        self.port = free_loopback_port()
-        self.processes: dict[str, subprocess.Popen] = {}
-        home = folder / "home"
-        (home / ".flwr").mkdir(parents=True)
-        # flwr run reads the SuperLink's address from FLWR_HOME/config.toml.
-        (home / ".flwr" / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-        self.env = loopback_environment(
-            HOME=str(home),
-            FLWR_HOME=str(home / ".flwr"),
-            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            # Every message runs in a fresh ClientApp process: let them share compiled steps.
+        super().__init__(
+            folder,
+            NODES,
             JAX_COMPILATION_CACHE_DIR=str(folder / "jax-cache"),
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         )
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
-        log = (self.folder / f"{name}.log").open("w")
-        process = subprocess.Popen(
-            command, cwd=self.folder, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        self.processes[name] = process
-        return process
-
-    def start_federation(self) -> None:
-        # The apps run in this environment: no dependency installation by the SuperLink.
-        link = self.start(
-            "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
-        deadline = time.monotonic() + LISTEN_TIMEOUT
-        while not _listening(self.port):
-            if link.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the SuperLink did not listen on {self.port}:\n{_tail(self.folder / 'superlink.log')}")
-            time.sleep(0.2)
-        for node in range(NODES):
-            self.start(
-                f"supernode{node}",
-                [
-                    str(BIN / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{self.port}",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(free_loopback_port()),
-                    "--max-wait-time",
-                    "60",
-                    "--node-config",
-                    f"partition-id={node} num-partitions={NODES}",
-                ],
-            )
-
-    def run(self, name: str, *, check: bool = True, **run_config: object) -> str:
+    def run(self, name: str, *, check: bool = True, **run_config: object) -> str:  # pyright: ignore[reportIncompatibleMethodOverride]
         """``flwr run`` of the example app with ``run_config``; returns its output once the run ended."""
-        overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
-        command = [str(BIN / "flwr"), "run", str(APP), "test", "--stream", "--run-config", overrides]
-        process = self.start(name, command)
         try:
-            process.wait(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"flwr run did not end within {RUN_TIMEOUT} s:\n{_tail(self.folder / f'{name}.log')}")
-        output = (self.folder / f"{name}.log").read_text(errors="replace")
-        assert process.returncode == 0 or not check, output
+            code, output = super().run(name, timeout=RUN_TIMEOUT, **run_config)
+        except RuntimeError as error:
+            pytest.fail(str(error))
+        assert code == 0 or not check, output
         return output
-
-    def stop(self) -> None:
-        """SIGTERM to every process started and their descendants, SIGKILL after STOP_TIMEOUT; all gone."""
-        started = {process.pid for process in self.processes.values()}
-        everyone = started | _children(started)
-        for pid in everyone:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for process in self.processes.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        while any(_alive(pid) for pid in everyone) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in everyone:
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for process in self.processes.values():
-            process.wait(timeout=STOP_TIMEOUT)
-        time.sleep(0.5)
-        left = [pid for pid in everyone if _alive(pid)]
-        assert not left, f"processes still running after SIGKILL: {left}"
-
-
-def _listening(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @contextlib.contextmanager
@@ -194,7 +69,8 @@ def deployment(folder: pathlib.Path) -> Iterator[Deployment]:
         federation.start_federation()
         yield federation
     finally:
-        federation.stop()
+        left = federation.stop()
+        assert not left, f"processes still running after SIGKILL: {left}"
 
 
 # --- reading what the ServerApp recorded -------------------------------------------------
@@ -323,11 +199,28 @@ def _check_run(record: pathlib.Path, *, sparse: bool, senders_per_round: dict[in
         assert expected, f"round {server_round}: nobody sent anything"
 
 
+def _check_stream(output: str, record: pathlib.Path, *, sparse: bool) -> None:
+    """The stream shows each round's bytes, as the nodes counted what they were sent and as
+    the replies' arrays serialize, and for sparse exchange the weights received."""
+    for server_round in range(1, ROUNDS + 1):
+        replies = list(_replies(record, server_round).values())
+        sent = sum(reply["metrics"]["jaxlayerx.bytes-received"] for reply in replies)
+        received = sum(_wire_bytes(reply["arrays"]) for reply in replies)
+        line = f"round {server_round}: averaged "
+        (shown,) = [text for text in output.splitlines() if line in text]
+        assert f"sent {sent / 1e6:.3f} MB, received {received / 1e6:.3f} MB" in shown, shown
+        weights = sum(layer.values.size for reply in replies for layer in reply["payload"].values())
+        assert (f", {weights} weights received" in shown) == sparse, shown
+    assert sum("run: sent " in text and "of full exchange" in text for text in output.splitlines()) == 1
+
+
 def test_dynamic_then_sparse_exchange_through_flwr_run(tmp_path):
     dense, sparse = tmp_path / "dynamic", tmp_path / "sparse"
     with deployment(tmp_path) as federation:
-        federation.run("run_dynamic", exchanger="dynamic-percentage", **{"record-dir": str(dense)})
-        federation.run(
+        dense_output = federation.run(
+            "run_dynamic", exchanger="dynamic-percentage", **{"record-dir": str(dense), "fraction-evaluate": 1.0}
+        )
+        sparse_output = federation.run(
             "run_sparse",
             exchanger="sparse-largest-magnitude-change",
             **{
@@ -338,6 +231,8 @@ def test_dynamic_then_sparse_exchange_through_flwr_run(tmp_path):
         )
     _check_run(dense, sparse=False, senders_per_round=dict.fromkeys(range(1, ROUNDS + 1), NODES))
     _check_run(sparse, sparse=True, senders_per_round=dict.fromkeys(range(1, ROUNDS + 1), NODES))
+    _check_stream(dense_output, dense, sparse=False)
+    _check_stream(sparse_output, sparse, sparse=True)
     first, last = _global(sparse, 0), _global(dense, ROUNDS)
     assert all(np.array_equal(first[name], last[name]) for name in last), "the sparse run goes on from the dynamic one"
 

@@ -20,8 +20,15 @@ MODULE = MLP()
 
 
 def init_variables(seed: int = 0) -> dict[str, Any]:
-    """The model's starting variables (the same on the server and every client)."""
-    return MODULE.init(jax.random.key(seed), jnp.zeros((1, 64), jnp.float32))
+    """The model's starting variables (the same on the server and every client), made by
+    one compiled program (eagerly, every operation would compile on its own, in every
+    ClientApp process)."""
+    return _init(jax.random.key(seed))
+
+
+@jax.jit
+def _init(key: jax.Array) -> dict[str, Any]:
+    return MODULE.init(key, jnp.zeros((1, 64), jnp.float32))
 
 
 def make_exchanger(kind: str, variables: Any, exchange_percentage: float = 0.5) -> Any:
@@ -85,9 +92,15 @@ def make_train_fn(x: np.ndarray, y: np.ndarray, epochs: int = 1, batch_size: int
 
 def evaluate(variables: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """``(mean cross-entropy, accuracy)`` of the model on ``(x, y)``."""
+    loss, accuracy = _evaluate(variables, x, y)
+    return float(loss), float(accuracy)
+
+
+@jax.jit
+def _evaluate(variables: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits = MODULE.apply(variables, x, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return float(loss), float(jnp.mean(jnp.argmax(logits, -1) == y))
+    return loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
 
 def make_evaluate_fn(x: np.ndarray, y: np.ndarray):
