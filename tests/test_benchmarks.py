@@ -72,3 +72,31 @@ def test_sweep_benchmark_quick_runs(tmp_path):
         assert set(case) == {"cold", "warm"} and all(seconds > 0 for seconds in case.values())
     ratio = after["repeat 3"]["cold"] / after["default"]["cold"]
     assert f"| repeat 3 / default | {ratio:.2f}x |" in completed.stdout
+
+
+@pytest.mark.deploy
+def test_deployment_benchmark_runs_both_routes_and_stops_every_process(tmp_path):
+    """benchmarks/deployment.py (one round): the legacy route and the Message API both
+    finish, every process it started is gone (it raises otherwise), and its table's ratios
+    are the JSON's."""
+    pytest.importorskip("flwr")
+    out = tmp_path / "deployment.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.deployment", "--rounds", "1", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(out.read_text())
+    legacy = report["legacy"]["total"]
+    for route in ("message api", "message api, nodes evaluate"):
+        times = report[route]
+        assert 0 < times["run"] <= times["total"]
+        assert f"| {route} | {times['total']:.1f} | {times['run']:.1f} | {times['total'] / legacy:.2f}x |" in (
+            completed.stdout
+        )
+    phases = report["clientapp phases"]
+    assert set(phases) == {"empty cache", "cache filled"}
+    assert [name for name, _ in phases["empty cache"]] == [name for name, _ in phases["cache filled"]]

@@ -38,7 +38,7 @@ def _handle(message: Message, context: Context) -> Message:
 
 @functools.cache
 def _node_app(kind: str, exchange_percentage: float) -> ClientApp:
-    """jaxlayerx's ClientApp for the exchanger ``kind`` of ``jaxlayerx simulate --exchanger``."""
+    """jaxlayerx's ClientApp for the exchanger ``kind`` of ``jaxlayerx simulate --exchangers``."""
     return exchanger_client_app(
         lambda context: task.init_variables(),
         lambda model: task.make_exchanger(kind, model, exchange_percentage),
