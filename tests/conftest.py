@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 import socket
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -197,6 +198,9 @@ def fake_grid_class() -> type:
     ``FakeGrid(nodes)``: ``nodes`` maps node ids to the functions; ``available`` is what
     ``get_node_ids`` reports; ``sent`` keeps every message. ``send_and_receive`` calls the
     nodes in id order and turns an exception into an error reply, as Flower does.
+    ``push_messages`` gives each message an id, as Flower's grids do, and runs
+    ``send_and_receive`` (so that a test overriding it sees every message);
+    ``pull_messages`` hands over the replies to the ids asked for.
     """
     from flwr.app import Error, Message
     from flwr.serverapp import Grid
@@ -221,10 +225,18 @@ def fake_grid_class() -> type:
             return list(self.available)
 
         def push_messages(self, messages):
-            raise NotImplementedError
+            messages = list(messages)
+            for message in messages:
+                if not message.metadata.message_id:
+                    message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            self.replies = [*getattr(self, "replies", []), *self.send_and_receive(messages)]
+            return [message.metadata.message_id for message in messages]
 
         def pull_messages(self, message_ids):
-            raise NotImplementedError
+            wanted = set(message_ids)
+            pulled = [reply for reply in self.replies if reply.metadata.reply_to_message_id in wanted]
+            self.replies = [reply for reply in self.replies if reply.metadata.reply_to_message_id not in wanted]
+            return pulled
 
         def send_and_receive(self, messages, *, timeout=None):
             replies = []
