@@ -86,9 +86,11 @@ def main() -> None:
         return RecordingClient(variables, exchanger, train_fn, record=args.record, client_id=args.client_id, **options)
 
     deadline = time.monotonic() + args.connect_timeout
+    reached = False  # the server listened at some point (it may have ended without this client)
     for wait in _backoff(deadline):
         if not _reachable(args.address, wait):
             continue
+        reached = True
         try:
             flwr.client.start_client(
                 server_address=args.address, client_fn=stateful_client_fn(make_client), insecure=True
@@ -99,7 +101,16 @@ def main() -> None:
             # there yet; once the server has sent a message, a broken connection ends the client.
             if served or error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-    print(f"client {args.client_id}: no server at {args.address} within {args.connect_timeout:g} s", file=sys.stderr)
+    if reached:
+        print(
+            f"client {args.client_id}: the server at {args.address} closed the connection before sending this "
+            f"client any work, and no server took it back within {args.connect_timeout:g} s",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"client {args.client_id}: no server at {args.address} within {args.connect_timeout:g} s", file=sys.stderr
+        )
     sys.exit(1)
 
 
