@@ -200,7 +200,7 @@ class Simulation:
         self.label = label or type(exchanger).__name__
         abstract: FlatView = jax.eval_shape(lambda: self.initial_layers)  # pyright: ignore[reportUnknownMemberType]
         self.layer_names = list(abstract)
-        self.mask_shapes = send_mask_shapes(exchanger, abstract)
+        self.mask_shapes = _mask_shapes(self.spec, exchanger, abstract)
         self.mask_argument = mask_argument(exchanger, abstract)
         layers = [LayerSpec(name, tuple(layer.shape), np.dtype(layer.dtype)) for name, layer in abstract.items()]
         self.accounting = ByteAccounting(layers, self.mask_shapes, exchanger.quantize, wire)
@@ -412,6 +412,21 @@ class Simulation:
         if isinstance(self.module, nnx.Module):
             return self.module
         return unflatten(self.initial_layers, like=self.model.template)
+
+
+#: The send-mask shapes of each round program and model, traced once (:func:`_mask_shapes`).
+_MASK_SHAPES: dict[tuple[Any, ...], FlatView] = {}
+
+
+def _mask_shapes(spec: ExchangerSpec | None, exchanger: Exchanger, abstract: FlatView) -> FlatView:
+    """:func:`send_mask_shapes`, traced once per round program (``spec.program_key``) and
+    model shapes: the seeds and swept values of a ``compare`` share it."""
+    if spec is None:
+        return send_mask_shapes(exchanger, abstract)
+    key = (spec.program_key, tuple((name, layer.shape, str(layer.dtype)) for name, layer in abstract.items()))
+    if key not in _MASK_SHAPES:
+        _MASK_SHAPES[key] = send_mask_shapes(exchanger, abstract)
+    return _MASK_SHAPES[key]
 
 
 def _device_arrays(data: ClientData) -> tuple[Any, ...]:
