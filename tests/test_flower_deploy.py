@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import pathlib
 import sys
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -251,3 +253,37 @@ def test_a_node_raising_in_round_two_does_not_stop_the_run(tmp_path):
     _check_run(record, sparse=False, senders_per_round={1: NODES, 2: NODES - 1, 3: NODES})
     errors = [entry["error"] for entry in _replies(record, 2).values() if "error" in entry]
     assert len(errors) == 1 and "fails in round 2, as asked" in errors[0], (errors, output)
+
+
+def test_a_supernode_killed_mid_run_is_named_by_its_own_id(tmp_path):
+    """SIGKILL one SuperNode once round 2 has started: the run goes on with the others, and
+    every line about the lost node names its id (read from its own log), whether its reply
+    is missing or an error reply Flower makes for it."""
+    import re
+    import signal
+    import threading
+
+    with deployment(tmp_path) as federation:
+        outputs: list[str] = []
+        run = threading.Thread(
+            target=lambda: outputs.append(federation.run("run", **{"min-nodes": NODES - 1, "round-timeout": 30.0}))
+        )
+        run.start()
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while "[ROUND 2/3]" not in (tmp_path / "run.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline and run.is_alive(), (tmp_path / "run.log").read_text()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.kill(federation.started["supernode1"].pid, signal.SIGKILL)
+        run.join(timeout=RUN_TIMEOUT)
+        (output,) = outputs
+    node_ids = {
+        node: re.search(r"SuperNode ID: (\d+)", (tmp_path / f"supernode{node}.log").read_text()).group(1)
+        for node in range(NODES)
+    }
+    about_nodes = re.findall(r"node (\d+) (never replied|replied with an error)", output)
+    assert about_nodes, output
+    assert {node for node, _ in about_nodes} == {node_ids[1]}, (about_nodes, node_ids)
+    for server_round in (2, 3):
+        (line,) = [text for text in output.splitlines() if f"round {server_round}: averaged" in text]
+        assert f"from {NODES - 1} node(s)" in line and re.search(r"(1 failed|1 missing)", line), line
