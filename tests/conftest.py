@@ -533,5 +533,9 @@ def simulate_run(tmp_path_factory):
     from cli_support import SEED, TINY, run_in_process
 
     folder = tmp_path_factory.mktemp("cli") / "run"
-    code, out, err = run_in_process(["simulate", "--out", str(folder), "--seed", str(SEED), *TINY])
+    # Full exchange alone: the default pair (with the recommended rule) runs in the slow tier
+    # (test_cli_runs.py::test_python_dash_m_simulate); test_cli.py checks the defaults' labels.
+    code, out, err = run_in_process(
+        ["simulate", "--exchangers", "full", "--out", str(folder), "--seed", str(SEED), *TINY]
+    )
     return folder, code, out, err

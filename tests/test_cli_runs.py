@@ -273,8 +273,9 @@ def test_quantize_int8_codes_every_upload_in_one_byte_a_value(tmp_path):
 def test_same_seed_same_metrics_other_seed_other_metrics(simulate_run, tmp_path):
     first = without_wall_seconds(json.loads((simulate_run[0] / "metrics.json").read_text()))
     again, other = tmp_path / "again", tmp_path / "other"
-    assert run_in_process(["simulate", "--out", str(again), "--seed", str(SEED), *TINY])[0] == 0
-    assert run_in_process(["simulate", "--out", str(other), "--seed", str(SEED + 1), *TINY])[0] == 0
+    full = ["--exchangers", "full"]  # as the simulate_run fixture
+    assert run_in_process(["simulate", *full, "--out", str(again), "--seed", str(SEED), *TINY])[0] == 0
+    assert run_in_process(["simulate", *full, "--out", str(other), "--seed", str(SEED + 1), *TINY])[0] == 0
     assert without_wall_seconds(json.loads((again / "metrics.json").read_text())) == first
     assert without_wall_seconds(json.loads((other / "metrics.json").read_text())) != first
 

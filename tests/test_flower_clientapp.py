@@ -529,7 +529,7 @@ print(jax.config.jax_compilation_cache_dir)
 """
 
 
-@pytest.mark.parametrize("setting", ["folder", slow("off")])
+@pytest.mark.parametrize("setting", [slow("folder"), slow("off")])
 def test_the_client_app_keeps_compiled_steps_in_the_nodes_cache_folder(setting, tmp_path):
     """A fresh process (as Flower starts for each message) handling one train message writes
     its compiled programs into the node config's jax-cache-dir, and nothing with 'off'."""
