@@ -270,8 +270,9 @@ def test_a_supernode_killed_mid_run_is_named_by_its_own_id(tmp_path):
         )
         run.start()
         deadline = time.monotonic() + RUN_TIMEOUT
-        while "[ROUND 2/3]" not in (tmp_path / "run.log").read_text(errors="replace"):
-            assert time.monotonic() < deadline and run.is_alive(), (tmp_path / "run.log").read_text()
+        log = tmp_path / "run.log"  # written by flwr run, once the thread has started it
+        while "[ROUND 2/3]" not in (log.read_text(errors="replace") if log.exists() else ""):
+            assert time.monotonic() < deadline and run.is_alive(), log.read_text() if log.exists() else "no run.log"
             time.sleep(0.2)
         time.sleep(1.0)
         os.kill(federation.started["supernode1"].pid, signal.SIGKILL)
