@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import shutil
-import socket
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -268,22 +266,6 @@ def flower_metadata(message_type: str = "train", src_node_id: int = 0, dst_node_
         ttl=3600.0,
         message_type=message_type,
     )
-
-
-def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def loopback_environment(**extra: str) -> dict[str, str]:
-    """This process's environment for Flower processes talking over 127.0.0.1: no proxy
-    variables, JAX on the CPU, unbuffered output, then ``extra``."""
-    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", no_proxy="127.0.0.1,localhost")
-    env.update(extra)
-    return env
 
 
 def nest(flat: Mapping[str, Any], array: Callable[[Any], Any] = jnp.asarray) -> dict[str, Any]:

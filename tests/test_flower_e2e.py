@@ -23,7 +23,11 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("sklearn")
 
-from conftest import free_loopback_port, loopback_environment  # noqa: E402
+sys.path.insert(
+    0, str(pathlib.Path(__file__).resolve().parent.parent)
+)  # the loopback helpers of benchmarks/deployment.py
+from benchmarks.deployment import free_port as free_loopback_port  # noqa: E402
+from benchmarks.deployment import loopback_environment  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "flower" / "legacy"
