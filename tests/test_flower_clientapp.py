@@ -313,6 +313,61 @@ def test_sparse_reply_and_error_feedback_reference_persist_per_node():
     assert_same(saved_reference(b), full_b)
 
 
+def _round_message(server_round: int, kind: str, layers: dict, base: int, version: int) -> Message:
+    config = ConfigRecord({"server-round": server_round, "jaxlayerx.base-round": base, "jaxlayerx.round": version})
+    return message(RecordDict({"arrays": compact_record(layers), "config": config}), kind)
+
+
+@pytest.mark.parametrize("evaluate", [True, False], ids=["train-and-evaluate", "train-only"])
+def test_a_round_repeated_by_a_resumed_server_is_answered_as_the_first_time(evaluate):
+    """A server killed before its round-2 checkpoint resumes after round 1 and sends round 2
+    again. The node goes back to the start of round 2 (its model, version and error-feedback
+    state), so its replies to round 2 and 3 are those of the uninterrupted run, bit for bit;
+    a node that did not would hold a newer version than the repeated message's base."""
+    exchanger = jaxlayerx.SparseCooParameterExchanger(
+        0.2, jaxlayerx.largest_magnitude_change_scores, error_feedback=True
+    )
+    deltas = {name: 0.01 * (i + 1) for i, name in enumerate(NAMES)}
+    app = exchanger_client_app(
+        make_model, exchanger, shifting_train(deltas, []), evaluate_fn=lambda m, c, x: (0.5, 3, {})
+    )
+    update = {name: value + 1 for name, value in full_layers(2).items() if "bias" in name}
+    # (server round, kind, layers, base, version): with per-node evaluation the evaluate
+    # message brings the round's new version; without it the next train message does
+    if evaluate:
+        rounds = [
+            [(1, "train", full_layers(1), -1, 0), (1, "evaluate", update, 0, 1)],
+            [(2, "train", {}, 1, 1), (2, "evaluate", update, 1, 2)],
+            [(3, "train", {}, 2, 2)],
+        ]
+    else:
+        rounds = [[(1, "train", full_layers(1), -1, 0)], [(2, "train", update, 0, 1)], [(3, "train", update, 1, 2)]]
+
+    def replies(context: Context, schedule) -> list[dict]:
+        answered = [app(_round_message(*step), context) for step in schedule]
+        return [reply_payload(reply) for reply in answered if reply.content.array_records]
+
+    straight, resumed = new_context(), new_context()
+    expected = replies(straight, [step for steps in rounds for step in steps])
+    got = replies(resumed, [step for steps in (rounds[0], rounds[1], rounds[1], rounds[2]) for step in steps])
+    assert len(expected) == 3 and len(got) == 4
+    # round 2 answered twice, each time as in the uninterrupted run; then round 3
+    for mine, theirs in zip(got[1:], [expected[1], expected[1], expected[2]]):
+        assert list(mine) == list(theirs)
+        for name in theirs:
+            np.testing.assert_array_equal(bits(mine[name].values), bits(theirs[name].values), err_msg=name)
+    assert_same(saved_layers(resumed), saved_layers(straight))
+    assert_same(saved_reference(resumed), saved_reference(straight))
+    assert saved_version(resumed) == saved_version(straight) == 2
+    # without going back, the repeated round-2 train message is over a version the node left
+    if evaluate:
+        rewound = new_context()
+        replies(rewound, rounds[0] + rounds[1])
+        del rewound.state["jaxlayerx.round"]
+        with pytest.raises(VersionMismatchError, match="over global version 1, but the client holds version 2"):
+            app(_round_message(*rounds[1][0]), rewound)
+
+
 def test_a_quantized_reply_codes_the_update_over_the_pulled_model():
     seen: list = []
     deltas = {name: 0.01 * (i + 1) for i, name in enumerate(NAMES)}

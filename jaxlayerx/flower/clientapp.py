@@ -19,6 +19,12 @@ Each ``train`` message is handled in the order of the protocol in :mod:`jaxlayer
 
 ``evaluate`` messages merge the same way, then call ``evaluate_fn``. Imports come only from
 ``flwr.app`` and ``flwr.clientapp``.
+
+A node answers each server round as if once. It keeps, beside its state, the state it had
+before the round's first message (one more copy of its layers and exchanger state). A
+second message of a kind it already handled in that round means a server resumed from the
+checkpoint before the round; the node goes back to the round's start before receiving it,
+so the round's replies are the ones an uninterrupted run gets, bit for bit.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any, cast
 
 import numpy as np
 from flax import nnx
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from jaxlayerx.base import Config, Exchanger, check_exchanger
@@ -159,6 +165,10 @@ class _Node:
             enable_compile_cache(node_cache_dir(context.node_config))
         content = message.content
         config: dict[str, Any] = dict(content.config_records["config"]) if "config" in content.config_records else {}
+        if records.SERVER_ROUND_KEY in config:
+            rewind_to_round_start(
+                context.state, int(cast(int, config[records.SERVER_ROUND_KEY])), message.metadata.message_type
+            )
         model = self.make_model(context)
         exchanger = self._exchanger(model)
         layers, saved = records.load_client(context.state)
@@ -194,6 +204,37 @@ class _Node:
             exchanger = cast(Callable[[Any], Exchanger], self.exchanger)(model)
         check_exchanger(exchanger)
         return exchanger
+
+
+#: ``context.state`` keys: the round a node last answered and the message kinds it handled
+#: in it, and its saved state (:func:`records.save_client`) as it was before that round.
+STATE_ROUND = "jaxlayerx.round"
+ROUND_START = "jaxlayerx.round-start."
+_SAVED = (records.STATE_LAYERS, records.STATE_VERSION, records.STATE_EXCHANGE)
+
+
+def rewind_to_round_start(saved: RecordDict, server_round: int, kind: str) -> None:
+    """Before a message of ``kind`` in ``server_round``: a new round keeps the node's saved
+    state as the round's start; a kind already handled in the round (a resumed server
+    repeating it) puts the round's start back first."""
+    seen = saved.config_records.get(STATE_ROUND)
+    last = None if seen is None else int(cast(int, seen["round"]))
+    handled = [] if seen is None else [str(k) for k in cast(list[str], seen["handled"])]
+    if last != server_round:
+        _copy_saved(saved, "", ROUND_START)
+        handled = []
+    elif kind in handled:
+        _copy_saved(saved, ROUND_START, "")
+        handled = []
+    saved[STATE_ROUND] = ConfigRecord({"round": server_round, "handled": [*handled, kind]})
+
+
+def _copy_saved(saved: RecordDict, source: str, target: str) -> None:
+    for key in _SAVED:
+        if source + key in saved:
+            saved[target + key] = saved[source + key]
+        elif target + key in saved:
+            del saved[target + key]
 
 
 #: The node config key naming the ClientApp's compilation cache folder (``off``: none).
