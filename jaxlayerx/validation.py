@@ -36,12 +36,28 @@ def checked_values(name: str, values: Any, dtype: Any, *, allow_nonfinite: bool 
     they came in, so the caller casts once where they are used.
 
     Raises:
-      TypeError: the layer does not accept the dtype. ValueError: a NaN or an infinity.
+      TypeError: the layer does not accept the dtype. ValueError: a NaN or an infinity, or a
+        finite value beyond the range of the (floating) layer's dtype.
     """
     values = np.asarray(conform_dtype(name, values, dtype))
     if not allow_nonfinite:
         check_finite(name, values)
+        check_fits(name, values, dtype)
     return values
+
+
+def check_fits(name: str, values: np.ndarray, dtype: Any) -> None:
+    """Raises ``ValueError`` naming the layer, the value and its flat position when a finite
+    value of ``values`` overflows a floating layer of ``dtype`` (float64 1e300 into float32)."""
+    dtype = np.dtype(dtype)
+    if values.dtype == dtype or dtype_kind(dtype) != "float":
+        return
+    with np.errstate(over="ignore"):
+        cast = values.astype(dtype)
+    if not np.isfinite(cast).all():
+        position = int(np.flatnonzero(~np.isfinite(cast.reshape(-1)))[0])
+        value = values.reshape(-1)[position]
+        raise ValueError(f"layer {name!r}: the value {value} at flat index {position} overflows its dtype {dtype}")
 
 
 def check_finite(name: str, values: np.ndarray) -> None:

@@ -15,6 +15,8 @@ Every dtype, bfloat16 and float16 included, crosses bit for bit: Flower serializ
 from __future__ import annotations
 
 import collections
+import io
+import math
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -70,8 +72,8 @@ def decode_array(name: str, array: Array) -> np.ndarray:
     """
     try:
         dtype = np.dtype(array.dtype)
-        value = array.numpy()
-    except Exception as error:  # noqa: BLE001 - np.load and np.dtype raise many types on bad input
+        value = _load_npy(array)
+    except Exception as error:  # noqa: BLE001 - the npy reader and np.dtype raise many types on bad input
         raise ValueError(f"array {name!r} does not decode: {type(error).__name__}: {error}") from error
     if value.dtype != dtype:
         if value.dtype.kind != "V" or value.dtype.itemsize != dtype.itemsize:
@@ -80,6 +82,34 @@ def decode_array(name: str, array: Array) -> np.ndarray:
     if tuple(value.shape) != tuple(array.shape):
         raise ValueError(f"array {name!r}: declared shape {tuple(array.shape)}, but its data has {value.shape}")
     return value
+
+
+#: The serialization ``Array.numpy()`` reads (Flower's ``SType.NUMPY``), as Flower writes it.
+_NUMPY_STYPE = Array(np.zeros(0, np.float32)).stype
+
+
+def _load_npy(array: Array) -> np.ndarray:
+    """``Array.numpy()``, refusing data that is not one ``.npy`` blob (format 1.0 or 2.0)
+    holding exactly the bytes its header declares: ``numpy.load`` would allocate the
+    declared size before reading (gigabytes for a header of a hundred bytes)."""
+    if array.stype != _NUMPY_STYPE:
+        raise TypeError(f"unsupported serialization type {array.stype!r}")
+    stream = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(stream)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"npy format {version}, expected (1, 0) or (2, 0)")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays cannot be loaded")
+    count = math.prod(shape)
+    held = len(array.data) - stream.tell()
+    if count * dtype.itemsize != held:
+        raise ValueError(
+            f"its header declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes), but it holds {held} bytes"
+        )
+    value = np.frombuffer(array.data, dtype, count, offset=stream.tell()).copy()
+    return value.reshape(shape[::-1]).transpose() if fortran_order else value.reshape(shape)
 
 
 def payload_to_record(payload: Payload) -> ArrayRecord:

@@ -62,6 +62,9 @@ WEIGHTS_RECEIVED_KEY = "jaxlayerx.weights-received"
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
+#: The largest example count a reply may carry: Flower's wire holds integers up to uint64.
+MAX_EXAMPLE_COUNT = 2**64 - 1
+
 
 class ExchangeStrategy(FedAvg):
     """Flower's Message-API ``FedAvg`` over :class:`jaxlayerx.protocol.ExchangeServer`.
@@ -82,7 +85,7 @@ class ExchangeStrategy(FedAvg):
     A train reply is checked whole against the global model before any of it is used
     (the layout, known layer names, exact shapes, dtypes the layers accept by
     :mod:`jaxlayerx.dtypes`, finite values unless ``allow_nonfinite``, an integer example
-    count >= 0 under ``weighted_by_key`` in its first ``MetricRecord``). A reply that fails
+    count from 0 to 2**64 - 1 under ``weighted_by_key`` in its first ``MetricRecord``). A reply that fails
     is dropped, its reason logged with the node id, and counted under
     ``"jaxlayerx.rejected"`` in the round's train metrics.
 
@@ -345,6 +348,11 @@ class ExchangeStrategy(FedAvg):
         weight = metrics[self.weighted_by_key]
         if not is_example_count(weight):
             raise ValueError(f"{self.weighted_by_key!r} must be an integer >= 0, got {weight!r}")
+        if cast(int, weight) > MAX_EXAMPLE_COUNT:
+            raise ValueError(
+                f"{self.weighted_by_key!r} must be at most 2**64 - 1 (what a Flower message carries), "
+                f"got a {cast(int, weight).bit_length()}-bit integer"
+            )
         return int(cast(int, weight))
 
     def _checked_reply(self, node: int, content: RecordDict) -> tuple[Reply, NodeReply]:
@@ -416,10 +424,16 @@ class ExchangeStrategy(FedAvg):
         )
 
     def _aggregate_metrics(self, aggregate: MetricsAggregation, contents: list[RecordDict]) -> MetricRecord | None:
+        """``aggregate`` over ``contents``; ``None`` (logged) when their metrics do not
+        aggregate: keys of clashing types, lengths or sizes across the replies."""
         weights = [self._weight(content) for content in contents]
         if not contents or sum(weights) == 0:
             return None
-        return aggregate(contents, self.weighted_by_key)
+        try:
+            return aggregate(contents, self.weighted_by_key)
+        except (TypeError, ValueError, OverflowError) as error:
+            logger.warning("the replies' metrics do not aggregate: %s", _reason(error))
+            return None
 
     # --- the run and its checkpoints ------------------------------------------------------
 
