@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import datetime
 import json
 import os
 import pathlib
@@ -80,6 +82,17 @@ def descendants(pids: set[int]) -> set[int]:
     return found
 
 
+def in_sessions(leaders: set[int]) -> set[int]:
+    """Every live process of the sessions ``leaders`` started (from /proc), their orphans
+    included: a child whose parent exited is reparented, but keeps its session."""
+    found: set[int] = set()
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[4]) in leaders and alive(int(stat.parent.name)):
+                found.add(int(stat.parent.name))
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -116,10 +129,10 @@ class Processes:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> list[int]:
-        """SIGTERM to every process started and its descendants, SIGKILL after
+        """SIGTERM to every process started, its descendants and the rest of its session, SIGKILL after
         ``STOP_TIMEOUT``; returns the PIDs still alive after that (none, normally)."""
         started = {process.pid for process in self.started.values()}
-        everyone = started | descendants(started)
+        everyone = started | descendants(started) | in_sessions(started)
         for pid in everyone:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -140,26 +153,136 @@ class Processes:
         return [pid for pid in everyone if alive(pid)]
 
 
-class MessageApiFederation(Processes):
-    """A SuperLink and SuperNodes on 127.0.0.1 (``--insecure``), and ``flwr run`` against them."""
+@dataclasses.dataclass(frozen=True)
+class Tls:
+    """PEM files of a SuperLink with TLS: the CA certificate that SuperNodes and ``flwr``
+    trust, and the SuperLink's certificate and private key."""
 
-    def __init__(self, folder: pathlib.Path, nodes: int, **env: str) -> None:
+    ca_cert: pathlib.Path
+    server_cert: pathlib.Path
+    server_key: pathlib.Path
+
+
+def make_tls(folder: pathlib.Path) -> Tls:
+    """A new CA, and a server certificate it signs for 127.0.0.1 and localhost (EC P-256
+    keys, valid for a day), written to ``folder`` as ``ca.crt``, ``server.pem`` and
+    ``server.key``."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jaxlayerx test CA")])
+    ca_id = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+
+    def signed(subject: x509.Name, key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        usage = dict.fromkeys(("content_commitment", "key_encipherment", "data_encipherment", "key_agreement"), False)
+        builder = (
+            x509.CertificateBuilder(
+                subject_name=subject,
+                issuer_name=ca_name,
+                public_key=key.public_key(),
+                serial_number=x509.random_serial_number(),
+                not_valid_before=start,
+                not_valid_after=start + datetime.timedelta(days=1),
+            )
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=ca,
+                    crl_sign=ca,
+                    encipher_only=False,
+                    decipher_only=False,
+                    **usage,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_id), critical=False)
+        )
+        if not ca:
+            names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    tls = Tls(folder / "ca.crt", folder / "server.pem", folder / "server.key")
+    tls.ca_cert.write_bytes(signed(ca_name, ca_key, ca=True).public_bytes(serialization.Encoding.PEM))
+    tls.server_cert.write_bytes(signed(server_name, server_key, ca=False).public_bytes(serialization.Encoding.PEM))
+    tls.server_key.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    tls.server_key.chmod(0o600)
+    return tls
+
+
+def make_node_key(folder: pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """A SuperNode's authentication key pair, as ``ssh-keygen -t ecdsa -b 384 -N ""`` writes
+    it: ``folder/name`` (the private key, OpenSSH format) and ``folder/name.pub``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
+    return private, public
+
+
+class MessageApiFederation(Processes):
+    """A SuperLink and SuperNodes on 127.0.0.1 (``--insecure``), and ``flwr run`` against them.
+
+    With ``tls``, the SuperLink, the SuperNodes and ``flwr`` use TLS instead; with
+    ``supernode_auth`` too, the SuperLink admits only registered SuperNodes, and
+    :meth:`start_federation` registers a new key for each of its SuperNodes."""
+
+    def __init__(
+        self, folder: pathlib.Path, nodes: int, *, tls: Tls | None = None, supernode_auth: bool = False, **env: str
+    ) -> None:
+        if supernode_auth and tls is None:
+            raise ValueError("SuperNode authentication needs TLS: pass tls= as well")
         home = folder / "home"
         (home / ".flwr").mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        security = "insecure = true" if tls is None else f"root-certificates = {json.dumps(str(tls.ca_cert.resolve()))}"
         (home / ".flwr" / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n{security}\n'
         )
         path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
         super().__init__(folder, loopback_environment(HOME=str(home), FLWR_HOME=str(home / ".flwr"), PATH=path, **env))
         self.nodes = nodes
+        self.tls, self.supernode_auth = tls, supernode_auth
+        #: The node ID each registered SuperNode (by name) was given.
+        self.node_ids: dict[str, int] = {}
 
     def start_federation(self, node_config: str = "") -> None:
         """The SuperLink (the app runs in this environment: no dependency installation),
-        then the SuperNodes, each with its partition."""
+        then the SuperNodes, each with its partition (and, with ``supernode_auth``, a key
+        registered first)."""
+        if self.tls is None:
+            security = ["--insecure"]
+        else:
+            security = ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert)]
+            security += ["--ssl-keyfile", str(self.tls.server_key)]
+            security += ["--enable-supernode-auth"] if self.supernode_auth else []
         link = self.start(
             "superlink",
-            [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
+            [str(BIN / "flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(self.port)]
             + ["--disable-runtime-dependency-installation"],
         )
         deadline = time.monotonic() + TIMEOUT
@@ -168,13 +291,55 @@ class MessageApiFederation(Processes):
                 raise RuntimeError(f"the SuperLink did not listen on {self.port}:\n{self.log('superlink')}")
             time.sleep(0.1)
         for node in range(self.nodes):
-            config = f"partition-id={node} num-partitions={self.nodes} {node_config}".strip()
-            self.start(
-                f"supernode{node}",
-                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}"]
-                + ["--host", "127.0.0.1", "--port", str(free_port()), "--max-wait-time", "60"]
-                + ["--node-config", config],
+            name = f"supernode{node}"
+            key = None
+            if self.supernode_auth:
+                key, public = make_node_key(self.folder / "keys", name)
+                self.node_ids[name] = self.register(public)
+            self.start_supernode(
+                name, f"partition-id={node} num-partitions={self.nodes} {node_config}".strip(), key=key
             )
+
+    def start_supernode(
+        self,
+        name: str,
+        node_config: str,
+        *,
+        key: pathlib.Path | None = None,
+        plaintext: bool = False,
+        max_wait_time: float = 60,
+    ) -> subprocess.Popen[bytes]:
+        """A SuperNode of this SuperLink: over TLS where the SuperLink has it, unless
+        ``plaintext`` (``--insecure``); authenticated with the private key ``key``, if any."""
+        if self.tls is None or plaintext:
+            security = ["--insecure"]
+        else:
+            security = ["--root-certificates", str(self.tls.ca_cert)]
+        if key is not None:
+            security += ["--auth-supernode-private-key", str(key)]
+        return self.start(
+            name,
+            [str(BIN / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{self.port}"]
+            + ["--host", "127.0.0.1", "--port", str(free_port()), "--max-wait-time", f"{max_wait_time:g}"]
+            + ["--node-config", node_config],
+        )
+
+    def register(self, public_key: pathlib.Path) -> int:
+        """``flwr supernode register`` of a SuperNode's public key (OpenSSH format) through
+        the SuperLink's Control API; returns the node ID the SuperLink gave it."""
+        command = [str(BIN / "flwr"), "supernode", "register", str(public_key), "local", "--format", "json"]
+        completed = subprocess.run(
+            command, cwd=self.folder, env=self.env, capture_output=True, text=True, timeout=TIMEOUT, check=False
+        )
+        try:
+            reply = json.loads(completed.stdout)
+            if completed.returncode == 0 and reply.get("success"):
+                return int(reply["node-id"])
+        except (ValueError, KeyError, AttributeError):
+            pass
+        raise RuntimeError(
+            f"flwr supernode register {public_key} failed ({completed.returncode}):\n{completed.stdout}{completed.stderr}"
+        )
 
     def run(self, name: str, timeout: float = TIMEOUT, **run_config: object) -> tuple[int, str]:
         """``flwr run`` of the example app; ``(exit status, output)`` once it ended."""

@@ -19,7 +19,7 @@ from conftest import ref_compact_decode
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the loopback harness of benchmarks/deployment.py
-from benchmarks.deployment import MessageApiFederation  # noqa: E402
+from benchmarks.deployment import MessageApiFederation, make_tls  # noqa: E402
 
 NODES = 3
 ROUNDS = 3
@@ -29,12 +29,16 @@ RUN_TIMEOUT = 420
 
 class Deployment(MessageApiFederation):
     """The benchmark's loopback federation (benchmarks/deployment.py), failing the test
-    where the benchmark raises, and sharing one compilation cache between messages."""
+    where the benchmark raises, and sharing one compilation cache between messages. With
+    ``tls``: TLS with a CA and certificates made in ``folder/tls``, and only registered
+    SuperNodes admitted (each of the federation's is registered before it starts)."""
 
-    def __init__(self, folder: pathlib.Path) -> None:
+    def __init__(self, folder: pathlib.Path, *, tls: bool = False) -> None:
         super().__init__(
             folder,
             NODES,
+            tls=make_tls(folder / "tls") if tls else None,
+            supernode_auth=tls,
             JAX_COMPILATION_CACHE_DIR=str(folder / "jax-cache"),
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         )
@@ -50,8 +54,8 @@ class Deployment(MessageApiFederation):
 
 
 @contextlib.contextmanager
-def deployment(folder: pathlib.Path) -> Iterator[Deployment]:
-    federation = Deployment(folder)
+def deployment(folder: pathlib.Path, *, tls: bool = False) -> Iterator[Deployment]:
+    federation = Deployment(folder, tls=tls)
     try:
         federation.start_federation()
         yield federation
