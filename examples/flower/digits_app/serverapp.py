@@ -3,7 +3,8 @@
 The run config (``pyproject.toml``, or ``flwr run ... --run-config``) picks the exchanger the
 nodes run; a sparse one gets :class:`jaxlayerx.flower.serverapp.FedAvgSparse`,
 any other :class:`jaxlayerx.flower.serverapp.FedAvgLayers`. With ``record-dir`` set,
-the ServerApp writes what a run can be checked against (see :func:`record_round`).
+the ServerApp writes what a run can be checked against (see :func:`record_round`
+and :func:`record_sent`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from digits_app import task
-from jaxlayerx.flower.records import arrays_to_record, content_nbytes, record_to_arrays
+from jaxlayerx.flower.records import (
+    ARRAYS_KEY,
+    BASE_ROUND_KEY,
+    VERSION_KEY,
+    arrays_to_record,
+    content_nbytes,
+    record_to_arrays,
+)
 from jaxlayerx.flower.serverapp import ExchangeStrategy, FedAvgLayers, FedAvgSparse
 from jaxlayerx.tree import flatten, unflatten
 
@@ -38,6 +46,7 @@ def main(grid: Grid, context: Context) -> None:
     if record_dir is not None:
         record_dir.mkdir(parents=True, exist_ok=True)
     strategy = _example_strategy(base, record_dir)(
+        fraction_train=float(config["fraction-train"]),
         fraction_evaluate=float(config["fraction-evaluate"]),
         min_train_nodes=nodes,
         min_evaluate_nodes=nodes,
@@ -80,30 +89,48 @@ def _show_jaxlayerx_logs() -> None:
 
 
 def _example_strategy(base: type[ExchangeStrategy], record_dir: pathlib.Path | None) -> type[ExchangeStrategy]:
-    """``base``, saving train replies to ``record_dir``."""
+    """``base``, saving train messages and replies to ``record_dir``."""
 
     class Strategy(base):
+        train_messages: tuple[Message, ...] = ()  # the last round's; their ids are set once pushed
+
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Any:
+            messages = super().configure_train(server_round, arrays, config, grid)
+            self.train_messages = tuple(messages)
+            if record_dir is not None:
+                record_sent(record_dir, server_round, messages)
+            return messages
+
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
             replies = list(replies)
             if record_dir is not None:
-                record_round(record_dir, server_round, replies)
+                sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.train_messages}
+                record_round(record_dir, server_round, replies, sent_to)
             return super().aggregate_train(server_round, replies)
 
     return Strategy
 
 
-def record_round(record_dir: pathlib.Path, server_round: int, replies: Iterable[Message]) -> None:
+def record_round(
+    record_dir: pathlib.Path,
+    server_round: int,
+    replies: Iterable[Message],
+    sent_to: Mapping[str, int] | None = None,
+) -> None:
     """Saves each node's train reply of ``server_round`` as it arrived.
 
     ``round{R}_node{N}.npz`` holds the reply's ArrayRecords (``"<record>:<layer>"`` keys);
     ``round{R}.json`` maps each node to its metrics, the bytes of its arrays as Flower
-    counts them, or its error.
+    counts them, or its error (reason and Flower's error code). A reply's node is the one
+    the message it answers was sent to (``sent_to``: message id -> node; an error Flower
+    makes for a node it lost comes from the SuperLink), else its source.
     """
+    sent_to = {} if sent_to is None else sent_to
     summary: dict[str, Any] = {}
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
-            summary[str(node)] = {"error": reply.error.reason}
+            summary[str(node)] = {"error": reply.error.reason, "error_code": reply.error.code}
             continue
         content = reply.content
         arrays = {
@@ -119,3 +146,31 @@ def record_round(record_dir: pathlib.Path, server_round: int, replies: Iterable[
             "records": {key: list(record.keys()) for key, record in content.array_records.items()},
         }
     (record_dir / f"round{server_round}.json").write_text(json.dumps(summary, indent=1))
+
+
+def record_sent(record_dir: pathlib.Path, server_round: int, messages: Iterable[Message]) -> None:
+    """Saves the train messages of ``server_round`` as they were sent.
+
+    ``round{R}_sent.json`` lists each message's destination node, its config's
+    ``jaxlayerx.base-round`` (the version the node is taken to hold; -1: the whole model)
+    and ``jaxlayerx.round``, and the bytes of its arrays; ``round{R}_base{B}.npz`` holds the
+    compact ArrayRecord sent over base ``B`` (the same record for every node on that base).
+    """
+    sent: list[dict[str, int]] = []
+    bases: set[int] = set()
+    for message in messages:
+        config = message.content.config_records["config"]
+        record = message.content.array_records[ARRAYS_KEY]
+        base = int(config[BASE_ROUND_KEY])
+        sent.append(
+            {
+                "node": message.metadata.dst_node_id,
+                "base-round": base,
+                "round": int(config[VERSION_KEY]),
+                "bytes": record.count_bytes(),
+            }
+        )
+        if base not in bases:
+            bases.add(base)
+            np.savez(record_dir / f"round{server_round}_base{base}.npz", **record_to_arrays(record))
+    (record_dir / f"round{server_round}_sent.json").write_text(json.dumps(sent, indent=1))
