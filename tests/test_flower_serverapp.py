@@ -16,6 +16,7 @@ import collections
 import logging
 import random
 import re
+import threading
 import time
 import uuid
 
@@ -880,6 +881,36 @@ def test_a_round_short_of_nodes_stops_after_the_node_timeout(node_timeout):
         s.start(grid, arrays_to_record(global_model()), num_rounds=2, timeout=0.3)
     assert time.monotonic() - began < 5
     assert grid.sent == []  # nothing was sent to the one node
+
+
+class ShrinkingGrid(FakeGrid):
+    """Lists every node the first time it is asked, then one node fewer (a node lost)."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        self.asked = 0
+
+    def get_node_ids(self):
+        self.asked += 1
+        return list(self.available) if self.asked == 1 else list(self.available)[:-1]
+
+
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_a_node_lost_between_counting_and_sampling_does_not_stall_the_round(kind):
+    """Flower counts the nodes, then samples while asking again, and waits without a bound
+    while fewer are listed; the strategy samples from the nodes it counted."""
+    nodes = {node: Node(node, lambda r: ["dense/bias"]) for node in (1, 2, 3)}
+    s = FedAvgLayers(min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3, fraction_evaluate=1.0)
+    s.set_global_model(arrays_to_record(global_model()))
+    configure = s.configure_train if kind == "train" else s.configure_evaluate
+    messages: list = []
+    worker = threading.Thread(
+        target=lambda: messages.extend(configure(1, ArrayRecord(), ConfigRecord(), ShrinkingGrid(nodes))), daemon=True
+    )
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "the sampling waited for a node that was gone"
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
 
 
 def test_node_timeout_must_be_positive():

@@ -211,27 +211,37 @@ class ExchangeStrategy(FedAvg):
     ) -> list[Message]:
         """Flower's sampling; each node's message holds what it lacks (``arrays`` is not used)."""
         self._sent_bytes = {}
-        self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
-        return self._per_node(super().configure_train(server_round, ArrayRecord(), _copy(config), grid), server_round)
+        nodes = self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
+        messages = super().configure_train(
+            server_round, ArrayRecord(), _copy(config), cast(Grid, _NodesAsOf(grid, nodes))
+        )
+        return self._per_node(messages, server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         """Flower's sampling; each node's message holds what it lacks (``arrays`` is not used)."""
         if self.fraction_evaluate > 0:
-            self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
+            nodes = self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
+            grid = cast(Grid, _NodesAsOf(grid, nodes))
         return self._per_node(
             super().configure_evaluate(server_round, ArrayRecord(), _copy(config), grid), server_round
         )
 
-    def _wait_for_nodes(self, grid: Grid, count: int) -> None:
-        """Returns once ``count`` nodes are connected; ``TimeoutError`` after ``node_timeout`` s."""
+    def _wait_for_nodes(self, grid: Grid, count: int) -> list[int]:
+        """The connected nodes once there are ``count``; ``TimeoutError`` after ``node_timeout`` s.
+
+        Flower's sampling then counts and samples these nodes (:class:`_NodesAsOf`): asked
+        again, the grid may list fewer (a node lost in between), and Flower would wait for
+        more without a bound.
+        """
         timeout = self._start_timeout if self.node_timeout is None else self.node_timeout
         deadline = time.monotonic() + timeout
-        while (connected := len(list(grid.get_node_ids()))) < count:
+        while len(connected := list(grid.get_node_ids())) < count:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{connected} of the {count} nodes needed connected within {timeout:g} s")
+                raise TimeoutError(f"{len(connected)} of the {count} nodes needed connected within {timeout:g} s")
             time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0) + 0.01))
+        return connected
 
     def _per_node(self, messages: Iterable[Message], server_round: int) -> list[Message]:
         per_node: list[Message] = []
@@ -551,6 +561,19 @@ class FedAvgSparse(ExchangeStrategy):
 
 #: Seconds between two pulls of replies (Flower's ``Grid.send_and_receive`` waits 3 s).
 REPLY_POLL_SECONDS = 0.1
+
+
+class _NodesAsOf:
+    """``grid``, listing ``nodes`` as its connected nodes (for one round's sampling)."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 def send_and_receive(
