@@ -37,9 +37,23 @@ def read_results(
         yield client, float(num_examples) if weighted else 1.0, read_payload
 
 
+#: The largest number of examples a client may report: what a Flower message carries (uint64).
+MAX_EXAMPLE_COUNT = 2**64 - 1
+#: How the bound reads in error messages.
+EXAMPLE_COUNT_RULE = "an integer >= 0 and at most 2**64 - 1"
+
+
 def is_example_count(value: Any) -> bool:
-    """Whether ``value`` can be a client's number of examples: an integer >= 0, not a bool."""
-    return _is_integer(value) and value >= 0
+    """Whether ``value`` can be a client's number of examples: an integer from 0 to
+    :data:`MAX_EXAMPLE_COUNT`, not a bool (a larger count would make the float weights
+    infinite)."""
+    return _is_integer(value) and 0 <= value <= MAX_EXAMPLE_COUNT
+
+
+def shown_count(value: Any) -> str:
+    """``value`` for an error message: its ``repr``, or its bit length for an integer beyond
+    :data:`MAX_EXAMPLE_COUNT` (whose digits may be too many to print)."""
+    return f"a {value.bit_length()}-bit integer" if _is_integer(value) and value > MAX_EXAMPLE_COUNT else repr(value)
 
 
 def _is_integer(value: Any) -> bool:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jaxlayerx.dtypes import conform_dtype, dtype_kind
@@ -48,16 +49,29 @@ def checked_values(name: str, values: Any, dtype: Any, *, allow_nonfinite: bool 
 
 def check_fits(name: str, values: np.ndarray, dtype: Any) -> None:
     """Raises ``ValueError`` naming the layer, the value and its flat position when a finite
-    value of ``values`` overflows a floating layer of ``dtype`` (float64 1e300 into float32)."""
+    value of ``values`` overflows a floating layer of ``dtype`` (float64 1e300 into float32).
+
+    Only a narrowing cast can overflow, and rounding is monotonic: the largest and the
+    smallest value decide, with no copy of ``values``.
+    """
     dtype = np.dtype(dtype)
-    if values.dtype == dtype or dtype_kind(dtype) != "float":
+    if values.dtype == dtype or dtype_kind(dtype) != "float" or values.size == 0 or values.dtype.kind == "b":
+        return
+    if _largest(values.dtype) <= _largest(dtype):
         return
     with np.errstate(over="ignore"):
-        cast = values.astype(dtype)
-    if not np.isfinite(cast).all():
-        position = int(np.flatnonzero(~np.isfinite(cast.reshape(-1)))[0])
-        value = values.reshape(-1)[position]
-        raise ValueError(f"layer {name!r}: the value {value} at flat index {position} overflows its dtype {dtype}")
+        extremes = np.array([values.min(), values.max()], values.dtype).astype(dtype)
+    if np.isfinite(extremes).all():
+        return
+    with np.errstate(over="ignore"):
+        position = int(np.flatnonzero(~np.isfinite(values.reshape(-1).astype(dtype)))[0])
+    value = values.reshape(-1)[position]
+    raise ValueError(f"layer {name!r}: the value {value} at flat index {position} overflows its dtype {dtype}")
+
+
+def _largest(dtype: np.dtype) -> float:
+    """The largest finite value of a numeric ``dtype`` (JAX's float types included)."""
+    return float(np.iinfo(dtype).max) if dtype.kind in "iu" else float(cast(Any, ml_dtypes.finfo(dtype)).max)
 
 
 def check_finite(name: str, values: np.ndarray) -> None:

@@ -61,6 +61,7 @@ from jaxlayerx.flower.serverapp import (  # noqa: E402
     FedAvgSparse,
 )
 from jaxlayerx.payload import Entries  # noqa: E402
+from jaxlayerx.validation import check_fits  # noqa: E402
 
 #: Examples per strategy in the slow tier (the start() property runs a tenth of them).
 FUZZ_EXAMPLES = int(os.environ.get("JAXLAYERX_FUZZ_EXAMPLES", "2000"))
@@ -991,3 +992,29 @@ def test_evaluate_metrics_that_do_not_aggregate_are_dropped_not_raised(task_iden
         Message(RecordDict({"m": MetricRecord({"num-examples": 3, "loss": 1.0})}), reply_to=messages[2]),
     ]
     assert strategy.aggregate_evaluate(1, agreeing)["loss"] == pytest.approx((2.0 + 3.0) / 4)
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype"),
+    [
+        (np.array([1.0, 1e300]), np.float32),
+        (np.array([-1e39, 0.0]), np.float32),
+        (np.array([3.4028235e38, -3.4028235e38]), np.float32),
+        (np.array([0, 70000], np.int32), np.float16),
+        (np.array([-65504, 65504], np.int32), np.float16),
+        (np.array([65519.0, 1.0], np.float32), np.float16),
+        (np.array([1.0, 65520.0], np.float32), np.float16),
+        (np.array([1e5], ml_dtypes.bfloat16), np.float16),
+        (np.array([1e30], np.float32), np.float64),
+        (np.array([True, False]), np.float16),
+    ],
+)
+def test_a_value_fits_its_layer_exactly_when_casting_it_keeps_it_finite(values, dtype):
+    """check_fits looks at the extremes only; the reference casts every value."""
+    with np.errstate(over="ignore"):
+        overflows = not np.isfinite(values.astype(dtype)).all()
+    if overflows:
+        with pytest.raises(ValueError, match="overflows its dtype"):
+            check_fits("w", values, dtype)
+    else:
+        check_fits("w", values, dtype)

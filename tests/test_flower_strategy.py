@@ -685,7 +685,27 @@ BAD_CASES = {
         r"num_examples.*-3",
         None,
     ),
+    "count_beyond_uint64": (
+        lambda m: jaxlayerx.pack_layers([_valid_d(m)], ["d"]),
+        2**64,
+        r"at most 2\*\*64 - 1, got a 65-bit integer",
+        None,
+    ),
     "garbage_bytes": (None, 5, r"deserialize", None),
+    # a header declaring 10**9 float64 (8 GB) over 64 bytes: refused before numpy allocates it
+    "gigabyte_header": (None, 5, r"declares shape \(1000000000,\) of float64 \(8000000000 bytes\)", None),
+}
+
+
+def _gigabyte_header() -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": (10**9,)})
+    return buffer.getvalue() + bytes(64)
+
+
+RAW_TENSORS = {
+    "garbage_bytes": lambda: [b"\x00garbage-not-npy", b"junk"],
+    "gigabyte_header": lambda: [_gigabyte_header()],
 }
 
 
@@ -694,7 +714,7 @@ def _bad_result(case: str, model: dict) -> tuple[ClientProxy, FitRes]:
     if build is None:
         res = FitRes(
             status=Status(code=Code.OK, message="ok"),
-            parameters=Parameters(tensors=[b"\x00garbage-not-npy", b"junk"], tensor_type="numpy.ndarray"),
+            parameters=Parameters(tensors=RAW_TENSORS[case](), tensor_type="numpy.ndarray"),
             num_examples=n,
             metrics={},
         )

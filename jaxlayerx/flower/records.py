@@ -15,8 +15,6 @@ Every dtype, bfloat16 and float16 included, crosses bit for bit: Flower serializ
 from __future__ import annotations
 
 import collections
-import io
-import math
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -29,6 +27,7 @@ from jaxlayerx.coo import SparseLayer
 from jaxlayerx.payload import Entries, Payload
 from jaxlayerx.protocol import ClientState
 from jaxlayerx.wire import MESSAGE_API, compact
+from jaxlayerx.wire.npy import read_npy
 
 #: The config key of the round a message belongs to (Flower's own name for it).
 SERVER_ROUND_KEY = "server-round"
@@ -89,27 +88,10 @@ _NUMPY_STYPE = Array(np.zeros(0, np.float32)).stype
 
 
 def _load_npy(array: Array) -> np.ndarray:
-    """``Array.numpy()``, refusing data that is not one ``.npy`` blob (format 1.0 or 2.0)
-    holding exactly the bytes its header declares: ``numpy.load`` would allocate the
-    declared size before reading (gigabytes for a header of a hundred bytes)."""
+    """``Array.numpy()``, without trusting the blob's header (:func:`read_npy`)."""
     if array.stype != _NUMPY_STYPE:
         raise TypeError(f"unsupported serialization type {array.stype!r}")
-    stream = io.BytesIO(array.data)
-    version = np.lib.format.read_magic(stream)
-    if version not in ((1, 0), (2, 0)):
-        raise ValueError(f"npy format {version}, expected (1, 0) or (2, 0)")
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(stream)
-    if dtype.hasobject:
-        raise ValueError("object arrays cannot be loaded")
-    count = math.prod(shape)
-    held = len(array.data) - stream.tell()
-    if count * dtype.itemsize != held:
-        raise ValueError(
-            f"its header declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes), but it holds {held} bytes"
-        )
-    value = np.frombuffer(array.data, dtype, count, offset=stream.tell()).copy()
-    return value.reshape(shape[::-1]).transpose() if fortran_order else value.reshape(shape)
+    return read_npy(array.data)
 
 
 def payload_to_record(payload: Payload) -> ArrayRecord:

@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from jaxlayerx.contributions import is_example_count
+from jaxlayerx.contributions import EXAMPLE_COUNT_RULE, is_example_count, shown_count
 from jaxlayerx.flower.checkpoint import load_checkpoint, save_checkpoint
 from jaxlayerx.flower.history import NodeReply, RoundRecord
 from jaxlayerx.flower.records import (
@@ -61,9 +61,6 @@ SERVER_BYTES_RECEIVED_KEY = "jaxlayerx.server-bytes-received"
 WEIGHTS_RECEIVED_KEY = "jaxlayerx.weights-received"
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
-
-#: The largest example count a reply may carry: Flower's wire holds integers up to uint64.
-MAX_EXAMPLE_COUNT = 2**64 - 1
 
 
 class ExchangeStrategy(FedAvg):
@@ -357,12 +354,7 @@ class ExchangeStrategy(FedAvg):
             raise KeyError(f"the MetricRecord has no {self.weighted_by_key!r}, only {sorted(metrics)}")
         weight = metrics[self.weighted_by_key]
         if not is_example_count(weight):
-            raise ValueError(f"{self.weighted_by_key!r} must be an integer >= 0, got {weight!r}")
-        if cast(int, weight) > MAX_EXAMPLE_COUNT:
-            raise ValueError(
-                f"{self.weighted_by_key!r} must be at most 2**64 - 1 (what a Flower message carries), "
-                f"got a {cast(int, weight).bit_length()}-bit integer"
-            )
+            raise ValueError(f"{self.weighted_by_key!r} must be {EXAMPLE_COUNT_RULE}, got {shown_count(weight)}")
         return int(cast(int, weight))
 
     def _checked_reply(self, node: int, content: RecordDict) -> tuple[Reply, NodeReply]:

@@ -5,7 +5,8 @@ Message API, ``ndarray_to_bytes`` on the legacy route): a header of a multiple o
 that names the dtype and the shape, then the data. An ``ArrayRecord`` counts each entry's
 blob plus the length of its key (``ArrayRecord.count_bytes``, what ``arrays_size_mod``
 logs); a legacy ``Parameters`` is the list of blobs alone. These functions give those sizes
-from dtypes and shapes, without serializing anything.
+from dtypes and shapes, without serializing anything, and :func:`read_npy` reads a blob
+that came over the wire without trusting its header.
 """
 
 from __future__ import annotations
@@ -54,3 +55,29 @@ def _header_nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
     buffer = io.BytesIO()
     _write_array_header(buffer, header, None)  # pyright: ignore[reportUnknownArgumentType]
     return len(buffer.getvalue())
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    """One ``.npy`` blob (format 1.0 or 2.0) as an array, refused unless it holds exactly the
+    bytes its header declares: ``numpy.load`` allocates the declared size before reading
+    (gigabytes for a header of a hundred bytes).
+
+    Raises:
+      ValueError: not an npy blob, an object dtype, or a declared size that is not the size held.
+    """
+    stream = io.BytesIO(data)
+    version = npy_format.read_magic(stream)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"npy format {version}, expected (1, 0) or (2, 0)")
+    read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays cannot be loaded")
+    count = math.prod(shape)
+    held = len(data) - stream.tell()
+    if count * dtype.itemsize != held:
+        raise ValueError(
+            f"its header declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes), but it holds {held} bytes"
+        )
+    value = np.frombuffer(data, dtype, count, offset=stream.tell()).copy()
+    return value.reshape(shape[::-1]).transpose() if fortran_order else value.reshape(shape)

@@ -17,19 +17,19 @@ from flwr.common import (
     Parameters,
     Scalar,
     ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from jaxlayerx.contributions import is_example_count
+from jaxlayerx.contributions import EXAMPLE_COUNT_RULE, is_example_count, shown_count
 from jaxlayerx.flower.history import NodeReply, RoundRecord
 from jaxlayerx.flower.metrics import weighted_metrics_average
 from jaxlayerx.flower.records import BASE_ROUND_KEY, VERSION_KEY
 from jaxlayerx.protocol import ExchangeServer, Reply, Update
 from jaxlayerx.tree import DEFAULT_NNX_FILTER, as_flat_view
 from jaxlayerx.wire import Wire
+from jaxlayerx.wire.npy import read_npy
 from jaxlayerx.wire.routes import SparseWire
 
 logger = logging.getLogger("jaxlayerx.flower")
@@ -236,10 +236,10 @@ class FedAvgDynamicLayerStrategy(FedAvg):
         """
         num_examples = fit_res.num_examples
         if not is_example_count(num_examples):
-            raise ValueError(f"num_examples must be an integer >= 0, got {num_examples!r}")
+            raise ValueError(f"num_examples must be {EXAMPLE_COUNT_RULE}, got {shown_count(num_examples)}")
         try:
-            arrays = parameters_to_ndarrays(fit_res.parameters)
-        except Exception as error:  # noqa: BLE001 - np.load raises many types on bad bytes
+            arrays = [read_npy(tensor) for tensor in fit_res.parameters.tensors]
+        except Exception as error:  # noqa: BLE001 - the npy reader raises many types on bad bytes
             raise ValueError(f"the parameters do not deserialize: {type(error).__name__}: {error}") from error
         payload = self.wire.decode(arrays, self.global_layers, allow_nonfinite=self.allow_nonfinite)
         reply = self.server.accept(client, int(num_examples), payload)
