@@ -977,7 +977,8 @@ def test_metrics_that_do_not_aggregate_keep_the_round_and_its_counts(task_identi
 
 
 def test_evaluate_metrics_that_do_not_aggregate_are_dropped_not_raised(task_identity, caplog):
-    """The same clash in evaluate replies raised TypeError out of aggregate_evaluate (and start())."""
+    """The same clash in evaluate replies raised TypeError out of aggregate_evaluate (and start());
+    so did an integer metric too large for a float (OverflowError)."""
     strategy = new_strategy(FedAvgLayers, 2)
     messages = train_messages(strategy, 1, [1, 2])
     replies = [
@@ -985,8 +986,8 @@ def test_evaluate_metrics_that_do_not_aggregate_are_dropped_not_raised(task_iden
         Message(RecordDict({"m": MetricRecord({"num-examples": 3, "loss": 1.0})}), reply_to=messages[2]),
     ]
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert strategy.aggregate_evaluate(1, replies) is None
-    assert any("metrics do not aggregate" in message for message in caplog.messages)
+        assert dict(strategy.aggregate_evaluate(1, replies)) == {}
+    assert any("metrics do not aggregate under ['loss']" in message for message in caplog.messages)
     agreeing = [
         Message(RecordDict({"m": MetricRecord({"num-examples": 1, "loss": 2.0})}), reply_to=messages[1]),
         Message(RecordDict({"m": MetricRecord({"num-examples": 3, "loss": 1.0})}), reply_to=messages[2]),
@@ -1018,3 +1019,10 @@ def test_a_value_fits_its_layer_exactly_when_casting_it_keeps_it_finite(values, 
             check_fits("w", values, dtype)
     else:
         check_fits("w", values, dtype)
+
+
+def test_a_metric_too_large_for_a_float_is_left_out_and_the_others_averaged(task_identity, caplog):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        _, metrics = one_round(FedAvgLayers, [bias(3.0, 1, loss=1.0, big=10**400), bias(5.0, 3, loss=3.0, big=1)])
+    assert "big" not in metrics and metrics["loss"] == pytest.approx((1.0 + 9.0) / 4)
+    assert any("metrics do not aggregate under ['big']" in message for message in caplog.messages)

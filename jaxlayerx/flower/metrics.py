@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flwr.app import MetricRecord, RecordDict
 
 Scalar = bool | bytes | float | int | str
 
@@ -34,3 +37,36 @@ def weighted_metrics_average(results: Sequence[tuple[int, Mapping[str, Scalar]]]
         name: sums[name] / totals[name] if totals[name] > 0 else sum(plain[name]) / len(plain[name])
         for name in sorted(sums)
     }
+
+
+def agreeing_metrics(contents: Sequence[RecordDict], keep: str) -> tuple[list[RecordDict], list[str]]:
+    """The replies' metric records without the keys that cannot be averaged across them, and
+    those keys, sorted: a key holding a number in one reply and a list in another, lists of
+    different lengths, or a number too large for a float. ``keep`` (the example count) stays.
+    """
+    kinds: dict[str, set[int | None]] = {}
+    unusable: set[str] = set()
+    for content in contents:
+        for record in content.metric_records.values():
+            for key, value in record.items():
+                kinds.setdefault(key, set()).add(len(value) if isinstance(value, list) else None)
+                if not all(_float_sized(v) for v in (value if isinstance(value, list) else [value])):
+                    unusable.add(key)
+    dropped = sorted(key for key, kind in kinds.items() if key != keep and (len(kind) > 1 or key in unusable))
+    if not dropped:
+        return list(contents), []
+    kept = [
+        RecordDict(
+            {
+                name: MetricRecord({key: value for key, value in record.items() if key not in dropped})
+                for name, record in content.metric_records.items()
+            }
+        )
+        for content in contents
+    ]
+    return kept, dropped
+
+
+def _float_sized(value: Any) -> bool:
+    """Whether ``value`` converts to a float (an integer below 2**1024)."""
+    return not isinstance(value, int) or value.bit_length() <= 1024 - 1

@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from jaxlayerx.contributions import EXAMPLE_COUNT_RULE, is_example_count, shown_count
 from jaxlayerx.flower.checkpoint import load_checkpoint, save_checkpoint
 from jaxlayerx.flower.history import NodeReply, RoundRecord
+from jaxlayerx.flower.metrics import agreeing_metrics
 from jaxlayerx.flower.records import (
     ARRAYS_KEY,
     BASE_ROUND_KEY,
@@ -426,16 +427,15 @@ class ExchangeStrategy(FedAvg):
         )
 
     def _aggregate_metrics(self, aggregate: MetricsAggregation, contents: list[RecordDict]) -> MetricRecord | None:
-        """``aggregate`` over ``contents``; ``None`` (logged) when their metrics do not
-        aggregate: keys of clashing types, lengths or sizes across the replies."""
+        """``aggregate`` over ``contents``, less the metric keys the replies disagree on
+        (:func:`jaxlayerx.flower.metrics.agreeing_metrics`; logged)."""
         weights = [self._weight(content) for content in contents]
         if not contents or sum(weights) == 0:
             return None
-        try:
-            return aggregate(contents, self.weighted_by_key)
-        except (TypeError, ValueError, OverflowError) as error:
-            logger.warning("the replies' metrics do not aggregate: %s", _reason(error))
-            return None
+        contents, dropped = agreeing_metrics(contents, self.weighted_by_key)
+        if dropped:
+            logger.warning("the replies' metrics do not aggregate under %s: left out", dropped)
+        return aggregate(contents, self.weighted_by_key)
 
     # --- the run and its checkpoints ------------------------------------------------------
 
