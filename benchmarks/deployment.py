@@ -296,9 +296,11 @@ class MessageApiFederation(Processes):
             if self.supernode_auth:
                 key, public = make_node_key(self.folder / "keys", name)
                 self.node_ids[name] = self.register(public)
-            self.start_supernode(
-                name, f"partition-id={node} num-partitions={self.nodes} {node_config}".strip(), key=key
-            )
+            self.start_supernode(name, self.partition_config(node, node_config), key=key)
+
+    def partition_config(self, node: int, extra: str = "") -> str:
+        """The ``--node-config`` of the SuperNode of partition ``node``, then ``extra``."""
+        return f"partition-id={node} num-partitions={self.nodes} {extra}".strip()
 
     def start_supernode(
         self,

@@ -44,10 +44,9 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.deployment import STOP_TIMEOUT, TIMEOUT, MessageApiFederation, alive, descendants, free_port
+from benchmarks.deployment import STOP_TIMEOUT, TIMEOUT, MessageApiFederation, alive, descendants, in_sessions
 
 #: The exchanger of the soak, the sparse strategy's.
 EXCHANGER = "sparse-largest-magnitude-change"
@@ -120,22 +119,17 @@ class SoakFederation(MessageApiFederation):
             JAX_COMPILATION_CACHE_DIR=str(folder / "jax-cache"),
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         )
-        self.commands: dict[str, tuple[list[str], pathlib.Path | None]] = {}
         self.killed: dict[str, subprocess.Popen[bytes]] = {}
         self.slots = {slot: f"supernode{slot}" for slot in range(nodes)}
         self.restarts = dict.fromkeys(range(nodes), 0)
 
-    def start(self, name: str, command: Sequence[str], cwd: pathlib.Path | None = None) -> subprocess.Popen[bytes]:
-        self.commands[name] = (list(command), cwd)
-        return super().start(name, command, cwd)
-
     def kill_and_restart(self, slot: int) -> tuple[str, list[int], str]:
-        """SIGKILLs the SuperNode of ``slot`` with its process group and descendants, waits
-        until every one has exited, then starts it again with the same command on a fresh
-        ``--port``. Returns the name killed, the PIDs killed and the new name."""
+        """SIGKILLs the SuperNode of ``slot`` with its process group, descendants and session,
+        waits until every one has exited, then starts it again with the same partition (on a
+        fresh ``--port``). Returns the name killed, the PIDs killed and the new name."""
         name = self.slots[slot]
         process = self.started.pop(name)
-        group = sorted({process.pid} | descendants({process.pid}))
+        group = sorted({process.pid} | descendants({process.pid}) | in_sessions({process.pid}))
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         for pid in group:
@@ -148,12 +142,9 @@ class SoakFederation(MessageApiFederation):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name}: PIDs {[p for p in group if alive(p)]} alive after SIGKILL")
             time.sleep(0.05)
-        command, cwd = self.commands[name]
-        command = list(command)
-        command[command.index("--port") + 1] = str(free_port())
         self.restarts[slot] += 1
         restarted = f"supernode{slot}-{self.restarts[slot]}"
-        self.start(restarted, command, cwd)
+        self.start_supernode(restarted, self.partition_config(slot))
         self.slots[slot] = restarted
         return name, group, restarted
 

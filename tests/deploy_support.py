@@ -144,6 +144,24 @@ def sparse_reference(before, replies):
     return expected
 
 
+def check_round_mean(before, after, replies, aggregated_layers, *, sparse: bool) -> dict:
+    """``after`` is the example-weighted numpy mean of ``replies`` over ``before`` (each layer,
+    or for sparse exchange each weight, some reply sent; everything else bit-identical), and
+    ``aggregated_layers`` names the layers that changed. Returns the reference."""
+    expected = sparse_reference(before, replies) if sparse else dense_reference(before, replies)
+    for name in after:
+        if name not in expected:
+            np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+        elif sparse:
+            mean, sent = expected[name]
+            np.testing.assert_array_equal(after[name][~sent], before[name][~sent], err_msg=name)
+            np.testing.assert_allclose(after[name][sent], mean[sent], rtol=2e-6, atol=1e-7, err_msg=name)
+        else:
+            np.testing.assert_allclose(after[name], expected[name], rtol=2e-6, atol=1e-7, err_msg=name)
+    assert sorted(aggregated_layers) == sorted(expected)
+    return expected
+
+
 def check_run(record: pathlib.Path, *, sparse: bool, senders_per_round: dict[int, int]) -> None:
     history = {entry["server_round"]: entry for entry in json.loads((record / "history.json").read_text())}
     assert sorted(history) == list(range(1, ROUNDS + 1))
@@ -170,23 +188,7 @@ def check_run(record: pathlib.Path, *, sparse: bool, senders_per_round: dict[int
             # The node's own counts: the arrays it sent (serialized), what the server sent it.
             assert reply["metrics"]["jaxlayerx.bytes-sent"] == reply["content_bytes"] == wire_bytes(reply["arrays"])
             assert reply["metrics"]["jaxlayerx.bytes-received"] == sent_bytes[accepted["node"]]
-        if sparse:
-            expected = sparse_reference(before, good)
-            for name in after:
-                if name not in expected:
-                    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
-                    continue
-                mean, sent = expected[name]
-                np.testing.assert_array_equal(after[name][~sent], before[name][~sent], err_msg=name)
-                np.testing.assert_allclose(after[name][sent], mean[sent], rtol=2e-6, atol=1e-7, err_msg=name)
-        else:
-            expected = dense_reference(before, good)
-            for name in after:
-                if name not in expected:
-                    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
-                else:
-                    np.testing.assert_allclose(after[name], expected[name], rtol=2e-6, atol=1e-7, err_msg=name)
-        assert sorted(entry["aggregated_layers"]) == sorted(expected)
+        expected = check_round_mean(before, after, good, entry["aggregated_layers"], sparse=sparse)
         assert expected, f"round {server_round}: nobody sent anything"
 
 

@@ -24,7 +24,9 @@ A node answers each server round as if once. It keeps, beside its state, the sta
 before the round's first message (one more copy of its layers and exchanger state). A
 second message of a kind it already handled in that round means a server resumed from the
 checkpoint before the round; the node goes back to the round's start before receiving it,
-so the round's replies are the ones an uninterrupted run gets, bit for bit.
+so the round's replies are the ones an uninterrupted run gets, bit for bit. A server more
+than one round behind (its newest checkpoint torn, the one before used) finds the node
+ahead of the version it names; the node raises, and is sent the whole model next.
 """
 
 from __future__ import annotations
