@@ -655,9 +655,9 @@ def test_evaluate_applies_payload_and_passes_config():
     [
         (lambda m: (m, 3), r"train_fn must return \(model, num_examples, metrics\), got tuple"),
         (lambda m: [m, 3, {}], r"train_fn must return \(model, num_examples, metrics\), got list"),
-        (lambda m: (m, 3.0, {}), r"integer num_examples >= 0, got 3\.0"),
-        (lambda m: (m, -1, {}), r"integer num_examples >= 0, got -1"),
-        (lambda m: (m, True, {}), r"integer num_examples >= 0, got True"),
+        (lambda m: (m, 3.0, {}), r"integer num_examples >= 0 and at most 2\*\*64 - 1, got 3\.0"),
+        (lambda m: (m, -1, {}), r"integer num_examples >= 0 and at most 2\*\*64 - 1, got -1"),
+        (lambda m: (m, True, {}), r"integer num_examples >= 0 and at most 2\*\*64 - 1, got True"),
         (lambda m: (m, 3, [("loss", 1.0)]), r"metrics dict, got list"),
         (lambda m: (m, 3, None), r"metrics dict, got NoneType"),
     ],
@@ -698,7 +698,10 @@ def test_evaluate_non_real_loss(loss, match):
     "result, match",
     [
         (lambda: (0.5, 4), r"evaluate_fn must return \(loss, num_examples, metrics\)"),
-        (lambda: (0.5, -2, {}), r"evaluate_fn must return an integer num_examples >= 0, got -2"),
+        (
+            lambda: (0.5, -2, {}),
+            r"evaluate_fn must return an integer num_examples >= 0 and at most 2\*\*64 - 1, got -2",
+        ),
         (lambda: (0.5, 4, "m"), r"evaluate_fn must return a metrics dict, got str"),
     ],
 )

@@ -420,7 +420,7 @@ def test_bad_train_results_and_metrics_are_clear_errors():
     with pytest.raises(TypeError, match="metric 'note' must be an int or a float"):
         bad(train_message(full_layers(9), base=-1, version=0), context)
     negative = exchanger_client_app(make_model, jaxlayerx.FullParameterExchanger(), lambda m, c, x: (m, -1, {}))
-    with pytest.raises(TypeError, match="num_examples as an integer >= 0"):
+    with pytest.raises(TypeError, match="integer num_examples >= 0"):
         negative(train_message(full_layers(9), base=-1, version=0), new_context())
     clash = exchanger_client_app(
         make_model, jaxlayerx.FullParameterExchanger(), lambda m, c, x: (m, 1, {"jaxlayerx.bytes-sent": 1})

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlayerx.contributions import EXAMPLE_COUNT_RULE, is_example_count, shown_count
+from jaxlayerx.contributions import is_example_count, shown_count
 
 
 def snapshot(model: Any) -> Any:
@@ -32,7 +32,9 @@ def checked_triple(result: Any, what: str, form: str) -> tuple[Any, int, dict[st
         raise TypeError(f"{what} must return {form}, got {type(result).__name__}")
     first, num_examples, metrics = result
     if not is_example_count(num_examples):
-        raise TypeError(f"{what} must return num_examples as {EXAMPLE_COUNT_RULE}, got {shown_count(num_examples)}")
+        raise TypeError(
+            f"{what} must return an integer num_examples >= 0 and at most 2**64 - 1, got {shown_count(num_examples)}"
+        )
     if not isinstance(cast(object, metrics), Mapping):
         raise TypeError(f"{what} must return a metrics dict, got {type(metrics).__name__}")
     return first, int(num_examples), dict(metrics)
