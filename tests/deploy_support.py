@@ -205,3 +205,31 @@ def check_stream(output: str, record: pathlib.Path, *, sparse: bool) -> None:
         weights = sum(layer.values.size for reply in replies for layer in reply["payload"].values())
         assert (f", {weights} weights received" in shown) == sparse, shown
     assert sum("run: sent " in text and "of full exchange" in text for text in output.splitlines()) == 1
+
+
+def run_dynamic_then_sparse(federation: Deployment, dense: pathlib.Path, sparse: pathlib.Path) -> tuple[str, str]:
+    """3 rounds of dynamic layer exchange (nodes evaluating too) recorded in ``dense``, then 3
+    of sparse exchange going on from its result, recorded in ``sparse``; their outputs."""
+    dense_output = federation.run(
+        "run_dynamic", exchanger="dynamic-percentage", **{"record-dir": str(dense), "fraction-evaluate": 1.0}
+    )
+    sparse_output = federation.run(
+        "run_sparse",
+        exchanger="sparse-largest-magnitude-change",
+        **{
+            "record-dir": str(sparse),
+            "initial-model": str(dense / f"global_round{ROUNDS}.npz"),
+            "fraction-evaluate": 0.0,
+        },
+    )
+    return dense_output, sparse_output
+
+
+def check_dynamic_then_sparse(dense: pathlib.Path, sparse: pathlib.Path, outputs: tuple[str, str]) -> None:
+    """The exact checks of both runs of :func:`run_dynamic_then_sparse`, every node replying."""
+    check_run(dense, sparse=False, senders_per_round=dict.fromkeys(range(1, ROUNDS + 1), NODES))
+    check_run(sparse, sparse=True, senders_per_round=dict.fromkeys(range(1, ROUNDS + 1), NODES))
+    check_stream(outputs[0], dense, sparse=False)
+    check_stream(outputs[1], sparse, sparse=True)
+    first, last = global_model(sparse, 0), global_model(dense, ROUNDS)
+    assert all(np.array_equal(first[name], last[name]) for name in last), "the sparse run goes on from the dynamic one"

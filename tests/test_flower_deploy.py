@@ -18,36 +18,27 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import pytest
 
 pytest.importorskip("flwr", reason="the deployment test needs Flower: pip install 'jaxlayerx[flower]'")
 pytest.importorskip("sklearn", reason="the example's data (scikit-learn's digits) needs scikit-learn")
 
-from deploy_support import NODES, ROUNDS, RUN_TIMEOUT, check_run, check_stream, deployment, global_model, replies_of  # noqa: E402
+from deploy_support import (  # noqa: E402
+    NODES,
+    RUN_TIMEOUT,
+    check_dynamic_then_sparse,
+    check_run,
+    deployment,
+    replies_of,
+    run_dynamic_then_sparse,
+)
 
 
 def test_dynamic_then_sparse_exchange_through_flwr_run(tmp_path):
     dense, sparse = tmp_path / "dynamic", tmp_path / "sparse"
     with deployment(tmp_path) as federation:
-        dense_output = federation.run(
-            "run_dynamic", exchanger="dynamic-percentage", **{"record-dir": str(dense), "fraction-evaluate": 1.0}
-        )
-        sparse_output = federation.run(
-            "run_sparse",
-            exchanger="sparse-largest-magnitude-change",
-            **{
-                "record-dir": str(sparse),
-                "initial-model": str(dense / f"global_round{ROUNDS}.npz"),
-                "fraction-evaluate": 0.0,
-            },
-        )
-    check_run(dense, sparse=False, senders_per_round=dict.fromkeys(range(1, ROUNDS + 1), NODES))
-    check_run(sparse, sparse=True, senders_per_round=dict.fromkeys(range(1, ROUNDS + 1), NODES))
-    check_stream(dense_output, dense, sparse=False)
-    check_stream(sparse_output, sparse, sparse=True)
-    first, last = global_model(sparse, 0), global_model(dense, ROUNDS)
-    assert all(np.array_equal(first[name], last[name]) for name in last), "the sparse run goes on from the dynamic one"
+        outputs = run_dynamic_then_sparse(federation, dense, sparse)
+    check_dynamic_then_sparse(dense, sparse, outputs)
 
 
 def test_a_node_raising_in_round_two_does_not_stop_the_run(tmp_path):

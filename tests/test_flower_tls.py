@@ -17,13 +17,12 @@ from __future__ import annotations
 import re
 import time
 
-import numpy as np
 import pytest
 
 pytest.importorskip("flwr", reason="the deployment test needs Flower: pip install 'jaxlayerx[flower]'")
 pytest.importorskip("sklearn", reason="the example's data (scikit-learn's digits) needs scikit-learn")
 
-from deploy_support import NODES, ROUNDS, check_run, check_stream, deployment, global_model, replies_of  # noqa: E402
+from deploy_support import NODES, ROUNDS, check_dynamic_then_sparse, deployment, replies_of, run_dynamic_then_sparse  # noqa: E402
 
 from benchmarks.deployment import in_sessions, make_node_key  # noqa: E402
 
@@ -68,18 +67,7 @@ def test_only_registered_nodes_join_a_tls_superlink(tmp_path):
             time.sleep(0.2)
         assert not any(in_sessions({process.pid}) for process in refused.values())
 
-        dense_output = federation.run(
-            "run_dynamic", exchanger="dynamic-percentage", **{"record-dir": str(dense), "fraction-evaluate": 1.0}
-        )
-        sparse_output = federation.run(
-            "run_sparse",
-            exchanger="sparse-largest-magnitude-change",
-            **{
-                "record-dir": str(sparse),
-                "initial-model": str(dense / f"global_round{ROUNDS}.npz"),
-                "fraction-evaluate": 0.0,
-            },
-        )
+        outputs = run_dynamic_then_sparse(federation, dense, sparse)
     # Each registered node ran under the ID it was registered with; the SuperLink activated no other.
     for node in range(NODES):
         log = (tmp_path / f"supernode{node}.log").read_text(errors="replace")
@@ -89,9 +77,4 @@ def test_only_registered_nodes_join_a_tls_superlink(tmp_path):
     for record in (dense, sparse):
         for server_round in range(1, ROUNDS + 1):
             assert set(replies_of(record, server_round)) == registered, (record, server_round)
-    check_run(dense, sparse=False, senders_per_round=dict.fromkeys(range(1, ROUNDS + 1), NODES))
-    check_run(sparse, sparse=True, senders_per_round=dict.fromkeys(range(1, ROUNDS + 1), NODES))
-    check_stream(dense_output, dense, sparse=False)
-    check_stream(sparse_output, sparse, sparse=True)
-    first, last = global_model(sparse, 0), global_model(dense, ROUNDS)
-    assert all(np.array_equal(first[name], last[name]) for name in last), "the sparse run goes on from the dynamic one"
+    check_dynamic_then_sparse(dense, sparse, outputs)
